@@ -1,0 +1,87 @@
+"""Dataset splits in the BadEncoder npz layout: x uint8 (N, H, W, 3), y integer (N, 1) or (N,)."""
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from utils import UserError, atomic_write
+
+# Per-channel mean and std of the pre-training set an encoder was trained on (its "usage info").
+# The one table of normalisation statistics; every stage looks names up here.
+NORMALIZATION = {
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
+    "stl10": ((0.44087798, 0.42790666, 0.38678814), (0.25507198, 0.24801506, 0.25641308)),
+    "demo": ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25)),
+}
+
+
+def normalization(name):
+    """(mean, std) for an encoder usage name, e.g. 'cifar10'."""
+    if name not in NORMALIZATION:
+        raise UserError(f"no normalisation statistics for {name!r}; known: {', '.join(NORMALIZATION)}")
+    return NORMALIZATION[name]
+
+
+def split_path(data_dir, name, split):
+    return Path(data_dir) / name / f"{split}.npz"
+
+
+def load_split(data_dir, name, split):
+    """Return (x, y) of data/<name>/<split>.npz: x uint8 NxHxWx3, y int64 N. Checks keys and shapes."""
+    path = split_path(data_dir, name, split)
+    if not path.is_file():
+        raise UserError(f"dataset file not found: {path} (create it with: python prepare_data.py "
+                        f"--dataset {name} --out {data_dir}, or pass --data_dir)")
+    return read_images_npz(path, label_key="y")
+
+
+def read_images_npz(path, label_key):
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            missing = [k for k in ("x", label_key) if k not in npz.files]
+            if missing:
+                raise UserError(f"{path} lacks key(s) {', '.join(missing)}; expected x (N,H,W,3) uint8 "
+                                f"and {label_key} (N,) or (N,1) integer labels")
+            x, y = npz["x"], npz[label_key]
+    except UserError:
+        raise
+    except Exception as err:  # np.load raises many types on a corrupt file
+        raise UserError(f"cannot read {path}: {err}") from None
+    if x.dtype != np.uint8 or x.ndim != 4 or x.shape[-1] != 3:
+        raise UserError(f"{path}: x must be uint8 of shape (N, H, W, 3), got {x.dtype} {x.shape}")
+    y = np.asarray(y)
+    if y.ndim == 2 and y.shape[1] == 1:
+        y = y[:, 0]
+    if y.ndim != 1 or len(y) != len(x) or not np.issubdtype(y.dtype, np.integer):
+        raise UserError(f"{path}: {label_key} must be {len(x)} integer labels of shape (N,) or (N, 1), "
+                        f"got {y.dtype} {y.shape}")
+    return x, y.astype(np.int64)
+
+
+def save_split(path, x, y):
+    """Write x (uint8 NxHxWx3) and y as (N, 1), the layout of the BadEncoder data release."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    y = np.asarray(y, dtype=np.int64).reshape(-1, 1)
+
+    def write(tmp):
+        with open(tmp, "wb") as fh:
+            np.savez(fh, x=np.ascontiguousarray(x, dtype=np.uint8), y=y)
+    atomic_write(path, write)
+
+
+def load_reference(path):
+    """Reference inputs of the attacker's target class: (x uint8 RxHxWx3, target label)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"reference file not found: {path}")
+    x, y = read_images_npz(path, label_key="y")
+    if len(x) == 0:
+        raise UserError(f"{path} holds no reference inputs")
+    return x, int(y[0])
+
+
+def to_float_tensor(x):
+    """uint8 NxHxWx3 numpy (or tensor) -> float NxCxHxW tensor in [0, 1]."""
+    x = torch.as_tensor(x)
+    return x.permute(0, 3, 1, 2).float().div_(255)

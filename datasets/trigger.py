@@ -1,0 +1,63 @@
+"""Trigger files (t, tm) and the one function that stamps a trigger on images.
+
+Regenerate the two trigger files the paper's commands use with:
+    python -m datasets.make_triggers
+"""
+from pathlib import Path
+
+import numpy as np
+
+from utils import UserError, atomic_write
+
+
+def stamp_trigger(x, t, tm):
+    """Return x * tm + t for uint8 images x (..., H, W, 3); t, tm are (H, W, 3)."""
+    out = x.astype(np.float32) * tm + t
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def make_square_trigger(image_size, start, size, value=255.0):
+    """A square patch of `value` covering rows and columns start..start+size-1, as (1, H, W, 3)."""
+    if start < 0 or start + size > image_size:
+        raise ValueError(f"a {size}px patch at {start} does not fit a {image_size}px image")
+    t = np.zeros((1, image_size, image_size, 3), dtype=np.float32)
+    tm = np.ones_like(t)
+    t[:, start:start + size, start:start + size, :] = value
+    tm[:, start:start + size, start:start + size, :] = 0
+    return t, tm
+
+
+def save_trigger(path, t, tm, info=""):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(tmp):
+        with open(tmp, "wb") as fh:
+            np.savez_compressed(fh, t=t, tm=tm, info=np.array(info))
+    atomic_write(path, write)
+
+
+def load_trigger(path, image_size=None):
+    """Read the first trigger of a file as float32 (t, tm), each (H, W, 3); check the image size."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"trigger file not found: {path} (regenerate the defaults with "
+                        f"python -m datasets.make_triggers)")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            if "t" not in npz.files or "tm" not in npz.files:
+                raise UserError(f"{path} lacks key t or tm; expected t (K,H,W,3) in [0,255] and "
+                                f"tm (K,H,W,3) 0/1")
+            t, tm = npz["t"].astype(np.float32), npz["tm"].astype(np.float32)
+    except UserError:
+        raise
+    except Exception as err:
+        raise UserError(f"cannot read trigger file {path}: {err}") from None
+    if t.ndim == 3:
+        t, tm = t[None], tm[None]
+    if t.ndim != 4 or t.shape[-1] != 3 or t.shape != tm.shape:
+        raise UserError(f"{path}: t and tm must both be (K, H, W, 3), got {t.shape} and {tm.shape}")
+    if image_size is not None and tuple(t.shape[1:3]) != tuple(image_size):
+        raise UserError(f"trigger {path} is {t.shape[1]}x{t.shape[2]} but the images are "
+                        f"{image_size[0]}x{image_size[1]}")
+    return t[0], tm[0]

@@ -1,0 +1,249 @@
+"""Training utilities shared by the four stage scripts.
+
+Seeding, device choice, output folders, atomic checkpoint I/O with weights-only
+loading, per-epoch logs, and the command-line wrapper that turns expected
+failures (bad paths, bad files, bad flags) into one-line messages.
+"""
+import csv
+import json
+import math
+import os
+import pickle
+import random
+import subprocess
+import sys
+import tempfile
+import traceback
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+class UserError(Exception):
+    """A failure caused by the input (paths, files, flags), reported without a traceback."""
+
+
+# ---------------------------------------------------------------- command line
+
+def add_run_args(parser, seed, save_freq=None):
+    """Flags every stage shares: where to run, where to write, how to restart."""
+    group = parser.add_argument_group("run")
+    group.add_argument("--device", default="auto",
+                       help="auto (cuda if available, else cpu), cpu, cuda or cuda:N (default: auto)")
+    group.add_argument("--seed", type=int, default=seed, help=f"random seed (default: {seed})")
+    group.add_argument("--data_dir", default="data",
+                       help="folder holding <dataset>/<split>.npz (default: data)")
+    group.add_argument("--num_workers", type=int, default=0,
+                       help="DataLoader worker processes for the torchvision augmentation path; "
+                            "the default batched augmentation runs on --device and needs none (default: 0)")
+    if save_freq is not None:
+        group.add_argument("--save_freq", type=int, default=save_freq,
+                           help=f"also keep model_<epoch>.pth every this many epochs; the last epoch "
+                                f"is always saved (default: {save_freq})")
+        group.add_argument("--resume", action="store_true",
+                           help="continue the run in --results_dir from its checkpoint.pth "
+                                "(model, optimiser, epoch and RNG states)")
+        group.add_argument("--overwrite", action="store_true",
+                           help="allow writing into a --results_dir that already holds a run")
+    group.add_argument("--debug", action="store_true",
+                       help="show full tracebacks instead of one-line error messages")
+    return group
+
+
+def run_cli(main, parser, argv=None):
+    """Parse the arguments and run main(args); expected failures exit with one line on stderr."""
+    args = parser.parse_args(argv)
+    debug = getattr(args, "debug", False) or os.environ.get("MIMIC_DEBUG") == "1"
+    try:
+        return main(args)
+    except UserError as err:
+        if debug:
+            traceback.print_exc()
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("\ninterrupted: the last finished epoch is in checkpoint.pth; continue with --resume",
+              file=sys.stderr)
+        sys.exit(130)
+
+
+def print_run_header(args):
+    """Print the git revision and the sorted arguments, as the first lines of every run."""
+    print(f"git: {git_revision()}")
+    print("\n".join(f"{k}: {v}" for k, v in sorted(vars(args).items())))
+
+
+def git_revision():
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             cwd=Path(__file__).resolve().parent, timeout=5)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+# ---------------------------------------------------------------- device and seeds
+
+def resolve_device(name):
+    """Turn --device into a torch.device; 'auto' picks CUDA when present."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name} was asked for but CUDA is not available here; use --device cpu")
+    return device
+
+
+def set_seed(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_state():
+    """All RNG states as tensors and plain Python values, so a weights-only load restores them."""
+    np_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    random.setstate(_as_tuples(state["python"]))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _as_tuples(value):
+    return tuple(_as_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+# ---------------------------------------------------------------- output folder
+
+def prepare_output_dir(path, resume=False, overwrite=False):
+    """Create the results folder (with parents) and refuse to clobber an earlier run."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path):
+            pass
+    except OSError as err:
+        raise UserError(f"cannot write to results folder {path}: {err.strerror or err}") from None
+    has_run = (path / "args.json").exists() or (path / "checkpoint.pth").exists()
+    if has_run and not (resume or overwrite):
+        raise UserError(f"{path} already holds a run; pass --resume to continue it or --overwrite "
+                        f"to replace it")
+    if resume and not (path / "checkpoint.pth").exists():
+        raise UserError(f"--resume: no checkpoint.pth in {path} to continue from")
+    return path
+
+
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+def atomic_write(path, write):
+    """Call write(tmp_path), then rename over path: a crash leaves the old file intact."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def save_json(path, obj):
+    def write(tmp):
+        with open(tmp, "w") as fh:
+            json.dump(obj, fh, indent=2, default=str)
+            fh.write("\n")
+    atomic_write(path, write)
+
+
+def save_checkpoint(path, obj):
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def load_checkpoint(path):
+    """Load a checkpoint with weights only: tensors and plain containers, never arbitrary code."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        first = str(err).strip().splitlines()
+        hint = next((ln.strip() for ln in first if "GLOBAL" in ln or "Unsupported" in ln), "")
+        raise UserError(f"refusing to load {path}: it holds objects that need code execution to "
+                        f"unpickle, which a weights-only load does not run ({hint or 'not weights'})"
+                        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as err:
+        raise UserError(f"cannot read checkpoint {path}: {str(err).splitlines()[0]}") from None
+
+
+# ---------------------------------------------------------------- logs
+
+class RunLog:
+    """args.json at start, one JSON line and one CSV row per epoch, results.json at the end."""
+
+    def __init__(self, out_dir, args, resume_epoch=None):
+        self.dir = Path(out_dir)
+        self.jsonl = self.dir / "log.jsonl"
+        self.csv = self.dir / "log.csv"
+        save_json(self.dir / "args.json", vars(args))
+        if resume_epoch is None:
+            for f in (self.jsonl, self.csv):
+                f.unlink(missing_ok=True)
+        else:
+            self._truncate(resume_epoch)
+
+    def _truncate(self, last_epoch):
+        """On resume drop log lines of epochs after the checkpoint, which will be redone."""
+        rows = [r for r in self.read() if r.get("epoch", 0) <= last_epoch]
+        for f in (self.jsonl, self.csv):
+            f.unlink(missing_ok=True)
+        for row in rows:
+            self.log(row)
+
+    def read(self):
+        if not self.jsonl.exists():
+            return []
+        with open(self.jsonl) as fh:
+            return [json.loads(line) for line in fh if line.strip()]
+
+    def log(self, row):
+        with open(self.jsonl, "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+        new = not self.csv.exists()
+        with open(self.csv, "a", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=list(row), extrasaction="ignore")
+            if new:
+                writer.writeheader()
+            writer.writerow(row)
+
+    def results(self, results):
+        save_json(self.dir / "results.json", results)
+
+
+def check_finite(value, epoch, step, out_dir):
+    """Stop on a NaN or infinite loss; the checkpoint of the previous epoch is left as it was."""
+    if not math.isfinite(value):
+        raise UserError(f"loss became {value} at epoch {epoch}, step {step}; stopped. The last good "
+                        f"checkpoint is {Path(out_dir) / 'checkpoint.pth'} (lower --lr and --resume)")
