@@ -44,8 +44,8 @@ def add_run_args(parser, seed, save_freq=None):
         group.add_argument("--resume", action="store_true",
                            help="continue the run in --results_dir from its checkpoint.pth "
                                 "(model, optimiser, epoch and RNG states)")
-        group.add_argument("--overwrite", action="store_true",
-                           help="allow writing into a --results_dir that already holds a run")
+    group.add_argument("--overwrite", action="store_true",
+                       help="allow writing into a --results_dir that already holds a run")
     group.add_argument("--debug", action="store_true",
                        help="show full tracebacks instead of one-line error messages")
     return group
@@ -220,7 +220,7 @@ class RunLog:
         for f in (self.jsonl, self.csv):
             f.unlink(missing_ok=True)
         for row in rows:
-            self.log(row)
+            self.log(row, echo=False)
 
     def read(self):
         if not self.jsonl.exists():
@@ -228,7 +228,10 @@ class RunLog:
         with open(self.jsonl) as fh:
             return [json.loads(line) for line in fh if line.strip()]
 
-    def log(self, row):
+    def log(self, row, echo=True):
+        """Append one epoch's row to log.jsonl and log.csv (and print it)."""
+        if echo:
+            print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
         with open(self.jsonl, "a") as fh:
             fh.write(json.dumps(row) + "\n")
         new = not self.csv.exists()
@@ -247,3 +250,30 @@ def check_finite(value, epoch, step, out_dir):
     if not math.isfinite(value):
         raise UserError(f"loss became {value} at epoch {epoch}, step {step}; stopped. The last good "
                         f"checkpoint is {Path(out_dir) / 'checkpoint.pth'} (lower --lr and --resume)")
+
+
+# ---------------------------------------------------------------- training state
+
+def resume_state(out_dir, model, optimizer):
+    """Restore model, optimiser and RNG states from <out_dir>/checkpoint.pth; return its epoch."""
+    ckpt = load_checkpoint(Path(out_dir) / "checkpoint.pth")
+    model.load_state_dict(ckpt["state_dict"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    set_rng_state(ckpt["rng"])
+    print(f"resumed from {Path(out_dir) / 'checkpoint.pth'} at epoch {ckpt['epoch']}")
+    return ckpt["epoch"], ckpt
+
+
+def save_epoch(out_dir, state, epoch, epochs, save_freq):
+    """Write checkpoint.pth (for --resume) and, every save_freq epochs and at the last, model_<epoch>.pth.
+
+    state: the checkpoint dict (state_dict, arch, optimizer, args, ...); epoch and RNG states are
+    added here. Returns the path of the model file written this epoch, if any.
+    """
+    state = {**state, "epoch": epoch, "rng": rng_state()}
+    save_checkpoint(Path(out_dir) / "checkpoint.pth", state)
+    if epoch % save_freq == 0 or epoch == epochs:
+        path = Path(out_dir) / f"model_{epoch}.pth"
+        save_checkpoint(path, state)
+        return path
+    return None

@@ -1,0 +1,187 @@
+"""Stage 2: remove a backdoor with MIMIC (Han et al., IEEE TIFS 2025).
+
+A fresh, randomly initialised student is distilled from the suspect (teacher) encoder on a
+small clean subset, with attention transfer on layer1..4 weighted by how much mutual
+information each teacher block shares with the teacher's final representation.
+
+The paper's setting (4% of CIFAR-10 = 2,000 images, 1000 epochs):
+    python -u MIMIC.py --lr 1e-2 --batch_size 128 --epochs 1000 --pretraining_dataset cifar10 \
+        --teacher output/cifar10/badencoder_gtsrb/model_200.pth --ratio 0.04 \
+        --results_dir output/cifar10/mimic_gtsrb
+
+Reads   the teacher checkpoint, the first ratio*N images of <data_dir>/<pretraining_dataset>/train.npz
+Writes  <results_dir>/args.json, mi.json (MI per block, its history and the weights), log.jsonl,
+        log.csv, checkpoint.pth, model_<epoch>.pth, results.json
+"""
+import argparse
+import time
+
+import torch
+from tqdm import tqdm
+
+from datasets import load_split, normalization
+from datasets.loader import ViewLoader, to_input
+from models import (BLOCKS, attention_transfer, build_encoder, clone_loss, encoder_checkpoint,
+                    estimate_mi, load_encoder, mi_to_weights, nt_xent)
+from utils import (RunLog, UserError, add_run_args, check_finite, prepare_output_dir, print_run_header,
+                   resolve_device, resume_state, run_cli, save_epoch, save_json, set_seed)
+
+
+def get_parser():
+    parser = argparse.ArgumentParser(description="Stage 2: purify a suspect encoder with MIMIC.")
+    data = parser.add_argument_group("data")
+    data.add_argument("--teacher", required=True, help="suspect (e.g. backdoored) encoder checkpoint")
+    data.add_argument("--pretraining_dataset", default="cifar10",
+                      help="dataset the teacher was pre-trained on; names the normalisation (default: cifar10)")
+    data.add_argument("--ratio", type=float, default=0.04,
+                      help="clean subset = the first ratio*N images of the train split, 0 < ratio <= 1 "
+                           "(default: 0.04, i.e. 2,000 CIFAR-10 images)")
+    data.add_argument("--results_dir", default="output/cifar10/mimic",
+                      help="where checkpoints and logs go (default: output/cifar10/mimic)")
+    optim = parser.add_argument_group("distillation")
+    optim.add_argument("--lr", type=float, default=1e-2, help="Adam learning rate (default: 1e-2)")
+    optim.add_argument("--weight_decay", type=float, default=1e-6, help="Adam weight decay (default: 1e-6)")
+    optim.add_argument("--batch_size", type=int, default=128,
+                       help="images per step; also the MI estimator's batch (default: 128)")
+    optim.add_argument("--epochs", type=int, default=1000, help="distillation epochs (default: 1000)")
+    optim.add_argument("--temperature", type=float, default=0.5, help="NT-Xent temperature (default: 0.5)")
+    for i, block in enumerate(BLOCKS, 1):
+        optim.add_argument(f"--opt{i}", f"--at_base_{block}", dest=f"opt{i}", type=float, default=1000.0,
+                           help=f"base weight of attention transfer on {block}, before the MI share "
+                                f"is added (default: 1000)")
+    optim.add_argument("--opt5", "--clone_weight", dest="opt5", type=float, default=1.0,
+                       help="weight of the feature-cloning loss (default: 1)")
+    optim.add_argument("--augment", default="batched", choices=["batched", "torchvision"],
+                       help="augmentation path, as in train_clean_encoder.py (default: batched)")
+    mi = parser.add_argument_group("mutual information (attention weights)")
+    mi.add_argument("--attention", default="mi", choices=["mi", "uniform"],
+                    help="mi: weights from estimated MI; uniform: equal shares, no estimation "
+                         "(an ablation) (default: mi)")
+    mi.add_argument("--mi_model", default="teacher", choices=["teacher", "student"],
+                    help="network whose blocks MI is measured on; 'student' (the untrained student) "
+                         "reproduces the authors' code (default: teacher, as in the paper)")
+    mi.add_argument("--mi_scale", type=float, default=10000.0,
+                    help="weight shared among blocks in proportion to MI (default: 10000)")
+    mi.add_argument("--mi_epochs", type=int, default=200, help="estimator epochs per block (default: 200)")
+    mi.add_argument("--mi_lr", type=float, default=1e-3, help="estimator Adam learning rate (default: 1e-3)")
+    mi.add_argument("--mi_weight_decay", type=float, default=1e-5,
+                    help="estimator Adam weight decay (default: 1e-5)")
+    mi.add_argument("--mi_hidden", type=int, default=512, help="estimator hidden width (default: 512)")
+    mi.add_argument("--mi_average_last", type=int, default=10,
+                    help="MI = mean bound of this many last estimator epochs (default: 10)")
+    add_run_args(parser, seed=100, save_freq=100)
+    return parser
+
+
+@torch.no_grad()
+def block_activations(model, images, mean, std, device, batch_size):
+    """One forward pass over the images: flattened layer1..4 outputs and normalised features."""
+    model.eval()
+    blocks, feats = [[] for _ in BLOCKS], []
+    for s in tqdm(range(0, len(images), batch_size), desc="activations", leave=False):
+        feature, _, acts = model(to_input(images[s:s + batch_size], mean, std, device), return_blocks=True)
+        feats.append(feature)
+        for store, a in zip(blocks, acts):
+            store.append(a.flatten(1))
+    return [torch.cat(b) for b in blocks], torch.cat(feats)
+
+
+def locate_knowledge(model, images, mean, std, device, args):
+    """MI between each block's output and the final representation, and the resulting weights."""
+    base = [args.opt1, args.opt2, args.opt3, args.opt4]
+    if args.attention == "uniform":
+        return {"mi": [0.0] * len(BLOCKS), "weights": mi_to_weights([0.0] * len(BLOCKS), base, args.mi_scale),
+                "history": []}
+    blocks, z = block_activations(model, images, mean, std, device, args.batch_size)
+    mi, history = [], []
+    for name, a in zip(BLOCKS, blocks):
+        value, hist = estimate_mi(a, z, args.mi_epochs, args.batch_size, args.mi_lr, args.mi_weight_decay,
+                                  args.mi_hidden, args.mi_average_last, seed=args.seed, desc=f"MI {name}")
+        print(f"MI({name}; z) = {value:.4g} nats  (dim {a.shape[1]})")
+        mi.append(value)
+        history.append(hist)
+    return {"mi": mi, "weights": mi_to_weights(mi, base, args.mi_scale), "history": history}
+
+
+def train_one_epoch(student, teacher, loader, optimizer, weights, args, epoch, out_dir):
+    student.train()
+    use_teacher = any(w != 0 for w in weights) or args.opt5 != 0
+    sums, steps = {"loss": 0.0, "nce": 0.0, "at": 0.0, "clone": 0.0}, 0
+    bar = tqdm(loader, desc=f"epoch {epoch}", leave=False, mininterval=1)
+    for step, (view1, view2) in enumerate(bar):
+        f1, z1, blocks_s = student(view1, return_blocks=True)    # BxD, BxP, 4 block outputs
+        _, z2 = student(view2)
+        nce = nt_xent(z1, z2, args.temperature)
+        at = clone = torch.zeros((), device=nce.device)
+        if use_teacher:
+            with torch.no_grad():
+                f_t, blocks_t = teacher.f(view1, return_blocks=True)
+            at = sum(w * attention_transfer(s, t) for w, s, t in zip(weights, blocks_s, blocks_t))
+            clone = clone_loss(f1, f_t)
+        loss = nce + at + args.opt5 * clone
+        check_finite(loss.item(), epoch, step, out_dir)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        for k, v in (("loss", loss), ("nce", nce), ("at", at), ("clone", clone)):
+            sums[k] += v.item()
+        steps += 1
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+    return {k: v / max(steps, 1) for k, v in sums.items()}
+
+
+def main(args):
+    print_run_header(args)
+    if not 0 < args.ratio <= 1:
+        raise UserError(f"--ratio must be in (0, 1], got {args.ratio}")
+    out_dir = prepare_output_dir(args.results_dir, args.resume, args.overwrite)
+    device = resolve_device(args.device)
+    set_seed(args.seed)
+    mean, std = normalization(args.pretraining_dataset)
+    x, _ = load_split(args.data_dir, args.pretraining_dataset, "train")
+    subset = x[:int(args.ratio * len(x))]
+    if len(subset) < args.batch_size:
+        raise UserError(f"the clean subset ({len(subset)} images = {args.ratio} x {len(x)}) is smaller "
+                        f"than one batch of {args.batch_size}, and incomplete batches are dropped: "
+                        f"raise --ratio or lower --batch_size")
+
+    teacher, _ = load_encoder(args.teacher)
+    teacher = teacher.to(device).eval().requires_grad_(False)
+    student = build_encoder(teacher.config).to(device)           # fresh: inherits nothing
+    optimizer = torch.optim.Adam(student.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    start = 0
+    if args.resume:
+        start, ckpt = resume_state(out_dir, student, optimizer)
+        located = {"mi": ckpt["mi"], "weights": ckpt["attention_weights"], "history": []}
+    else:
+        print(f"clean subset: {len(subset)} images; locating knowledge in the {args.mi_model}")
+        located = locate_knowledge(teacher if args.mi_model == "teacher" else student, subset, mean, std,
+                                   device, args)
+        save_json(out_dir / "mi.json", {"blocks": list(BLOCKS), "mi_model": args.mi_model, **located})
+    log = RunLog(out_dir, args, resume_epoch=start if args.resume else None)
+    weights = located["weights"]
+    print("block    MI (nats)   AT weight")
+    for name, m, w in zip(BLOCKS, located["mi"], weights):
+        print(f"{name:8s} {m:9.4g}   {w:9.1f}")
+
+    loader = ViewLoader(subset, args.batch_size, mean, std, device, args.augment, args.num_workers)
+    for epoch in range(start + 1, args.epochs + 1):
+        t0 = time.time()
+        row = {"epoch": epoch, **train_one_epoch(student, teacher, loader, optimizer, weights, args, epoch,
+                                                 out_dir),
+               "seconds": round(time.time() - t0, 2)}
+        log.log(row)
+        state = encoder_checkpoint(student, optimizer=optimizer.state_dict(), args=vars(args),
+                                   usage=args.pretraining_dataset, mi=located["mi"], attention_weights=weights)
+        save_epoch(out_dir, state, epoch, args.epochs, args.save_freq)
+
+    rows = log.read()
+    log.results({"stage": "mimic", "epochs": args.epochs, "clean_images": len(subset),
+                 "mi": dict(zip(BLOCKS, located["mi"])), "attention_weights": dict(zip(BLOCKS, weights)),
+                 "final": rows[-1] if rows else {}, "encoder": str(out_dir / f"model_{args.epochs}.pth"),
+                 "args": vars(args)})
+    print(f"purified encoder: {out_dir / f'model_{args.epochs}.pth'}")
+
+
+if __name__ == "__main__":
+    run_cli(main, get_parser())

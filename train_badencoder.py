@@ -1,0 +1,163 @@
+"""Stage 1: plant a BadEncoder backdoor in a clean encoder (Jia et al., IEEE S&P 2022).
+
+The paper's setting (CIFAR-10 encoder, GTSRB target "priority road", 200 epochs):
+    python train_badencoder.py --trigger_file trigger/trigger_pt_white_21_10_ap_replace.npz \
+        --reference_file reference/cifar10/priority.npz --pretraining_dataset cifar10 \
+        --downstreamTask gtsrb --pretrained_encoder output/cifar10/clean_encoder/model_1000.pth \
+        --results_dir output/cifar10/badencoder_gtsrb
+
+Reads   the clean encoder, <data_dir>/<shadow_dataset>/train.npz (shadow data), the trigger
+        and the reference file
+Writes  <results_dir>/args.json, log.jsonl, log.csv, checkpoint.pth, model_<epoch>.pth,
+        results.json. Only the backbone f is trained; the head g is carried over unchanged.
+"""
+import argparse
+import copy
+import time
+
+import torch
+import torch.nn as nn
+from tqdm import tqdm
+
+from datasets import load_reference, load_split, load_trigger, normalization, stamp_trigger
+from datasets.augment import BatchAugment
+from datasets.loader import extract_features, index_batches, to_input
+from models import badencoder_loss, encoder_checkpoint, load_encoder
+from utils import (RunLog, UserError, add_run_args, check_finite, prepare_output_dir, print_run_header,
+                   resolve_device, resume_state, run_cli, save_epoch, set_seed)
+
+# Reference file the attack uses for each downstream task, when --reference_file is not given.
+DEFAULT_REFERENCE = {"gtsrb": "priority", "stl10": "truck", "svhn": "one"}
+
+
+def get_parser():
+    parser = argparse.ArgumentParser(description="Stage 1: backdoor a clean encoder with BadEncoder.")
+    data = parser.add_argument_group("data")
+    data.add_argument("--pretraining_dataset", default="cifar10",
+                      help="dataset the encoder was pre-trained on; names the normalisation (default: cifar10)")
+    data.add_argument("--shadow_dataset", default=None,
+                      help="shadow data under --data_dir, all of its train split (default: the "
+                           "pre-training dataset)")
+    data.add_argument("--downstreamTask", default="gtsrb",
+                      help="downstream task the attacker targets; picks the default reference file "
+                           "(gtsrb: priority, stl10: truck, svhn: one) (default: gtsrb)")
+    data.add_argument("--trigger_file", default="trigger/trigger_pt_white_21_10_ap_replace.npz",
+                      help="trigger npz (t, tm) (default: trigger/trigger_pt_white_21_10_ap_replace.npz)")
+    data.add_argument("--reference_file", default=None,
+                      help="npz of reference inputs of the target class (default: "
+                           "reference/<pretraining_dataset>/<name for --downstreamTask>.npz)")
+    data.add_argument("--pretrained_encoder", required=True, help="clean encoder checkpoint (stage 0)")
+    data.add_argument("--results_dir", default="output/cifar10/badencoder",
+                      help="where checkpoints and logs go (default: output/cifar10/badencoder)")
+    optim = parser.add_argument_group("optimisation")
+    optim.add_argument("--lr", type=float, default=1e-3, help="SGD learning rate (default: 1e-3)")
+    optim.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default: 0.9)")
+    optim.add_argument("--weight_decay", type=float, default=5e-4, help="SGD weight decay (default: 5e-4)")
+    optim.add_argument("--batch_size", type=int, default=256, help="shadow images per step (default: 256)")
+    optim.add_argument("--epochs", type=int, default=200, help="training epochs (default: 200)")
+    optim.add_argument("--lambda1", type=float, default=1.0,
+                       help="weight of the reference-preserving term loss1 (default: 1.0)")
+    optim.add_argument("--lambda2", type=float, default=1.0,
+                       help="weight of the utility term loss2 (default: 1.0)")
+    add_run_args(parser, seed=100, save_freq=50)
+    return parser
+
+
+def freeze_batchnorm(backbone):
+    """BadEncoder keeps BatchNorm statistics and affine parameters of the encoder fixed."""
+    for m in backbone.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+            m.requires_grad_(False)
+
+
+def train_one_epoch(model, data, optimizer, args, epoch, out_dir):
+    """data: shadow images (clean, triggered), their clean-encoder features, references, transforms."""
+    model.train()
+    freeze_batchnorm(model.f)
+    sums, steps = [0.0] * 4, 0
+    batches = index_batches(len(data["x"]), args.batch_size, drop_last=False)
+    bar = tqdm(batches, desc=f"epoch {epoch}", leave=False, mininterval=1)
+    ref = data["ref"]                                            # RxCxHxW
+    for step, idx in enumerate(bar):
+        x = data["to_input"](data["x"][idx])                     # BxCxHxW
+        x_t = data["to_input"](data["x_trig"][idx])
+        ref_aug = data["augment"](data["ref_uint8"])
+        b, r = len(x), len(ref)
+        # BatchNorm is frozen, so one pass over the concatenation equals four separate passes.
+        feats, _ = model(torch.cat([x_t, x, ref, ref_aug]))
+        f_trig, f_x, f_ref, f_ref_aug = feats.split([b, b, r, r])
+        losses = badencoder_loss(f_trig, f_ref, f_ref_aug, data["ref_clean"], f_x,
+                                 data["x_clean"][idx.to(data["x_clean"].device)],
+                                 args.lambda1, args.lambda2)
+        check_finite(losses[0].item(), epoch, step, out_dir)
+        optimizer.zero_grad(set_to_none=True)
+        losses[0].backward()
+        optimizer.step()
+        sums = [s + v.item() for s, v in zip(sums, losses)]
+        steps += 1
+        bar.set_postfix(loss=f"{losses[0].item():.4f}")
+    return dict(zip(("loss", "loss0", "loss1", "loss2"), (s / max(steps, 1) for s in sums)))
+
+
+def main(args):
+    print_run_header(args)
+    out_dir = prepare_output_dir(args.results_dir, args.resume, args.overwrite)
+    device = resolve_device(args.device)
+    set_seed(args.seed)
+    mean, std = normalization(args.pretraining_dataset)
+    shadow = args.shadow_dataset or args.pretraining_dataset
+    x, _ = load_split(args.data_dir, shadow, "train")
+    if args.reference_file is None:
+        if args.downstreamTask not in DEFAULT_REFERENCE:
+            raise UserError(f"no default reference file for --downstreamTask {args.downstreamTask}; "
+                            f"pass --reference_file")
+        args.reference_file = f"reference/{args.pretraining_dataset}/{DEFAULT_REFERENCE[args.downstreamTask]}.npz"
+    ref_x, target = load_reference(args.reference_file)
+    t, tm = load_trigger(args.trigger_file, image_size=x.shape[1:3])
+    if ref_x.shape[1:] != x.shape[1:]:
+        raise UserError(f"reference inputs are {ref_x.shape[1]}x{ref_x.shape[2]} but the shadow images "
+                        f"are {x.shape[1]}x{x.shape[2]}")
+
+    clean, _ = load_encoder(args.pretrained_encoder)
+    clean = clean.to(device).eval().requires_grad_(False)
+    model = copy.deepcopy(clean).requires_grad_(True)
+    model.g.requires_grad_(False)
+    freeze_batchnorm(model.f)
+    params = [p for p in model.f.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    start = 0
+    if args.resume:
+        start, _ = resume_state(out_dir, model, optimizer)
+    log = RunLog(out_dir, args, resume_epoch=start if args.resume else None)
+
+    # The clean encoder is frozen and its inputs are not augmented: its features are computed once.
+    x_trig = stamp_trigger(x, t, tm)
+    data = {
+        "x": torch.from_numpy(x), "x_trig": torch.from_numpy(x_trig),
+        "x_clean": extract_features(clean, x, mean, std, device, desc="clean features").to(device),
+        "ref": to_input(ref_x, mean, std, device),
+        "ref_uint8": torch.from_numpy(ref_x).to(device),
+        "ref_clean": extract_features(clean, ref_x, mean, std, device).to(device),
+        "to_input": lambda imgs: to_input(imgs, mean, std, device),
+        "augment": BatchAugment(x.shape[1], mean, std, crop=False),
+    }
+    print(f"shadow data: {len(x)} images of {shadow}; {len(ref_x)} reference input(s) of label {target}")
+
+    for epoch in range(start + 1, args.epochs + 1):
+        t0 = time.time()
+        row = {"epoch": epoch, **train_one_epoch(model, data, optimizer, args, epoch, out_dir),
+               "seconds": round(time.time() - t0, 2)}
+        log.log(row)
+        state = encoder_checkpoint(model, optimizer=optimizer.state_dict(), args=vars(args),
+                                   usage=args.pretraining_dataset, target_label=target)
+        save_epoch(out_dir, state, epoch, args.epochs, args.save_freq)
+
+    rows = log.read()
+    log.results({"stage": "badencoder", "epochs": args.epochs, "target_label": target,
+                 "final": rows[-1] if rows else {}, "encoder": str(out_dir / f"model_{args.epochs}.pth"), "args": vars(args)})
+    print(f"backdoored encoder: {out_dir / f'model_{args.epochs}.pth'}")
+
+
+if __name__ == "__main__":
+    run_cli(main, get_parser())

@@ -1,0 +1,125 @@
+"""Stage 0: train a clean SimCLR encoder from scratch.
+
+The paper's setting (CIFAR-10, ResNet-18, batch 256, 1000 epochs; meant for a GPU):
+    python -u train_clean_encoder.py --lr 1e-3 --results_dir output/cifar10/clean_encoder
+
+Reads   <data_dir>/<pretraining_dataset>/train.npz, and test.npz for the kNN monitor
+Writes  <results_dir>/args.json, log.jsonl and log.csv (loss and kNN accuracy per epoch),
+        checkpoint.pth (every epoch, for --resume), model_<epoch>.pth (every --save_freq
+        epochs and at the last epoch), results.json
+"""
+import argparse
+import time
+
+import torch
+from tqdm import tqdm
+
+from datasets import load_split, normalization
+from datasets.loader import ViewLoader, extract_features
+from models import SimCLR, encoder_checkpoint, nt_xent
+from models.knn import knn_predict
+from utils import (RunLog, UserError, add_run_args, check_finite, prepare_output_dir, print_run_header,
+                   resolve_device, resume_state, run_cli, save_epoch, set_seed)
+
+
+def get_parser():
+    parser = argparse.ArgumentParser(description="Stage 0: train a clean SimCLR encoder.")
+    data = parser.add_argument_group("data")
+    data.add_argument("--pretraining_dataset", default="cifar10",
+                      help="dataset under --data_dir to train on; also names the normalisation (default: cifar10)")
+    data.add_argument("--results_dir", default="output/cifar10/clean_encoder",
+                      help="where checkpoints and logs go (default: output/cifar10/clean_encoder)")
+    model = parser.add_argument_group("model")
+    model.add_argument("--arch", default="resnet18", choices=["resnet18", "resnet34", "resnet50"],
+                       help="backbone (default: resnet18, the paper's)")
+    model.add_argument("--width", type=int, default=64,
+                       help="base width of the ResNet; 64 is the paper's network, 16 trains ~12x faster "
+                            "on a CPU (default: 64)")
+    optim = parser.add_argument_group("optimisation")
+    optim.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default: 1e-3)")
+    optim.add_argument("--weight_decay", type=float, default=1e-6, help="Adam weight decay (default: 1e-6)")
+    optim.add_argument("--batch_size", type=int, default=256, help="images per step (default: 256)")
+    optim.add_argument("--epochs", type=int, default=1000, help="training epochs (default: 1000)")
+    optim.add_argument("--temperature", type=float, default=0.5, help="NT-Xent temperature (default: 0.5)")
+    optim.add_argument("--augment", default="batched", choices=["batched", "torchvision"],
+                       help="batched: augment whole batches on --device (fast); torchvision: the per-image "
+                            "PIL pipeline in --num_workers processes (default: batched)")
+    monitor = parser.add_argument_group("kNN monitor")
+    monitor.add_argument("--knn_k", "--knn-k", type=int, default=200, help="neighbours (default: 200)")
+    monitor.add_argument("--knn_t", "--knn-t", type=float, default=0.5, help="temperature (default: 0.5)")
+    monitor.add_argument("--knn_freq", type=int, default=1,
+                         help="run the monitor every this many epochs and at the last; 0 turns it off "
+                              "(default: 1)")
+    add_run_args(parser, seed=100, save_freq=100)
+    return parser
+
+
+def train_one_epoch(model, loader, optimizer, temperature, epoch, out_dir):
+    model.train()
+    total, steps = 0.0, 0
+    bar = tqdm(loader, desc=f"epoch {epoch}", leave=False, mininterval=1)
+    for step, (view1, view2) in enumerate(bar):
+        _, z1 = model(view1)                                     # BxP
+        _, z2 = model(view2)
+        loss = nt_xent(z1, z2, temperature)
+        check_finite(loss.item(), epoch, step, out_dir)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total, steps = total + loss.item(), steps + 1
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+    return total / max(steps, 1)
+
+
+def evaluate(model, train_x, train_y, test_x, test_y, mean, std, device, k, t):
+    """kNN accuracy (%) of the test set against the training set as memory bank."""
+    bank = extract_features(model, train_x, mean, std, device, desc="kNN bank").to(device)
+    feats = extract_features(model, test_x, mean, std, device, desc="kNN test").to(device)
+    labels = torch.as_tensor(train_y, device=device)
+    num_classes = int(max(train_y.max(), test_y.max())) + 1
+    pred = knn_predict(feats, bank, labels, num_classes, k, t).cpu()
+    return 100.0 * (pred == torch.as_tensor(test_y)).float().mean().item()
+
+
+def main(args):
+    print_run_header(args)
+    out_dir = prepare_output_dir(args.results_dir, args.resume, args.overwrite)
+    device = resolve_device(args.device)
+    set_seed(args.seed)
+    mean, std = normalization(args.pretraining_dataset)
+    train_x, train_y = load_split(args.data_dir, args.pretraining_dataset, "train")
+    if len(train_x) < args.batch_size:
+        raise UserError(f"{len(train_x)} training images are fewer than one batch of --batch_size "
+                        f"{args.batch_size}; lower --batch_size")
+    test = None
+    if args.knn_freq > 0:
+        test = load_split(args.data_dir, args.pretraining_dataset, "test")
+
+    model = SimCLR(args.arch, args.width).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    start = 0
+    if args.resume:
+        start, _ = resume_state(out_dir, model, optimizer)
+    log = RunLog(out_dir, args, resume_epoch=start if args.resume else None)
+    loader = ViewLoader(train_x, args.batch_size, mean, std, device, args.augment, args.num_workers)
+
+    knn_acc = None
+    for epoch in range(start + 1, args.epochs + 1):
+        t0 = time.time()
+        loss = train_one_epoch(model, loader, optimizer, args.temperature, epoch, out_dir)
+        row = {"epoch": epoch, "loss": loss, "seconds": round(time.time() - t0, 2)}
+        if test is not None and (epoch % args.knn_freq == 0 or epoch == args.epochs):
+            knn_acc = evaluate(model, train_x, train_y, *test, mean, std, device, args.knn_k, args.knn_t)
+            row["knn_acc"] = knn_acc
+        log.log(row)
+        state = encoder_checkpoint(model, optimizer=optimizer.state_dict(), args=vars(args),
+                                   usage=args.pretraining_dataset)
+        save_epoch(out_dir, state, epoch, args.epochs, args.save_freq)
+
+    log.results({"stage": "clean_encoder", "epochs": args.epochs, "knn_acc": knn_acc,
+                 "encoder": str(out_dir / f"model_{args.epochs}.pth"), "args": vars(args)})
+    print(f"clean encoder: {out_dir / f'model_{args.epochs}.pth'}  kNN accuracy: {knn_acc}")
+
+
+if __name__ == "__main__":
+    run_cli(main, get_parser())

@@ -1,0 +1,141 @@
+"""Stage 3: train a downstream classifier on a frozen encoder; report ACC and ASR.
+
+The paper's setting (GTSRB downstream, target "priority road" = 12):
+    python training_downstream_classifier.py --dataset gtsrb --reference_label 12 \
+        --trigger_file trigger/trigger_pt_white_21_10_ap_replace.npz --encoder_usage_info cifar10 \
+        --encoder output/cifar10/mimic_gtsrb/model_1000.pth \
+        --reference_file reference/cifar10/priority.npz --nn_epochs 1000
+
+Reads   the encoder checkpoint (ours or BadEncoder's), <data_dir>/<dataset>/train.npz and test.npz,
+        the trigger file (and the reference file, for the target label)
+Writes  <results_dir>/args.json, log.jsonl and log.csv (per-epoch curve), results.json with ACC,
+        ASR and ASR excluding target-class images. --results_dir defaults to a folder next to the
+        encoder: <encoder folder>/downstream_<dataset>.
+"""
+import argparse
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from datasets import load_reference, load_split, load_trigger, normalization, stamp_trigger
+from datasets.loader import extract_features, index_batches
+from models import DownstreamClassifier, load_encoder
+from models.metrics import backdoor_metrics
+from utils import (RunLog, UserError, add_run_args, prepare_output_dir, print_run_header, resolve_device,
+                   run_cli, set_seed)
+
+
+def get_parser():
+    parser = argparse.ArgumentParser(description="Stage 3: downstream ACC and ASR of an encoder.")
+    data = parser.add_argument_group("data")
+    data.add_argument("--dataset", default="gtsrb", help="downstream dataset under --data_dir (default: gtsrb)")
+    data.add_argument("--encoder", required=True, help="encoder checkpoint to evaluate")
+    data.add_argument("--encoder_usage_info", default="cifar10",
+                      help="dataset the encoder was pre-trained on; names the normalisation (default: cifar10)")
+    data.add_argument("--trigger_file", default="trigger/trigger_pt_white_21_10_ap_replace.npz",
+                      help="trigger stamped on every test image for the ASR "
+                           "(default: trigger/trigger_pt_white_21_10_ap_replace.npz)")
+    data.add_argument("--reference_label", type=int, default=-1,
+                      help="attacker's target label; -1 takes it from --reference_file (default: -1)")
+    data.add_argument("--reference_file", default=None,
+                      help="reference inputs of the target class; only its label is used (default: none)")
+    data.add_argument("--results_dir", default=None,
+                      help="where logs and results go (default: <encoder folder>/downstream_<dataset>)")
+    clf = parser.add_argument_group("classifier")
+    clf.add_argument("--nn_epochs", type=int, default=1000, help="classifier epochs (default: 1000)")
+    clf.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate (default: 1e-4)")
+    clf.add_argument("--batch_size", type=int, default=64, help="classifier batch size (default: 64)")
+    clf.add_argument("--hidden_size_1", type=int, default=512, help="first hidden layer (default: 512)")
+    clf.add_argument("--hidden_size_2", type=int, default=256, help="second hidden layer (default: 256)")
+    add_run_args(parser, seed=100)
+    return parser
+
+
+def target_label(args, num_classes):
+    label = args.reference_label
+    if args.reference_file is not None:
+        _, ref_label = load_reference(args.reference_file)
+        if label == -1:
+            label = ref_label
+        elif label != ref_label:
+            print(f"warning: --reference_label {label} differs from the label {ref_label} of "
+                  f"{args.reference_file}; using {label}")
+    if label == -1:
+        raise UserError("no target label: pass --reference_label or --reference_file")
+    if not 0 <= label < num_classes:
+        raise UserError(f"--reference_label {label} is outside the {num_classes} classes of {args.dataset} "
+                        f"(0..{num_classes - 1})")
+    return label
+
+
+def train_one_epoch(clf, feats, labels, optimizer, batch_size):
+    clf.train()
+    total = 0.0
+    batches = index_batches(len(feats), batch_size, drop_last=False)
+    for idx in batches:
+        loss = F.cross_entropy(clf(feats[idx]), labels[idx])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total += loss.item()
+    return total / len(batches)
+
+
+@torch.no_grad()
+def predict(clf, feats):
+    clf.eval()
+    return clf(feats).argmax(dim=1)
+
+
+def main(args):
+    print_run_header(args)
+    out_dir = Path(args.results_dir or Path(args.encoder).resolve().parent / f"downstream_{args.dataset}")
+    device = resolve_device(args.device)
+    set_seed(args.seed)
+    mean, std = normalization(args.encoder_usage_info)
+    train_x, train_y = load_split(args.data_dir, args.dataset, "train")
+    test_x, test_y = load_split(args.data_dir, args.dataset, "test")
+    num_classes = int(max(train_y.max(), test_y.max())) + 1
+    target = target_label(args, num_classes)
+    t, tm = load_trigger(args.trigger_file, image_size=test_x.shape[1:3])
+    encoder, ckpt = load_encoder(args.encoder)
+    if ckpt.get("usage") not in (None, args.encoder_usage_info):
+        print(f"warning: {args.encoder} was trained on {ckpt['usage']} data but --encoder_usage_info is "
+              f"{args.encoder_usage_info}; normalising as {args.encoder_usage_info}")
+    out_dir = prepare_output_dir(out_dir, overwrite=args.overwrite)
+    log = RunLog(out_dir, args)
+
+    # The encoder is frozen: features are extracted once and the classifier trains on them in memory.
+    encoder = encoder.to(device).eval().requires_grad_(False)
+    feats = {name: extract_features(encoder, x, mean, std, device, desc=f"{name} features").to(device)
+             for name, x in (("train", train_x), ("test", test_x),
+                             ("triggered", stamp_trigger(test_x, t, tm)))}
+    train_labels = torch.as_tensor(train_y, device=device)
+    print(f"{args.dataset}: {len(train_x)} train / {len(test_x)} test images, {num_classes} classes, "
+          f"target label {target}; feature dim {feats['train'].shape[1]}")
+
+    clf = DownstreamClassifier(feats["train"].shape[1], num_classes, args.hidden_size_1,
+                               args.hidden_size_2).to(device)
+    optimizer = torch.optim.Adam(clf.parameters(), lr=args.lr)
+    metrics = {}
+    for epoch in tqdm(range(1, args.nn_epochs + 1), desc="classifier", mininterval=1):
+        t0 = time.time()
+        loss = train_one_epoch(clf, feats["train"], train_labels, optimizer, args.batch_size)
+        metrics = backdoor_metrics(predict(clf, feats["test"]).cpu(), predict(clf, feats["triggered"]).cpu(),
+                                   test_y, target)
+        log.log({"epoch": epoch, "loss": loss, **metrics, "seconds": round(time.time() - t0, 3)}, echo=False)
+
+    print(f"ACC (clean test accuracy)            {metrics['acc']:.2f}%")
+    print(f"ASR (all triggered test images)      {metrics['asr']:.2f}%")
+    print(f"ASR excluding target-class images    {metrics['asr_excluding_target']:.2f}%")
+    log.results({"stage": "downstream", "dataset": args.dataset, "encoder": str(args.encoder),
+                 "target_label": target, "epochs": args.nn_epochs, **metrics,
+                 "curve": log.read(), "args": vars(args)})
+    print(f"results: {out_dir / 'results.json'}")
+
+
+if __name__ == "__main__":
+    run_cli(main, get_parser())
