@@ -1,0 +1,485 @@
+"""Convert the paper's datasets, or any folder of class images, to the npz layout the stages read.
+
+Every split becomes `<data_dir>/<name>/<split>.npz` holding x uint8 (N, 32, 32, 3) RGB and y int64
+(N, 1). The four datasets of the paper are read with torchvision's dataset classes from the folder
+they download to (`root`), laid out as torchvision expects:
+
+    cifar10  root/cifar-10-batches-py/{data_batch_1..5, test_batch, batches.meta}
+    svhn     root/{train,test}_32x32.mat                (digit 0, stored as 10 there, becomes label 0)
+    gtsrb    root/gtsrb/GTSRB/Training/<00000..00042>/*.ppm,
+             root/gtsrb/GTSRB/Final_Test/Images/*.ppm and root/gtsrb/GT-final_test.csv
+    stl10    root/stl10_binary/{train_X,train_y,test_X,test_y,unlabeled_X}.bin
+
+STL-10's unlabeled split is written as `train_unlabeled.npz` with torchvision's label -1 for every
+image. Reading it loads the 2.6 GB unlabeled_X.bin at once (about 3 GB of memory).
+
+Resizing: CIFAR-10 and SVHN are 32x32 already and are copied pixel for pixel. GTSRB (15x15 to
+250x250 pixels) and STL-10 (96x96) are resized to 32x32 with Pillow's BICUBIC filter by default.
+When Pillow shrinks an image it widens the bicubic kernel by the reduction factor, so every source
+pixel contributes (no aliasing, unlike sampling), while edges stay sharper than with BOX or
+BILINEAR averaging; GTSRB also holds signs smaller than 32 pixels, which BICUBIC enlarges smoothly
+where BOX would give blocks. The whole image is resized (GTSRB's ROI columns are not used).
+
+Labels: as torchvision gives them, except that a GTSRB training image takes the number of its class
+folder (identical to torchvision's index when all 43 folders are present, and still right for a
+subset of folders). Image order is the source order; GTSRB's training split is therefore sorted by
+class.
+
+Checksums: torchvision verifies the md5 of the CIFAR-10, SVHN and STL-10 files and refuses altered
+ones. `verify_checksums=False` skips that check; it exists for the tests, which build tiny files in
+the real formats, and is deliberately not a command-line option.
+"""
+import contextlib
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from torchvision import datasets as tv_datasets
+from torchvision.datasets.folder import find_classes
+from tqdm import tqdm
+
+from utils import UserError, atomic_write
+
+from .npz import read_images_npz, save_split, split_path
+
+IMAGE_SIZE = 32
+RESIZE_FILTERS = {
+    "bicubic": Image.Resampling.BICUBIC,
+    "box": Image.Resampling.BOX,
+    "bilinear": Image.Resampling.BILINEAR,
+    "lanczos": Image.Resampling.LANCZOS,
+}
+DEFAULT_RESIZE_FILTER = "bicubic"
+UNLABELED = -1  # torchvision's label for STL-10's unlabeled images, kept as is
+
+# Full sizes of the official releases; a smaller count is reported as a warning (users may prepare
+# subsets), never as an error.
+EXPECTED_SIZES = {
+    "cifar10": {"train": 50_000, "test": 10_000},
+    "svhn": {"train": 73_257, "test": 26_032},
+    "gtsrb": {"train": 39_209, "test": 12_630},
+    "stl10": {"train": 5_000, "test": 8_000, "train_unlabeled": 100_000},
+}
+NUM_CLASSES = {"cifar10": 10, "svhn": 10, "gtsrb": 43, "stl10": 10}
+PAPER_DATASETS = tuple(EXPECTED_SIZES)
+
+# Reference inputs the published commands use: (encoder usage, file name, source dataset, class).
+PAPER_REFERENCES = (
+    ("cifar10", "priority", "gtsrb", 12),
+    ("cifar10", "truck", "stl10", 9),
+    ("cifar10", "one", "svhn", 1),
+)
+DEFAULT_REFERENCE_COUNT = 3
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".pgm", ".pbm", ".tif", ".tiff",
+                    ".webp", ".gif")
+DEFAULT_TEST_FRACTION = 0.2
+
+CIFAR10_FILES = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches.meta"]
+STL10_FILES = ["train_X.bin", "train_y.bin", "test_X.bin", "test_y.bin", "unlabeled_X.bin"]
+
+
+# ---------------------------------------------------------------- images
+
+def resize_image(image, size=IMAGE_SIZE, resize_filter=DEFAULT_RESIZE_FILTER):
+    """A PIL image or HxWx3 uint8 array -> uint8 (size, size, 3) RGB, resized with one Pillow filter."""
+    if isinstance(image, np.ndarray):
+        image = Image.fromarray(image)
+    image = image.convert("RGB")
+    if image.size != (size, size):
+        image = image.resize((size, size), RESIZE_FILTERS[resize_filter])
+    return np.asarray(image, dtype=np.uint8)
+
+
+def _resize_all(images, count, desc, resize_filter):
+    out = np.empty((count, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)  # NxHxWx3
+    for i, image in enumerate(tqdm(images, total=count, desc=desc, unit="img", leave=False)):
+        out[i] = resize_image(image, IMAGE_SIZE, resize_filter)
+    return out
+
+
+# ---------------------------------------------------------------- the paper's datasets
+
+@contextlib.contextmanager
+def _checksums(verify, dataset_class):
+    """Inside, torchvision's md5 check of `dataset_class` is on (verify) or only tests that files exist."""
+    module = sys.modules[dataset_class.__module__]
+    if verify or not hasattr(module, "check_integrity"):
+        yield
+        return
+    original = module.check_integrity
+    module.check_integrity = lambda fpath, md5=None: os.path.isfile(fpath)
+    try:
+        yield
+    finally:
+        module.check_integrity = original
+
+
+def _require(title, paths, hint):
+    """UserError naming every expected source file or folder that is not there."""
+    by_folder = {}
+    for p in paths:
+        if not p.exists():
+            by_folder.setdefault(p.parent, []).append(p.name)
+    if by_folder:
+        missing = [f"{folder / names[0]}" if len(names) == 1 else f"{folder}/{{{', '.join(names)}}}"
+                   for folder, names in by_folder.items()]
+        raise UserError(f"{title} source not found: expected {' and '.join(missing)} ({hint})")
+
+
+def _open(dataset_class, title, where, download, verify, **kwargs):
+    """Construct a torchvision dataset; any failure becomes a one-line UserError naming the files."""
+    try:
+        with _checksums(verify, dataset_class):
+            return dataset_class(download=download, **kwargs)
+    except Exception as err:  # torchvision raises RuntimeError, OSError, pickle and URL errors
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        if download:
+            raise UserError(f"could not download {title} into {where}: {reason} (without internet, "
+                            f"download the files by hand and pass their folder as --root)") from err
+        if hasattr(sys.modules[dataset_class.__module__], "check_integrity"):
+            hint = ("torchvision checks the md5 of the files: a truncated or altered download "
+                    "fails; download it again, e.g. with --download")
+        else:
+            hint = "the files look incomplete; extract the archives again, or pass --download"
+        raise UserError(f"cannot read {title} from {where}: {reason} ({hint})") from err
+
+
+def _read_cifar10(root, split, download, verify, resize_filter):
+    folder = root / "cifar-10-batches-py"
+    if not download:
+        _require("CIFAR-10", [folder / f for f in CIFAR10_FILES],
+                 "extract cifar-10-python.tar.gz into --root, or pass --download")
+    ds = _open(tv_datasets.CIFAR10, "CIFAR-10", folder, download, verify, root=str(root),
+               train=split == "train")
+    return np.asarray(ds.data, dtype=np.uint8), np.asarray(ds.targets, dtype=np.int64)
+
+
+def _read_svhn(root, split, download, verify, resize_filter):
+    path = root / f"{split}_32x32.mat"
+    if not download:
+        _require("SVHN", [path], "put the cropped-digits file there, or pass --download")
+    ds = _open(tv_datasets.SVHN, "SVHN", path, download, verify, root=str(root), split=split)
+    return np.ascontiguousarray(ds.data.transpose(0, 2, 3, 1)), ds.labels.astype(np.int64)
+
+
+def _read_gtsrb(root, split, download, verify, resize_filter):
+    base = root / "gtsrb"
+    if split == "train":
+        folder = base / "GTSRB" / "Training"
+        expected = [folder]
+    else:
+        folder = base / "GTSRB" / "Final_Test" / "Images"
+        expected = [folder, base / "GT-final_test.csv"]
+    if not download:
+        _require("GTSRB", expected, "extract GTSRB-Training_fixed.zip, GTSRB_Final_Test_Images.zip "
+                                    "and GTSRB_Final_Test_GT.zip into --root/gtsrb, or pass --download")
+    ds = _open(tv_datasets.GTSRB, "GTSRB", folder, download, verify, root=str(root), split=split)
+    labels = np.empty(len(ds), dtype=np.int64)
+
+    def images():
+        for i in range(len(ds)):
+            image, labels[i] = ds[i]
+            yield image
+    x = _resize_all(images(), len(ds), f"gtsrb {split}", resize_filter)
+    if split == "train":
+        # torchvision numbers the class folders in sorted order; the class id is the folder's number
+        folders = find_classes(folder)[0]
+        try:
+            class_ids = np.array([int(name) for name in folders], dtype=np.int64)
+        except ValueError:
+            raise UserError(f"GTSRB class folders in {folder} must be numbered (00000..00042), "
+                            f"found {', '.join(folders[:5])}") from None
+        labels = class_ids[labels]
+    return x, labels
+
+
+def _read_stl10(root, split, download, verify, resize_filter):
+    folder = root / "stl10_binary"
+    if not download:
+        # torchvision checks all five files whichever split is read
+        _require("STL-10", [folder / f for f in STL10_FILES],
+                 "extract stl10_binary.tar.gz into --root, or pass --download")
+    tv_split = "unlabeled" if split == "train_unlabeled" else split
+    ds = _open(tv_datasets.STL10, "STL-10", folder, download, verify, root=str(root), split=tv_split)
+    data = ds.data.transpose(0, 2, 3, 1)  # NxCxHxW -> NxHxWxC
+    x = _resize_all(data, len(data), f"stl10 {split}", resize_filter)
+    return x, np.asarray(ds.labels).astype(np.int64)
+
+
+_READERS = {"cifar10": _read_cifar10, "svhn": _read_svhn, "gtsrb": _read_gtsrb, "stl10": _read_stl10}
+
+
+def read_paper_split(name, split, root, download=False, verify_checksums=True,
+                     resize_filter=DEFAULT_RESIZE_FILTER):
+    """Read one split of cifar10, svhn, gtsrb or stl10 from torchvision's files -> (x NxHxWx3, y N)."""
+    if name not in _READERS or split not in EXPECTED_SIZES[name]:
+        raise UserError(f"no split {split!r} of dataset {name!r}; known: "
+                        + "; ".join(f"{n}: {', '.join(s)}" for n, s in EXPECTED_SIZES.items()))
+    return _READERS[name](Path(root), split, download, verify_checksums, resize_filter)
+
+
+# ---------------------------------------------------------------- checking what was written
+
+def check_arrays(x, y, num_classes, where, size=IMAGE_SIZE, unlabeled=False):
+    """Summary of a split's arrays; UserError if the shape, dtype or labels break the layout."""
+    if x.dtype != np.uint8 or x.shape[1:] != (size, size, 3):
+        raise UserError(f"{where}: images must be uint8 (N, {size}, {size}, 3), got {x.dtype} {x.shape}")
+    if len(x) == 0 or len(y) != len(x):
+        raise UserError(f"{where}: {len(x)} images and {len(y)} labels (need as many, at least one)")
+    if unlabeled and np.any(y != UNLABELED):
+        raise UserError(f"{where}: unlabeled images must all carry label {UNLABELED}")
+    if not unlabeled and (y.min() < 0 or y.max() >= num_classes):
+        raise UserError(f"{where}: labels span {y.min()}..{y.max()}, outside 0..{num_classes - 1}")
+    return {"images": len(x), "shape": tuple(x.shape[1:]), "dtype": str(x.dtype),
+            "labels": f"{y.min()}..{y.max()} ({len(np.unique(y))} values)"}
+
+
+def check_split(path, num_classes, unlabeled=False):
+    """Read a written split back and check it (count, shape, dtype, label range)."""
+    x, y = read_images_npz(path, label_key="y")
+    return check_arrays(x, y, num_classes, path, unlabeled=unlabeled)
+
+
+def _finished(path, num_classes, unlabeled, force):
+    """The summary of an existing split that validates, or None when it has to be (re)built."""
+    if force or not path.is_file():
+        return None
+    try:
+        return check_split(path, num_classes, unlabeled)
+    except UserError as err:
+        print(f"rebuilding {path}: {err}", file=sys.stderr)
+        return None
+
+
+def _write_split(path, x, y, num_classes, unlabeled):
+    check_arrays(x, y, num_classes, path, unlabeled=unlabeled)
+    save_split(path, x, y)
+    summary = check_split(path, num_classes, unlabeled)
+    if summary["images"] != len(x):
+        raise UserError(f"{path}: wrote {len(x)} images but read back {summary['images']}")
+    return summary
+
+
+# ---------------------------------------------------------------- building splits
+
+def prepare_paper_dataset(name, root, data_dir, download=False, force=False, verify_checksums=True,
+                          resize_filter=DEFAULT_RESIZE_FILTER):
+    """Write every split of a paper dataset that is not already there and valid; one row per split."""
+    rows = []
+    for split, expected in EXPECTED_SIZES[name].items():
+        path = split_path(data_dir, name, split)
+        unlabeled = split == "train_unlabeled"
+        summary = _finished(path, NUM_CLASSES[name], unlabeled, force)
+        status = "kept"
+        if summary is None:
+            x, y = read_paper_split(name, split, root, download, verify_checksums, resize_filter)
+            summary = _write_split(path, x, y, NUM_CLASSES[name], unlabeled)
+            status = "written"
+        rows.append(_split_row(name, split, summary, expected, status, path))
+    return rows
+
+
+def _image_files(class_dir):
+    return sorted(p for p in class_dir.rglob("*")
+                  if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+                  and not any(part.startswith(".") for part in p.relative_to(class_dir).parts))
+
+
+def _class_folders(folder):
+    if not folder.is_dir():
+        raise UserError(f"image folder not found: {folder}")
+    classes = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not classes:
+        raise UserError(f"{folder} holds no class sub-folders; expected DIR/<class>/<image>, or "
+                        f"DIR/train/<class>/<image> and DIR/test/<class>/<image>")
+    return classes
+
+
+def _listing(folder, classes):
+    """(path, label) of every image under folder/<class>, label = index of the class in `classes`."""
+    items = []
+    for name in _class_folders(folder):
+        if name not in classes:
+            raise UserError(f"{folder / name}: class {name!r} is not among the training classes "
+                            f"({', '.join(classes)})")
+        items += _class_items(folder / name, classes.index(name))
+    return items
+
+
+def _class_items(class_dir, label):
+    files = _image_files(class_dir)
+    if not files:
+        raise UserError(f"class folder {class_dir} holds no images ({' '.join(IMAGE_EXTENSIONS)})")
+    return [(p, label) for p in files]
+
+
+def image_folder_items(folder, test_fraction=None, seed=0):
+    """Class names (sorted folder names, label = position) and the (path, label) lists of each split.
+
+    DIR/train/<class>/ and DIR/test/<class>/ give the two splits as they are; otherwise DIR/<class>/
+    is split per class, a `test_fraction` share (default 0.2) of each class going to test, chosen
+    by a permutation seeded with `seed`. Either way each split is then shuffled with that seed, so
+    that the first images of a split (MIMIC's clean subset takes the first ratio*N) mix all classes.
+    """
+    folder = Path(folder)
+    rng = np.random.default_rng(seed)
+    if (folder / "train").is_dir() or (folder / "test").is_dir():
+        if test_fraction is not None:
+            raise UserError(f"{folder} has train/ and test/ sub-folders, which fix the split; "
+                            f"drop --test_fraction")
+        _require("image folder", [folder / "train", folder / "test"],
+                 "a split layout needs both train/ and test/ class folders")
+        classes = _class_folders(folder / "train")
+        splits = {"train": _listing(folder / "train", classes), "test": _listing(folder / "test", classes)}
+    else:
+        fraction = DEFAULT_TEST_FRACTION if test_fraction is None else test_fraction
+        if not 0 < fraction < 1:
+            raise UserError(f"--test_fraction must be between 0 and 1 (exclusive), got {fraction}")
+        classes = _class_folders(folder)
+        splits = {"train": [], "test": []}
+        for label, name in enumerate(classes):
+            items = _class_items(folder / name, label)
+            n_test = min(int(np.floor(fraction * len(items) + 0.5)), len(items) - 1)
+            order = rng.permutation(len(items))
+            splits["test"] += [items[i] for i in order[:n_test]]
+            splits["train"] += [items[i] for i in order[n_test:]]
+    if not splits["test"]:
+        raise UserError(f"{folder}: no image went to the test split (too few images per class?)")
+    for split, items in splits.items():
+        splits[split] = [items[i] for i in rng.permutation(len(items))]
+    return classes, splits
+
+
+def load_images(items, resize_filter=DEFAULT_RESIZE_FILTER, desc="images"):
+    """Decode and resize the images of (path, label) items -> (x uint8 NxHxWx3, y int64 N)."""
+    def images():
+        for path, _ in items:
+            try:
+                with Image.open(path) as image:
+                    image.load()
+                    yield image
+            except (OSError, Image.DecompressionBombError) as err:
+                raise UserError(f"cannot read image {path}: {err}") from None
+    x = _resize_all(images(), len(items), desc, resize_filter)
+    return x, np.array([label for _, label in items], dtype=np.int64)
+
+
+def prepare_image_folder(folder, name, data_dir, test_fraction=None, seed=0, force=False,
+                         resize_filter=DEFAULT_RESIZE_FILTER):
+    """Write <data_dir>/<name>/{train,test}.npz and classes.txt (label i = line i) from class folders."""
+    if not name or Path(name).name != name or name in (".", ".."):
+        raise UserError(f"dataset name {name!r} must be a plain folder name (no path separators)")
+    classes_file = Path(data_dir) / name / "classes.txt"
+    if classes_file.is_file() and not force:
+        # both splits done: keep them without walking (or needing) the image folder again
+        num_classes = len(classes_file.read_text().splitlines())
+        done = {split: _finished(split_path(data_dir, name, split), num_classes, False, force)
+                for split in ("train", "test")}
+        if all(done.values()):
+            return [_split_row(name, split, summary, None, "kept", split_path(data_dir, name, split))
+                    for split, summary in done.items()]
+    classes, splits = image_folder_items(folder, test_fraction, seed)
+    rows = []
+    for split, items in splits.items():
+        path = split_path(data_dir, name, split)
+        summary = _finished(path, len(classes), False, force)
+        status = "kept"
+        if summary is None:
+            x, y = load_images(items, resize_filter, desc=f"{name} {split}")
+            summary = _write_split(path, x, y, len(classes), False)
+            status = "written"
+            _write_text(classes_file, "".join(f"{c}\n" for c in classes))
+        rows.append(_split_row(name, split, summary, None, status, path))
+    return rows
+
+
+def _split_row(name, split, summary, expected, status, path):
+    return {"dataset": name, "split": split, **summary, "expected": expected, "status": status,
+            "path": str(path)}
+
+
+def _write_text(path, text):
+    def write(tmp):
+        with open(tmp, "w") as fh:
+            fh.write(text)
+    atomic_write(path, write)
+
+
+# ---------------------------------------------------------------- reference inputs
+
+def reference_path(reference_dir, encoder_usage, name):
+    return Path(reference_dir) / encoder_usage / f"{name}.npz"
+
+
+def make_reference(data_dir, dataset, label, out_path, count=DEFAULT_REFERENCE_COUNT, force=False):
+    """Write the first `count` training images of class `label` of a prepared dataset as a reference file.
+
+    The file holds x uint8 (R, H, W, 3) and y (R,) = label. An existing file that is a valid reference
+    file of that label is kept (it may be a released one with another count) unless `force`.
+    """
+    out_path = Path(out_path)
+    row = {"file": str(out_path), "source": f"{dataset} train", "label": label}
+    if out_path.is_file() and not force:
+        try:
+            x, y = read_images_npz(out_path, label_key="y")
+            if len(x) and np.all(y == label):
+                return {**row, "images": len(x), "status": "kept"}
+            print(f"rebuilding {out_path}: labels {sorted(set(y.tolist()))} are not {label}",
+                  file=sys.stderr)
+        except UserError as err:
+            print(f"rebuilding {out_path}: {err}", file=sys.stderr)
+    if count < 1:
+        raise UserError(f"--reference_count must be at least 1, got {count}")
+    path = split_path(data_dir, dataset, "train")
+    if not path.is_file():
+        raise UserError(f"dataset file not found: {path} (a reference file is cut from its train "
+                        f"split; create it with: python prepare_data.py --dataset {dataset} "
+                        f"--out {data_dir})")
+    x, y = read_images_npz(path, label_key="y")
+    index = np.flatnonzero(y == label)[:count]
+    if len(index) < count:
+        raise UserError(f"{path} holds {len(index)} images of class {label}, fewer than the {count} "
+                        f"asked for (lower --reference_count)")
+    ref_x, ref_y = x[index], np.full(len(index), label, dtype=np.int64)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(tmp):
+        with open(tmp, "wb") as fh:
+            np.savez(fh, x=np.ascontiguousarray(ref_x), y=ref_y)
+    atomic_write(out_path, write)
+    back_x, back_y = read_images_npz(out_path, label_key="y")
+    if back_x.shape != ref_x.shape or np.any(back_y != label):
+        raise UserError(f"{out_path}: read back {back_x.shape} with labels {set(back_y.tolist())}")
+    return {**row, "images": len(back_x), "status": "written"}
+
+
+def prepare_references(data_dir, reference_dir, count=DEFAULT_REFERENCE_COUNT, force=False,
+                       references=PAPER_REFERENCES):
+    """Write the reference files the published commands use (PAPER_REFERENCES); one row per file."""
+    return [make_reference(data_dir, dataset, label, reference_path(reference_dir, usage, name),
+                           count, force)
+            for usage, name, dataset, label in references]
+
+
+# ---------------------------------------------------------------- reporting
+
+def size_warnings(rows):
+    """One line per split whose count differs from the official release's."""
+    return [f"{r['dataset']} {r['split']} holds {r['images']:,} images, the official release "
+            f"{r['expected']:,} (fine for a subset)"
+            for r in rows if r.get("expected") is not None and r["images"] != r["expected"]]
+
+
+def format_table(rows, columns):
+    """Rows of dicts as a plain-text table with a header; integers get thousands separators."""
+    def cell(value):
+        if value is None:
+            return "-"
+        return f"{value:,}" if isinstance(value, (int, np.integer)) else str(value)
+    cells = [[cell(row.get(c)) for c in columns] for row in rows]
+    widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
+    lines = [columns] + cells
+    return "\n".join("  ".join(v.ljust(w) for v, w in zip(line, widths)).rstrip() for line in lines)

@@ -1,0 +1,142 @@
+"""Write the datasets and reference inputs the four stages read (stage "-1": data preparation).
+
+The paper's data, downloaded by torchvision (needs internet), plus its reference files:
+    python prepare_data.py --dataset all --download --references
+The same from files already downloaded, in the folder torchvision's dataset classes read:
+    python prepare_data.py --dataset all --root /path/to/downloads --references
+One dataset:
+    python prepare_data.py --dataset gtsrb --root /path/to/downloads
+A folder of class folders of images (any size and common format) as a dataset named "mine":
+    python prepare_data.py --image_folder DIR --name mine --test_fraction 0.2
+Only the reference files of the published commands (from already prepared train splits):
+    python prepare_data.py --references --reference_count 3
+Another reference file, e.g. GTSRB class 14 (stop) -> reference/cifar10/stop.npz:
+    python prepare_data.py --make_reference gtsrb 14 stop --encoder_usage cifar10
+
+Reads --root (layout in datasets/prepare.py) or --image_folder. Writes <out>/<name>/train.npz and
+test.npz (stl10 also train_unlabeled.npz): x uint8 (N, 32, 32, 3), y (N, 1); and
+<reference_dir>/<encoder_usage>/<name>.npz: x uint8 (R, 32, 32, 3), y (R,). Files that exist and
+validate are kept (--force rebuilds them); a summary table of what is on disk ends every run.
+"""
+import argparse
+import sys
+from pathlib import Path
+
+from datasets.prepare import (DEFAULT_REFERENCE_COUNT, DEFAULT_RESIZE_FILTER, DEFAULT_TEST_FRACTION,
+                              PAPER_DATASETS, PAPER_REFERENCES, RESIZE_FILTERS, format_table,
+                              make_reference, prepare_image_folder, prepare_paper_dataset,
+                              prepare_references, reference_path, size_warnings)
+from utils import UserError, run_cli
+
+SPLIT_COLUMNS = ["dataset", "split", "images", "expected", "shape", "dtype", "labels", "status"]
+REFERENCE_COLUMNS = ["file", "source", "label", "images", "status"]
+
+
+def get_parser():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="\n".join(__doc__.splitlines()[1:]))
+    src = parser.add_argument_group("the paper's datasets")
+    src.add_argument("--dataset", nargs="+", default=[], choices=PAPER_DATASETS + ("all",),
+                     help="datasets to convert; all = " + " ".join(PAPER_DATASETS) + " (default: none)")
+    src.add_argument("--root", default="data/downloads",
+                     help="folder torchvision's dataset classes read and download to: it holds "
+                          "cifar-10-batches-py/, train_32x32.mat and test_32x32.mat, gtsrb/, "
+                          "stl10_binary/ (default: data/downloads)")
+    src.add_argument("--download", action="store_true",
+                     help="let torchvision download missing files into --root; needs internet "
+                          "(default: off, read what is there)")
+    src.add_argument("--resize_filter", default=DEFAULT_RESIZE_FILTER, choices=sorted(RESIZE_FILTERS),
+                     help="Pillow filter resizing GTSRB, STL-10 and image folders to 32x32; bicubic "
+                          "is anti-aliased when shrinking and smooth when enlarging small GTSRB signs "
+                          f"(default: {DEFAULT_RESIZE_FILTER})")
+
+    folder = parser.add_argument_group("your own images")
+    folder.add_argument("--image_folder", default=None,
+                        help="folder of class folders (DIR/<class>/<image>, or DIR/train/<class>/ "
+                             "and DIR/test/<class>/); labels 0..C-1 follow the sorted class names "
+                             "(default: none)")
+    folder.add_argument("--name", default=None,
+                        help="dataset name for --image_folder, i.e. <out>/<name>/ (default: the "
+                             "folder's name)")
+    folder.add_argument("--test_fraction", type=float, default=None,
+                        help="share of each class put in the test split when DIR has no train/ and "
+                             f"test/ sub-folders (default: {DEFAULT_TEST_FRACTION})")
+    folder.add_argument("--seed", type=int, default=0,
+                        help="seed of the train/test split and of the image order (default: 0)")
+
+    ref = parser.add_argument_group("reference inputs")
+    ref.add_argument("--references", action="store_true",
+                     help="write the reference files of the published commands: "
+                          + ", ".join(f"{u}/{n}.npz = {d} class {c}" for u, n, d, c in PAPER_REFERENCES)
+                          + " (default: off)")
+    ref.add_argument("--make_reference", nargs=3, metavar=("DATASET", "LABEL", "NAME"), default=None,
+                     help="write <reference_dir>/<encoder_usage>/NAME.npz from class LABEL of the "
+                          "prepared DATASET's train split (default: none)")
+    ref.add_argument("--reference_count", type=int, default=DEFAULT_REFERENCE_COUNT,
+                     help="reference images per file: the first ones of the class in the train "
+                          f"split (default: {DEFAULT_REFERENCE_COUNT})")
+    ref.add_argument("--encoder_usage", default="cifar10",
+                     help="encoder usage folder of --make_reference (default: cifar10)")
+    ref.add_argument("--reference_dir", default="reference",
+                     help="folder of <encoder_usage>/<name>.npz reference files (default: reference)")
+
+    out = parser.add_argument_group("output")
+    out.add_argument("--out", "--data_dir", dest="out", default="data",
+                     help="folder receiving <name>/<split>.npz; the stages read it as --data_dir "
+                          "(default: data)")
+    out.add_argument("--force", action="store_true",
+                     help="rebuild files that already exist and validate (default: off, keep them)")
+    out.add_argument("--debug", action="store_true",
+                     help="show full tracebacks instead of one-line errors (default: off)")
+    return parser
+
+
+def main(args):
+    if not (args.dataset or args.image_folder or args.references or args.make_reference):
+        raise UserError("nothing to do: pass --dataset, --image_folder, --references or "
+                        "--make_reference (see --help)")
+    if args.name and not args.image_folder:
+        raise UserError("--name names the dataset made from --image_folder; pass --image_folder too")
+    names = PAPER_DATASETS if "all" in args.dataset else tuple(dict.fromkeys(args.dataset))
+
+    rows = []
+    for name in names:
+        rows += prepare_paper_dataset(name, args.root, args.out, download=args.download,
+                                      force=args.force, resize_filter=args.resize_filter)
+    if args.image_folder:
+        name = args.name or _folder_name(args.image_folder)
+        rows += prepare_image_folder(args.image_folder, name, args.out, args.test_fraction, args.seed,
+                                     args.force, args.resize_filter)
+
+    references = []
+    if args.references:
+        references += prepare_references(args.out, args.reference_dir, args.reference_count, args.force)
+    if args.make_reference:
+        dataset, label, name = args.make_reference
+        try:
+            label = int(label)
+        except ValueError:
+            raise UserError(f"--make_reference: LABEL must be an integer class, got {label!r}") from None
+        references.append(make_reference(args.out, dataset, label,
+                                         reference_path(args.reference_dir, args.encoder_usage, name),
+                                         args.reference_count, args.force))
+
+    if rows:
+        print(format_table(rows, SPLIT_COLUMNS))
+    if references:
+        print(format_table(references, REFERENCE_COLUMNS))
+    for line in size_warnings(rows):
+        print(f"warning: {line}", file=sys.stderr)
+    return 0
+
+
+def _folder_name(folder):
+    name = Path(folder).resolve().name
+    if not name:
+        raise UserError(f"cannot name a dataset after {folder}; pass --name")
+    return name
+
+
+if __name__ == "__main__":
+    run_cli(main, get_parser())
