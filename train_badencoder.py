@@ -17,6 +17,7 @@ import time
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from tqdm import tqdm
 
 from datasets import load_reference, load_split, load_trigger, normalization, stamp_trigger
@@ -85,7 +86,8 @@ def train_one_epoch(model, data, optimizer, args, epoch, out_dir):
         ref_aug = data["augment"](data["ref_uint8"])
         b, r = len(x), len(ref)
         # BatchNorm is frozen, so one pass over the concatenation equals four separate passes.
-        feats, _ = model(torch.cat([x_t, x, ref, ref_aug]))
+        # Only the backbone runs: the head g is not trained and its statistics must not move.
+        feats = F.normalize(model.f(torch.cat([x_t, x, ref, ref_aug])), dim=-1)
         f_trig, f_x, f_ref, f_ref_aug = feats.split([b, b, r, r])
         losses = badencoder_loss(f_trig, f_ref, f_ref_aug, data["ref_clean"], f_x,
                                  data["x_clean"][idx.to(data["x_clean"].device)],

@@ -11,10 +11,10 @@ def backdoor_metrics(pred_clean, pred_triggered, labels, target):
     asr_excluding_target the same over test images whose true label is not the target
     """
     labels = torch.as_tensor(labels)
-    hit = (torch.as_tensor(pred_triggered) == target).float()
+    hit = (torch.as_tensor(pred_triggered) == target).double()
     others = labels != target
     return {
-        "acc": 100.0 * (torch.as_tensor(pred_clean) == labels).float().mean().item(),
+        "acc": 100.0 * (torch.as_tensor(pred_clean) == labels).double().mean().item(),
         "asr": 100.0 * hit.mean().item(),
         "asr_excluding_target": 100.0 * hit[others].mean().item() if others.any() else float("nan"),
     }
