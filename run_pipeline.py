@@ -1,0 +1,195 @@
+"""Run the whole pipeline with one command: clean encoder -> BadEncoder -> MIMIC -> ACC/ASR.
+
+    python run_pipeline.py                   # the CPU demo on generated data (about 10 minutes)
+    python run_pipeline.py --preset paper    # the paper's settings on prepared CIFAR-10/GTSRB/SVHN/STL-10 (GPU)
+
+Each stage is one of the four scripts, called as a user would (the command is printed first).
+Besides the clean, backdoored and purified encoders, two controls are evaluated: a student trained
+on the same clean subset with the contrastive loss alone (no teacher), and MIMIC with uniform
+attention weights (no MI). A stage whose folder already holds results.json is skipped; one with
+a checkpoint.pth is resumed. Writes <results_dir>/summary.json and summary.md.
+Extra flags for a stage go after --clean_args/--badencoder_args/--mimic_args/--downstream_args,
+e.g. --mimic_args "--epochs 50 --lr 5e-3" (later flags win).
+"""
+import argparse
+import json
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from datasets import demo
+from datasets.npz import split_path
+from utils import UserError, run_cli, save_json
+
+ROOT = Path(__file__).resolve().parent
+TRIGGER = "trigger/trigger_pt_white_21_10_ap_replace.npz"
+
+# CPU demo: small width and few images, chosen so the whole run fits in about 10 minutes on 2 cores.
+DEMO = {
+    "pretraining_dataset": demo.PRETRAIN_NAME,
+    "tasks": [{"dataset": demo.DOWNSTREAM_NAME, "label": demo.DEFAULTS["target_class"],
+               "reference": f"reference/demo/{demo.DOWNSTREAM_CLASSES[demo.DEFAULTS['target_class']]}.npz"}],
+    "clean": ["--epochs", "12", "--batch_size", "128", "--width", "16", "--knn_freq", "4"],
+    "badencoder": ["--epochs", "3", "--batch_size", "128", "--lr", "1e-2"],
+    "mimic": ["--epochs", "30", "--batch_size", "128", "--ratio", "0.2", "--lr", "1e-3", "--mi_epochs", "20"],
+    "downstream": ["--nn_epochs", "100", "--lr", "1e-3"],
+}
+# The paper's settings (every stage at its defaults), one backdoor per downstream task.
+PAPER = {
+    "pretraining_dataset": "cifar10",
+    "tasks": [{"dataset": "gtsrb", "label": 12, "reference": "reference/cifar10/priority.npz"},
+              {"dataset": "svhn", "label": 1, "reference": "reference/cifar10/one.npz"},
+              {"dataset": "stl10", "label": 9, "reference": "reference/cifar10/truck.npz"}],
+    "clean": ["--lr", "1e-3"], "badencoder": [],
+    "mimic": ["--lr", "1e-2", "--batch_size", "128", "--epochs", "1000", "--ratio", "0.04"],
+    "downstream": ["--nn_epochs", "1000"],
+}
+PRESETS = {"demo": DEMO, "paper": PAPER}
+# The no-teacher control: attention transfer and cloning switched off, so only InfoNCE trains it.
+NO_TEACHER = ["--attention", "uniform", "--mi_scale", "0", "--opt1", "0", "--opt2", "0", "--opt3", "0",
+              "--opt4", "0", "--opt5", "0"]
+
+
+def get_parser():
+    parser = argparse.ArgumentParser(description="Run stages 0-3, two controls, and summarise ACC/ASR.")
+    parser.add_argument("--preset", default="demo", choices=sorted(PRESETS),
+                        help="demo: generated data, CPU-sized; paper: the paper's settings on prepared "
+                             "real data, for a GPU (default: demo)")
+    parser.add_argument("--results_dir", default=None, help="where every stage writes (default: output/<preset>)")
+    parser.add_argument("--data_dir", default="data", help="dataset folder (default: data)")
+    parser.add_argument("--device", default="auto", help="passed to every stage (default: auto)")
+    parser.add_argument("--seed", type=int, default=100, help="passed to every stage (default: 100)")
+    parser.add_argument("--no_controls", action="store_true", help="skip the two control students")
+    for stage in ("clean", "badencoder", "mimic", "downstream"):
+        parser.add_argument(f"--{stage}_args", default="",
+                            help=f"extra flags appended to every {stage} command (default: none)")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    return parser
+
+
+class Runner:
+    """Runs stage scripts as subprocesses, skipping finished ones and timing the rest."""
+
+    def __init__(self, out_dir, common):
+        self.out_dir, self.common = out_dir, common
+        self.times_path = out_dir / "stage_times.json"
+        self.times = json.loads(self.times_path.read_text()) if self.times_path.exists() else {}
+
+    def stage(self, name, script, args, stage_dir):
+        if (stage_dir / "results.json").exists():
+            print(f"\n== {name}: done earlier ({stage_dir / 'results.json'}), skipped")
+            return json.loads((stage_dir / "results.json").read_text())
+        if (stage_dir / "checkpoint.pth").exists():
+            args = args + ["--resume"]
+        elif stage_dir.exists():
+            args = args + ["--overwrite"]
+        cmd = [sys.executable, "-u", script, *map(str, args), *self.common, "--results_dir", str(stage_dir)]
+        print(f"\n== {name}\n$ {shlex.join(cmd[1:])}", flush=True)
+        t0 = time.time()
+        if subprocess.run(cmd, cwd=ROOT).returncode != 0:
+            raise UserError(f"stage {name!r} failed (command above); fix it and run again to continue")
+        self.times[name] = round(time.time() - t0, 1)
+        save_json(self.times_path, self.times)
+        return json.loads((stage_dir / "results.json").read_text())
+
+
+def check_demo(rows):
+    """The science the demo must show; returns (description, passed) pairs."""
+    clean, bad, mimic, no_teacher = (rows.get(k) for k in ("clean", "backdoored", "MIMIC", "no-teacher control"))
+    checks = [(f"clean ACC {clean['acc']:.1f} >= 60", clean["acc"] >= 60),
+              (f"backdoored ASR {bad['asr']:.1f} >= 90", bad["asr"] >= 90),
+              (f"backdoored ACC {bad['acc']:.1f} within 5 of clean {clean['acc']:.1f}",
+               abs(bad["acc"] - clean["acc"]) <= 5)]
+    limit = max(20.0, 2 * clean["asr"])
+    checks.append((f"MIMIC ASR {mimic['asr']:.1f} <= {limit:.1f}", mimic["asr"] <= limit))
+    checks.append((f"MIMIC ACC {mimic['acc']:.1f} >= clean - 10 = {clean['acc'] - 10:.1f}",
+                   mimic["acc"] >= clean["acc"] - 10))
+    if no_teacher is not None:
+        checks.append((f"MIMIC ACC {mimic['acc']:.1f} > no-teacher ACC {no_teacher['acc']:.1f}",
+                       mimic["acc"] > no_teacher["acc"]))
+    return checks
+
+
+def markdown(task_rows, times):
+    lines = []
+    for task, rows in task_rows.items():
+        lines += [f"### {task}", "", "| encoder | ACC (%) | ASR (%) | ASR excl. target (%) |",
+                  "|---|---|---|---|"]
+        lines += [f"| {name} | {r['acc']:.2f} | {r['asr']:.2f} | {r['asr_excluding_target']:.2f} |"
+                  for name, r in rows.items()]
+        lines.append("")
+    lines += ["| stage | wall time (s) |", "|---|---|"]
+    lines += [f"| {name} | {t:.1f} |" for name, t in times.items()]
+    return "\n".join(lines) + "\n"
+
+
+def main(args):
+    preset = PRESETS[args.preset]
+    out_dir = Path(args.results_dir or f"output/{args.preset}").resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    data_dir = Path(args.data_dir).resolve()
+    if args.preset == "demo":
+        print("== demo data")
+        demo.make_demo_data(data_dir, ROOT / "reference", **demo.DEFAULTS)
+    else:
+        needed = [split_path(data_dir, preset["pretraining_dataset"], "train")]
+        needed += [split_path(data_dir, t["dataset"], s) for t in preset["tasks"] for s in ("train", "test")]
+        needed += [ROOT / t["reference"] for t in preset["tasks"]]
+        missing = [str(p) for p in needed if not p.exists()]
+        if missing:
+            raise UserError("the paper preset needs prepared data; missing: " + ", ".join(missing)
+                            + ". Create it with: python prepare_data.py --dataset all --download --references")
+
+    common = ["--data_dir", str(data_dir), "--device", args.device, "--seed", str(args.seed)]
+    extra = {s: shlex.split(getattr(args, f"{s}_args")) for s in ("clean", "badencoder", "mimic", "downstream")}
+    runner = Runner(out_dir, common)
+    ds = preset["pretraining_dataset"]
+    clean = runner.stage("stage 0: clean encoder", "train_clean_encoder.py",
+                         ["--pretraining_dataset", ds, *preset["clean"], *extra["clean"]], out_dir / "clean")
+    task_rows = {}
+    for task in preset["tasks"]:
+        name = task["dataset"]
+        bad = runner.stage(f"stage 1: BadEncoder ({name})", "train_badencoder.py",
+                           ["--pretraining_dataset", ds, "--downstreamTask", name, "--trigger_file", TRIGGER,
+                            "--reference_file", task["reference"], "--pretrained_encoder", clean["encoder"],
+                            *preset["badencoder"], *extra["badencoder"]], out_dir / f"badencoder_{name}")
+        students = {"MIMIC": []}
+        if not args.no_controls:
+            students["no-teacher control"] = NO_TEACHER
+            students["uniform-weights control"] = ["--attention", "uniform"]
+        encoders = {"clean": clean["encoder"], "backdoored": bad["encoder"]}
+        for label, flags in students.items():
+            folder = {"MIMIC": "mimic", "no-teacher control": "no_teacher",
+                      "uniform-weights control": "uniform"}[label]
+            res = runner.stage(f"stage 2: {label} ({name})", "MIMIC.py",
+                               ["--pretraining_dataset", ds, "--teacher", bad["encoder"],
+                                *preset["mimic"], *extra["mimic"], *flags], out_dir / f"{folder}_{name}")
+            encoders[label] = res["encoder"]
+        rows = {}
+        for label, encoder in encoders.items():
+            folder = label.split()[0].lower().replace("-", "_")
+            rows[label] = runner.stage(
+                f"stage 3: {label} on {name}", "training_downstream_classifier.py",
+                ["--dataset", name, "--reference_label", task["label"], "--trigger_file", TRIGGER,
+                 "--encoder_usage_info", ds, "--encoder", encoder, "--reference_file", task["reference"],
+                 *preset["downstream"], *extra["downstream"]], out_dir / "eval" / f"{folder}_{name}")
+        task_rows[f"{name} (target {task['label']})"] = rows
+
+    table = markdown(task_rows, runner.times)
+    summary = {"preset": args.preset, "results": {t: {k: {m: r[m] for m in ("acc", "asr", "asr_excluding_target")}
+                                                    for k, r in rows.items()} for t, rows in task_rows.items()},
+               "stage_seconds": runner.times, "total_seconds": round(sum(runner.times.values()), 1)}
+    if args.preset == "demo":
+        checks = check_demo(next(iter(task_rows.values())))
+        summary["checks"] = [{"check": c, "passed": ok} for c, ok in checks]
+        table += "\n" + "\n".join(f"- [{'x' if ok else ' '}] {c}" for c, ok in checks) + "\n"
+    save_json(out_dir / "summary.json", summary)
+    (out_dir / "summary.md").write_text(table)
+    print("\n" + table)
+    print(f"total stage time {summary['total_seconds']:.0f} s; summary in {out_dir / 'summary.md'}")
+
+
+if __name__ == "__main__":
+    run_cli(main, get_parser())
