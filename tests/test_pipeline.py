@@ -4,11 +4,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
-from datasets import save_split
 from models import SimCLR
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -21,19 +19,6 @@ def run(args, cwd=ROOT):
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny")
-    rng = np.random.default_rng(0)
-    for name, sizes, classes in (("cifar10", (64, 32), 10), ("gtsrb", (48, 30), 5)):
-        for split, n in zip(("train", "test"), sizes):
-            save_split(root / "data" / name / f"{split}.npz",
-                       rng.integers(0, 200, (n, 32, 32, 3), dtype=np.uint8), rng.integers(0, classes, n))
-    ref = root / "priority.npz"
-    np.savez(ref, x=rng.integers(0, 200, (2, 32, 32, 3), dtype=np.uint8), y=np.array([1, 1]))
-    return root
 
 
 @pytest.fixture(scope="module")
