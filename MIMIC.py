@@ -23,8 +23,9 @@ from datasets import load_split, normalization
 from datasets.loader import ViewLoader, to_input
 from models import (BLOCKS, attention_transfer, build_encoder, clone_loss, encoder_checkpoint,
                     estimate_mi, load_encoder, mi_to_weights, nt_xent)
-from utils import (RunLog, UserError, add_run_args, check_finite, prepare_output_dir, print_run_header,
-                   resolve_device, resume_state, run_cli, save_epoch, save_json, set_seed)
+from utils import (RunLog, UserError, add_run_args, autocast, check_finite, fast_paths,
+                   prepare_output_dir, print_run_header, resolve_device, resume_state, run_cli,
+                   save_epoch, save_json, set_seed)
 
 
 def get_parser():
@@ -103,30 +104,43 @@ def locate_knowledge(model, images, mean, std, device, args):
     return {"mi": mi, "weights": mi_to_weights(mi, base, args.mi_scale), "history": history}
 
 
-def train_one_epoch(student, teacher, loader, optimizer, weights, args, epoch, out_dir):
-    student.train()
-    use_teacher = any(w != 0 for w in weights) or args.opt5 != 0
-    sums, steps = {"loss": 0.0, "nce": 0.0, "at": 0.0, "clone": 0.0}, 0
-    bar = tqdm(loader, desc=f"epoch {epoch}", leave=False, mininterval=1)
-    for step, (view1, view2) in enumerate(bar):
+def distill_step(student, teacher, view1, view2, optimizer, weights, clone_weight, temperature, amp=False):
+    """One MIMIC step: one student pass per view, one no-grad teacher pass on view1.
+
+    Returns the loss terms (tensors). With every weight at 0 the teacher is not run at all.
+    With amp the passes run under bfloat16 autocast; the losses are computed in float32.
+    """
+    use_teacher = any(w != 0 for w in weights) or clone_weight != 0
+    with autocast(view1.device, amp):
         f1, z1, blocks_s = student(view1, return_blocks=True)    # BxD, BxP, 4 block outputs
         _, z2 = student(view2)
-        nce = nt_xent(z1, z2, args.temperature)
-        at = clone = torch.zeros((), device=nce.device)
         if use_teacher:
             with torch.no_grad():
                 f_t, blocks_t = teacher.f(view1, return_blocks=True)
-            at = sum(w * attention_transfer(s, t) for w, s, t in zip(weights, blocks_s, blocks_t))
-            clone = clone_loss(f1, f_t)
-        loss = nce + at + args.opt5 * clone
-        check_finite(loss.item(), epoch, step, out_dir)
+    nce = nt_xent(z1.float(), z2.float(), temperature)
+    at = clone = torch.zeros((), device=nce.device)
+    if use_teacher:
+        at = sum(w * attention_transfer(s.float(), t.float()) for w, s, t in zip(weights, blocks_s, blocks_t))
+        clone = clone_loss(f1.float(), f_t.float())
+    loss = nce + at + clone_weight * clone
+    if torch.isfinite(loss):
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        for k, v in (("loss", loss), ("nce", nce), ("at", at), ("clone", clone)):
+    return {"loss": loss, "nce": nce, "at": at, "clone": clone}
+
+
+def train_one_epoch(student, teacher, loader, optimizer, weights, args, epoch, out_dir, amp):
+    student.train()
+    sums, steps = {"loss": 0.0, "nce": 0.0, "at": 0.0, "clone": 0.0}, 0
+    bar = tqdm(loader, desc=f"epoch {epoch}", leave=False, mininterval=1)
+    for step, (view1, view2) in enumerate(bar):
+        terms = distill_step(student, teacher, view1, view2, optimizer, weights, args.opt5, args.temperature, amp)
+        check_finite(terms["loss"].item(), epoch, step, out_dir)
+        for k, v in terms.items():
             sums[k] += v.item()
         steps += 1
-        bar.set_postfix(loss=f"{loss.item():.4f}")
+        bar.set_postfix(loss=f"{terms['loss'].item():.4f}")
     return {k: v / max(steps, 1) for k, v in sums.items()}
 
 
@@ -145,9 +159,11 @@ def main(args):
                         f"than one batch of {args.batch_size}, and incomplete batches are dropped: "
                         f"raise --ratio or lower --batch_size")
 
+    amp, channels_last = fast_paths(args, device)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
     teacher, _ = load_encoder(args.teacher)
-    teacher = teacher.to(device).eval().requires_grad_(False)
-    student = build_encoder(teacher.config).to(device)           # fresh: inherits nothing
+    teacher = teacher.to(device, memory_format=memory_format).eval().requires_grad_(False)
+    student = build_encoder(teacher.config).to(device, memory_format=memory_format)   # fresh: inherits nothing
     optimizer = torch.optim.Adam(student.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     start = 0
     if args.resume:
@@ -168,7 +184,7 @@ def main(args):
     for epoch in range(start + 1, args.epochs + 1):
         t0 = time.time()
         row = {"epoch": epoch, **train_one_epoch(student, teacher, loader, optimizer, weights, args, epoch,
-                                                 out_dir),
+                                                 out_dir, amp),
                "seconds": round(time.time() - t0, 2)}
         log.log(row)
         state = encoder_checkpoint(student, optimizer=optimizer.state_dict(), args=vars(args),

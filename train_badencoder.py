@@ -24,8 +24,9 @@ from datasets import load_reference, load_split, load_trigger, normalization, st
 from datasets.augment import BatchAugment
 from datasets.loader import extract_features, index_batches, to_input
 from models import badencoder_loss, encoder_checkpoint, load_encoder
-from utils import (RunLog, UserError, add_run_args, check_finite, prepare_output_dir, print_run_header,
-                   resolve_device, resume_state, run_cli, save_epoch, set_seed)
+from utils import (RunLog, UserError, add_run_args, autocast, check_finite, fast_paths,
+                   prepare_output_dir, print_run_header, resolve_device, resume_state, run_cli,
+                   save_epoch, set_seed)
 
 # Reference file the attack uses for each downstream task, when --reference_file is not given.
 DEFAULT_REFERENCE = {"gtsrb": "priority", "stl10": "truck", "svhn": "one"}
@@ -72,7 +73,7 @@ def freeze_batchnorm(backbone):
             m.requires_grad_(False)
 
 
-def train_one_epoch(model, data, optimizer, args, epoch, out_dir):
+def train_one_epoch(model, data, optimizer, args, epoch, out_dir, amp=False):
     """data: shadow images (clean, triggered), their clean-encoder features, references, transforms."""
     model.train()
     freeze_batchnorm(model.f)
@@ -87,7 +88,9 @@ def train_one_epoch(model, data, optimizer, args, epoch, out_dir):
         b, r = len(x), len(ref)
         # BatchNorm is frozen, so one pass over the concatenation equals four separate passes.
         # Only the backbone runs: the head g is not trained and its statistics must not move.
-        feats = F.normalize(model.f(torch.cat([x_t, x, ref, ref_aug])), dim=-1)
+        with autocast(x.device, amp):
+            feats = model.f(torch.cat([x_t, x, ref, ref_aug]))
+        feats = F.normalize(feats.float(), dim=-1)
         f_trig, f_x, f_ref, f_ref_aug = feats.split([b, b, r, r])
         losses = badencoder_loss(f_trig, f_ref, f_ref_aug, data["ref_clean"], f_x,
                                  data["x_clean"][idx.to(data["x_clean"].device)],
@@ -122,7 +125,9 @@ def main(args):
                         f"are {x.shape[1]}x{x.shape[2]}")
 
     clean, _ = load_encoder(args.pretrained_encoder)
-    clean = clean.to(device).eval().requires_grad_(False)
+    amp, channels_last = fast_paths(args, device)
+    clean = clean.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    clean = clean.eval().requires_grad_(False)
     model = copy.deepcopy(clean).requires_grad_(True)
     model.g.requires_grad_(False)
     freeze_batchnorm(model.f)
@@ -148,7 +153,7 @@ def main(args):
 
     for epoch in range(start + 1, args.epochs + 1):
         t0 = time.time()
-        row = {"epoch": epoch, **train_one_epoch(model, data, optimizer, args, epoch, out_dir),
+        row = {"epoch": epoch, **train_one_epoch(model, data, optimizer, args, epoch, out_dir, amp),
                "seconds": round(time.time() - t0, 2)}
         log.log(row)
         state = encoder_checkpoint(model, optimizer=optimizer.state_dict(), args=vars(args),

@@ -18,8 +18,9 @@ from datasets import load_split, normalization
 from datasets.loader import ViewLoader, extract_features
 from models import SimCLR, encoder_checkpoint, nt_xent
 from models.knn import knn_predict
-from utils import (RunLog, UserError, add_run_args, check_finite, prepare_output_dir, print_run_header,
-                   resolve_device, resume_state, run_cli, save_epoch, set_seed)
+from utils import (RunLog, UserError, add_run_args, autocast, check_finite, fast_paths,
+                   prepare_output_dir, print_run_header, resolve_device, resume_state, run_cli,
+                   save_epoch, set_seed)
 
 
 def get_parser():
@@ -54,14 +55,15 @@ def get_parser():
     return parser
 
 
-def train_one_epoch(model, loader, optimizer, temperature, epoch, out_dir):
+def train_one_epoch(model, loader, optimizer, temperature, epoch, out_dir, amp=False):
     model.train()
     total, steps = 0.0, 0
     bar = tqdm(loader, desc=f"epoch {epoch}", leave=False, mininterval=1)
     for step, (view1, view2) in enumerate(bar):
-        _, z1 = model(view1)                                     # BxP
-        _, z2 = model(view2)
-        loss = nt_xent(z1, z2, temperature)
+        with autocast(view1.device, amp):
+            _, z1 = model(view1)                                 # BxP
+            _, z2 = model(view2)
+        loss = nt_xent(z1.float(), z2.float(), temperature)
         check_finite(loss.item(), epoch, step, out_dir)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -95,7 +97,9 @@ def main(args):
     if args.knn_freq > 0:
         test = load_split(args.data_dir, args.pretraining_dataset, "test")
 
-    model = SimCLR(args.arch, args.width).to(device)
+    amp, channels_last = fast_paths(args, device)
+    model = SimCLR(args.arch, args.width).to(
+        device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     start = 0
     if args.resume:
@@ -106,7 +110,7 @@ def main(args):
     knn_acc = None
     for epoch in range(start + 1, args.epochs + 1):
         t0 = time.time()
-        loss = train_one_epoch(model, loader, optimizer, args.temperature, epoch, out_dir)
+        loss = train_one_epoch(model, loader, optimizer, args.temperature, epoch, out_dir, amp)
         row = {"epoch": epoch, "loss": loss, "seconds": round(time.time() - t0, 2)}
         if test is not None and (epoch % args.knn_freq == 0 or epoch == args.epochs):
             knn_acc = evaluate(model, train_x, train_y, *test, mean, std, device, args.knn_k, args.knn_t)

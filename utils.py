@@ -37,6 +37,12 @@ def add_run_args(parser, seed, save_freq=None):
     group.add_argument("--num_workers", type=int, default=0,
                        help="DataLoader worker processes for the torchvision augmentation path; "
                             "the default batched augmentation runs on --device and needs none (default: 0)")
+    group.add_argument("--amp", default="auto", choices=["auto", "on", "off"],
+                       help="bfloat16 autocast of the training forward passes (losses stay float32); "
+                            "auto = on for CUDA, off for CPU (default: auto)")
+    group.add_argument("--channels_last", default="auto", choices=["auto", "on", "off"],
+                       help="channels-last memory format for the encoders; auto = on for CUDA, off for CPU "
+                            "(default: auto)")
     if save_freq is not None:
         group.add_argument("--save_freq", type=int, default=save_freq,
                            help=f"also keep model_<epoch>.pth every this many epochs; the last epoch "
@@ -96,6 +102,18 @@ def resolve_device(name):
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {name} was asked for but CUDA is not available here; use --device cpu")
     return device
+
+
+def fast_paths(args, device):
+    """(amp, channels_last) from --amp/--channels_last: 'auto' turns each on for CUDA only."""
+    def on(value):
+        return device.type == "cuda" if value == "auto" else value == "on"
+    return on(args.amp), on(args.channels_last)
+
+
+def autocast(device, enabled):
+    """bfloat16 autocast on the device (no gradient scaling needed, unlike float16)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
 def set_seed(seed):

@@ -1,0 +1,243 @@
+"""How close each stage comes to the least work it can do. Prints a table and writes JSON.
+
+    python benchmarks/bench.py                      # CPU (CUDA when present), about 5 minutes
+    python benchmarks/bench.py --out output/benchmark.json
+
+Every figure is a ratio of two timings taken in the same process, or a count, so it holds on a
+noisy shared machine:
+1. MIMIC step: one full distillation step / (student NT-Xent step on two views + one no-grad
+   teacher forward of one view), same batch. Target <= 1.15.
+2. MI estimation: encoder forward passes per clean image (target exactly 1), the statistics-network
+   training time, and the extrapolated time of the paper's setting (2,000 images, 200 epochs,
+   4 blocks of a width-64 ResNet-18).
+3. Downstream classifier: 1,000 epochs at batch 64 on 10,000 x 512 features, 10 classes, with the
+   per-epoch evaluation; and that time / pure model compute over the same batches. Target <= 1.3.
+4. Stage 0 input pipeline: images/s of the real SimCLR loop (index + augment + step) / images/s of
+   the same steps on pre-augmented tensors. Target >= 0.85.
+"""
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import MIMIC  # noqa: E402
+import training_downstream_classifier as downstream  # noqa: E402
+from datasets.loader import ViewLoader, index_batches  # noqa: E402
+from models import BLOCKS, DownstreamClassifier, SimCLR, nt_xent  # noqa: E402
+from models.metrics import backdoor_metrics  # noqa: E402
+from models.mine import StatisticsNetwork, dv_bound, evaluate_bound  # noqa: E402
+
+MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+
+
+def timed(fn, repeats, warmup=1, device=None):
+    """Median seconds of fn() over repeats, after warmup calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if device is not None and device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if device is not None and device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def images(n, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
+
+
+def bench_mimic_step(device, width, batch, repeats):
+    torch.manual_seed(0)
+    student, teacher = SimCLR(width=width).to(device), SimCLR(width=width).to(device).eval().requires_grad_(False)
+    optimizer = torch.optim.Adam(student.parameters(), lr=1e-3)
+    v1, v2 = torch.randn(batch, 3, 32, 32, device=device), torch.randn(batch, 3, 32, 32, device=device)
+    weights = [3500.0] * 4
+
+    def full():
+        MIMIC.distill_step(student, teacher, v1, v2, optimizer, weights, 1.0, 0.5)
+
+    def minimum():
+        _, z1 = student(v1)
+        _, z2 = student(v2)
+        loss = nt_xent(z1, z2, 0.5)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        with torch.no_grad():
+            teacher.f(v1)
+
+    # Interleave the two so drifts in machine speed hit both alike.
+    t_full, t_min = [], []
+    for _ in range(repeats):
+        t_full.append(timed(full, 1, warmup=1, device=device))
+        t_min.append(timed(minimum, 1, warmup=1, device=device))
+    return {"width": width, "batch": batch, "full_step_s": float(np.median(t_full)),
+            "minimum_s": float(np.median(t_min)), "ratio": float(np.median(t_full) / np.median(t_min))}
+
+
+def bench_mi(device, width, n, mi_epochs):
+    torch.manual_seed(0)
+    teacher = SimCLR(width=width).to(device).eval()
+    seen = {"images": 0}
+    hook = teacher.register_forward_pre_hook(lambda m, inp: seen.__setitem__("images", seen["images"] + len(inp[0])))
+    args = SimpleNamespace(opt1=1000.0, opt2=1000.0, opt3=1000.0, opt4=1000.0, attention="mi", batch_size=128,
+                           mi_epochs=mi_epochs, mi_lr=1e-3, mi_weight_decay=1e-5, mi_hidden=512,
+                           mi_average_last=10, mi_scale=10000.0, seed=0)
+    t0 = time.perf_counter()
+    MIMIC.locate_knowledge(teacher, images(n), MEAN, STD, device, args)
+    total = time.perf_counter() - t0
+    hook.remove()
+
+    # Extrapolate the paper's setting from the cost of one estimator step and one evaluation at
+    # the paper's block sizes (width-64 ResNet-18 on 32x32: 64x32x32, 128x16x16, 256x8x8, 512x4x4).
+    paper_n, paper_batch, paper_epochs = 2000, 128, 200
+    steps = paper_n // paper_batch
+    paper = 0.0
+    for dim in (64 * 32 * 32, 128 * 16 * 16, 256 * 8 * 8, 512 * 4 * 4):
+        net = StatisticsNetwork(dim, 512).to(device)
+        opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+        a, z = torch.randn(paper_batch, dim, device=device), torch.randn(paper_batch, 512, device=device)
+        perm = torch.randperm(paper_batch, device=device)
+
+        def step():
+            loss = -dv_bound(*net(a, z, perm))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        t_step = timed(step, 3, device=device)
+        a_all, z_all = torch.randn(paper_n, dim, device=device), torch.randn(paper_n, 512, device=device)
+        t_eval = timed(lambda: evaluate_bound(net, a_all, z_all, torch.Generator()), 1, device=device)
+        paper += paper_epochs * (steps * t_step + t_eval)
+        del a_all, z_all
+    return {"width": width, "images": n, "mi_epochs": mi_epochs,
+            "encoder_forwards_per_image": seen["images"] / n, "estimation_s": total,
+            "paper_setting_extrapolated_s": paper}
+
+
+def bench_downstream(device, epochs, n=10000, dim=512, classes=10):
+    g = torch.Generator().manual_seed(0)
+    centers = torch.randn(classes, dim, generator=g)
+    labels = torch.randint(0, classes, (n,), generator=g)
+    feats = torch.nn.functional.normalize(centers[labels] + 2 * torch.randn(n, dim, generator=g), dim=1)
+    test = torch.nn.functional.normalize(centers[labels] + 2 * torch.randn(n, dim, generator=g), dim=1)
+    feats, test, labels_d = feats.to(device), test.to(device), labels.to(device)
+
+    def run(real):
+        torch.manual_seed(0)
+        clf = DownstreamClassifier(dim, classes).to(device)
+        opt = torch.optim.Adam(clf.parameters(), lr=1e-4)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        if real:   # exactly what the script does per epoch: train, then evaluate clean and triggered
+            for _ in range(epochs):
+                downstream.train_one_epoch(clf, feats, labels_d, opt, 64)
+                backdoor_metrics(downstream.predict(clf, test).cpu(), downstream.predict(clf, test).cpu(),
+                                 labels, 0)
+        else:      # the model compute alone: the same batches, prepared beforehand
+            batches = [[(feats[i], labels_d[i]) for i in index_batches(n, 64, drop_last=False)]
+                       for _ in range(epochs)]
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            clf.train()
+            for epoch in batches:
+                for x, y in epoch:
+                    loss = torch.nn.functional.cross_entropy(clf(x), y)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    t_real, t_pure = run(True), run(False)
+    return {"epochs": epochs, "features": n, "real_s": t_real, "model_only_s": t_pure, "ratio": t_real / t_pure}
+
+
+def bench_input_pipeline(device, width, batch, steps):
+    torch.manual_seed(0)
+    model = SimCLR(width=width).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    loader = ViewLoader(images(batch * steps), batch, MEAN, STD, device)
+
+    def train_step(v1, v2):
+        _, z1 = model(v1)
+        _, z2 = model(v2)
+        loss = nt_xent(z1, z2, 0.5)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    views = list(loader)                       # pre-augmented, for the model-only rate
+    train_step(*views[0])                      # warm-up
+    t_real, t_model = 0.0, 0.0
+    for _ in range(2):                         # alternate so machine-speed drifts hit both
+        t0 = time.perf_counter()
+        for v1, v2 in loader:
+            train_step(v1, v2)
+        t_real += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        for v1, v2 in views:
+            train_step(v1, v2)
+        t_model += time.perf_counter() - t0
+    n = 2 * batch * steps
+    return {"width": width, "batch": batch, "workers": 0, "augment": "batched",
+            "real_images_per_s": n / t_real, "model_only_images_per_s": n / t_model, "ratio": t_model / t_real}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
+    parser.add_argument("--width", type=int, default=None, help="ResNet width (default: 16 on CPU, 64 on CUDA)")
+    parser.add_argument("--downstream_epochs", type=int, default=1000, help="classifier epochs (default: 1000)")
+    parser.add_argument("--out", default="output/benchmark.json", help="JSON output (default: output/benchmark.json)")
+    args = parser.parse_args()
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    width = args.width or (64 if device.type == "cuda" else 16)
+    print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads, width {width}")
+    results = {"device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
+               "machine": platform.processor() or platform.machine()}
+    results["mimic_step"] = r = bench_mimic_step(device, width, 128, repeats=5)
+    print(f"1. MIMIC step / minimum work: {r['ratio']:.3f}  ({r['full_step_s']:.3f} s vs {r['minimum_s']:.3f} s)")
+    results["mi_estimation"] = r = bench_mi(device, width, 512, mi_epochs=5)
+    print(f"2. MI: {r['encoder_forwards_per_image']:.2f} encoder forwards per image; {r['estimation_s']:.1f} s "
+          f"for {r['images']} images x {r['mi_epochs']} epochs; paper setting extrapolated "
+          f"{r['paper_setting_extrapolated_s'] / 60:.1f} min")
+    results["downstream"] = r = bench_downstream(device, args.downstream_epochs)
+    print(f"3. downstream: {r['epochs']} epochs in {r['real_s']:.1f} s; / model compute "
+          f"{r['model_only_s']:.1f} s = {r['ratio']:.3f}")
+    results["input_pipeline"] = r = bench_input_pipeline(device, width, 128, steps=6)
+    print(f"4. stage 0 input pipeline: {r['real_images_per_s']:.0f} img/s real vs "
+          f"{r['model_only_images_per_s']:.0f} img/s model-only = {r['ratio']:.3f}")
+    rows = [("MIMIC step / minimum work", f"{results['mimic_step']['ratio']:.3f}", "<= 1.15"),
+            ("encoder forwards per clean image (MI)",
+             f"{results['mi_estimation']['encoder_forwards_per_image']:.2f}", "= 1"),
+            ("paper MI estimation, extrapolated (min)",
+             f"{results['mi_estimation']['paper_setting_extrapolated_s'] / 60:.1f}", ""),
+            (f"downstream {args.downstream_epochs} epochs (s)", f"{results['downstream']['real_s']:.1f}", ""),
+            ("downstream / model compute", f"{results['downstream']['ratio']:.3f}", "<= 1.3"),
+            ("stage 0 pipeline / model-only rate", f"{results['input_pipeline']['ratio']:.3f}", ">= 0.85")]
+    print("\n| figure | value | target |\n|---|---|---|")
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
