@@ -31,9 +31,9 @@ DEMO = {
     "pretraining_dataset": demo.PRETRAIN_NAME,
     "tasks": [{"dataset": demo.DOWNSTREAM_NAME, "label": demo.DEFAULTS["target_class"],
                "reference": f"reference/demo/{demo.DOWNSTREAM_CLASSES[demo.DEFAULTS['target_class']]}.npz"}],
-    "clean": ["--epochs", "12", "--batch_size", "128", "--width", "16", "--knn_freq", "4"],
-    "badencoder": ["--epochs", "3", "--batch_size", "128", "--lr", "1e-2"],
-    "mimic": ["--epochs", "30", "--batch_size", "128", "--ratio", "0.2", "--lr", "1e-3", "--mi_epochs", "20"],
+    "clean": ["--epochs", "10", "--batch_size", "128", "--width", "16", "--knn_freq", "5"],
+    "badencoder": ["--epochs", "3", "--batch_size", "64", "--lr", "2e-2"],
+    "mimic": ["--epochs", "20", "--batch_size", "128", "--ratio", "0.2", "--lr", "1e-3", "--mi_epochs", "20"],
     "downstream": ["--nn_epochs", "100", "--lr", "1e-3"],
 }
 # The paper's settings (every stage at its defaults), one backdoor per downstream task.
