@@ -10,8 +10,9 @@ noisy shared machine:
 2. MI estimation: encoder forward passes per clean image (target exactly 1), the statistics-network
    training time, and the extrapolated time of the paper's setting (2,000 images, 200 epochs,
    4 blocks of a width-64 ResNet-18).
-3. Downstream classifier: 1,000 epochs at batch 64 on 10,000 x 512 features, 10 classes, with the
-   per-epoch evaluation; and that time / pure model compute over the same batches. Target <= 1.3.
+3. Downstream classifier: epochs at batch 64 on 10,000 x 512 features, 10 classes, with the
+   per-epoch evaluation, scaled to 1,000 epochs (every epoch is the same work); and that time /
+   pure model compute over the same batches. Target <= 1.3.
 4. Stage 0 input pipeline: images/s of the real SimCLR loop (index + augment + step) / images/s of
    the same steps on pre-augmented tensors. Target >= 0.85.
 """
@@ -146,25 +147,30 @@ def bench_downstream(device, epochs, n=10000, dim=512, classes=10):
                 downstream.train_one_epoch(clf, feats, labels_d, opt, 64)
                 backdoor_metrics(downstream.predict(clf, test).cpu(), downstream.predict(clf, test).cpu(),
                                  labels, 0)
-        else:      # the model compute alone: the same batches, prepared beforehand
-            batches = [[(feats[i], labels_d[i]) for i in index_batches(n, 64, drop_last=False)]
-                       for _ in range(epochs)]
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
+        else:      # the model compute alone: the same batches, gathered beforehand, untimed
+            elapsed = 0.0
             clf.train()
-            for epoch in batches:
-                for x, y in epoch:
+            for _ in range(epochs):
+                batches = [(feats[i], labels_d[i]) for i in index_batches(n, 64, drop_last=False)]
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                for x, y in batches:
                     loss = torch.nn.functional.cross_entropy(clf(x), y)
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                elapsed += time.perf_counter() - t0
+            return elapsed
         if device.type == "cuda":
             torch.cuda.synchronize()
         return time.perf_counter() - t0
 
     t_real, t_pure = run(True), run(False)
-    return {"epochs": epochs, "features": n, "real_s": t_real, "model_only_s": t_pure, "ratio": t_real / t_pure}
+    return {"epochs": epochs, "features": n, "real_s": t_real, "model_only_s": t_pure, "ratio": t_real / t_pure,
+            "real_1000_epochs_s": t_real * 1000 / epochs}
 
 
 def bench_input_pipeline(device, width, batch, steps):
@@ -202,7 +208,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
     parser.add_argument("--width", type=int, default=None, help="ResNet width (default: 16 on CPU, 64 on CUDA)")
-    parser.add_argument("--downstream_epochs", type=int, default=1000, help="classifier epochs (default: 1000)")
+    parser.add_argument("--downstream_epochs", type=int, default=200,
+                        help="classifier epochs timed; the 1,000-epoch time is scaled from them, each epoch "
+                             "being the same work (default: 200)")
     parser.add_argument("--out", default="output/benchmark.json", help="JSON output (default: output/benchmark.json)")
     args = parser.parse_args()
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
@@ -218,8 +226,8 @@ def main():
           f"for {r['images']} images x {r['mi_epochs']} epochs; paper setting extrapolated "
           f"{r['paper_setting_extrapolated_s'] / 60:.1f} min")
     results["downstream"] = r = bench_downstream(device, args.downstream_epochs)
-    print(f"3. downstream: {r['epochs']} epochs in {r['real_s']:.1f} s; / model compute "
-          f"{r['model_only_s']:.1f} s = {r['ratio']:.3f}")
+    print(f"3. downstream: {r['epochs']} epochs in {r['real_s']:.1f} s (1,000 epochs: {r['real_1000_epochs_s']:.0f} s); "
+          f"/ model compute {r['model_only_s']:.1f} s = {r['ratio']:.3f}")
     results["input_pipeline"] = r = bench_input_pipeline(device, width, 128, steps=6)
     print(f"4. stage 0 input pipeline: {r['real_images_per_s']:.0f} img/s real vs "
           f"{r['model_only_images_per_s']:.0f} img/s model-only = {r['ratio']:.3f}")
@@ -228,7 +236,8 @@ def main():
              f"{results['mi_estimation']['encoder_forwards_per_image']:.2f}", "= 1"),
             ("paper MI estimation, extrapolated (min)",
              f"{results['mi_estimation']['paper_setting_extrapolated_s'] / 60:.1f}", ""),
-            (f"downstream {args.downstream_epochs} epochs (s)", f"{results['downstream']['real_s']:.1f}", ""),
+            ("downstream 1,000 epochs, 10,000 x 512, batch 64 (s)",
+             f"{results['downstream']['real_1000_epochs_s']:.0f}", ""),
             ("downstream / model compute", f"{results['downstream']['ratio']:.3f}", "<= 1.3"),
             ("stage 0 pipeline / model-only rate", f"{results['input_pipeline']['ratio']:.3f}", ">= 0.85")]
     print("\n| figure | value | target |\n|---|---|---|")
