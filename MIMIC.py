@@ -24,8 +24,7 @@ from datasets.loader import ViewLoader, to_input
 from models import (BLOCKS, attention_transfer, build_encoder, clone_loss, encoder_checkpoint,
                     estimate_mi, load_encoder, mi_to_weights, nt_xent)
 from utils import (RunLog, UserError, add_run_args, autocast, check_finite, fast_paths,
-                   prepare_output_dir, print_run_header, resolve_device, resume_state, run_cli,
-                   save_epoch, save_json, set_seed)
+                   resume_state, run_cli, save_epoch, save_json, start_run)
 
 
 def get_parser():
@@ -145,12 +144,9 @@ def train_one_epoch(student, teacher, loader, optimizer, weights, args, epoch, o
 
 
 def main(args):
-    print_run_header(args)
     if not 0 < args.ratio <= 1:
         raise UserError(f"--ratio must be in (0, 1], got {args.ratio}")
-    out_dir = prepare_output_dir(args.results_dir, args.resume, args.overwrite)
-    device = resolve_device(args.device)
-    set_seed(args.seed)
+    out_dir, device = start_run(args, args.resume)
     mean, std = normalization(args.pretraining_dataset)
     x, _ = load_split(args.data_dir, args.pretraining_dataset, "train")
     subset = x[:int(args.ratio * len(x))]

@@ -25,8 +25,7 @@ from datasets.augment import BatchAugment
 from datasets.loader import extract_features, index_batches, to_input
 from models import badencoder_loss, encoder_checkpoint, load_encoder
 from utils import (RunLog, UserError, add_run_args, autocast, check_finite, fast_paths,
-                   prepare_output_dir, print_run_header, resolve_device, resume_state, run_cli,
-                   save_epoch, set_seed)
+                   resume_state, run_cli, save_epoch, start_run)
 
 # Reference file the attack uses for each downstream task, when --reference_file is not given.
 DEFAULT_REFERENCE = {"gtsrb": "priority", "stl10": "truck", "svhn": "one"}
@@ -106,10 +105,7 @@ def train_one_epoch(model, data, optimizer, args, epoch, out_dir, amp=False):
 
 
 def main(args):
-    print_run_header(args)
-    out_dir = prepare_output_dir(args.results_dir, args.resume, args.overwrite)
-    device = resolve_device(args.device)
-    set_seed(args.seed)
+    out_dir, device = start_run(args, args.resume)
     mean, std = normalization(args.pretraining_dataset)
     shadow = args.shadow_dataset or args.pretraining_dataset
     x, _ = load_split(args.data_dir, shadow, "train")

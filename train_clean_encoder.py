@@ -19,8 +19,7 @@ from datasets.loader import ViewLoader, extract_features
 from models import SimCLR, encoder_checkpoint, nt_xent
 from models.knn import knn_predict
 from utils import (RunLog, UserError, add_run_args, autocast, check_finite, fast_paths,
-                   prepare_output_dir, print_run_header, resolve_device, resume_state, run_cli,
-                   save_epoch, set_seed)
+                   resume_state, run_cli, save_epoch, start_run)
 
 
 def get_parser():
@@ -84,10 +83,7 @@ def evaluate(model, train_x, train_y, test_x, test_y, mean, std, device, k, t):
 
 
 def main(args):
-    print_run_header(args)
-    out_dir = prepare_output_dir(args.results_dir, args.resume, args.overwrite)
-    device = resolve_device(args.device)
-    set_seed(args.seed)
+    out_dir, device = start_run(args, args.resume)
     mean, std = normalization(args.pretraining_dataset)
     train_x, train_y = load_split(args.data_dir, args.pretraining_dataset, "train")
     if len(train_x) < args.batch_size:

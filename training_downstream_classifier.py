@@ -24,8 +24,7 @@ from datasets import load_reference, load_split, load_trigger, normalization, st
 from datasets.loader import extract_features, index_batches
 from models import DownstreamClassifier, load_encoder
 from models.metrics import backdoor_metrics
-from utils import (RunLog, UserError, add_run_args, prepare_output_dir, print_run_header, resolve_device,
-                   run_cli, set_seed)
+from utils import (RunLog, UserError, add_run_args, run_cli, start_run)
 
 
 def get_parser():
@@ -91,10 +90,9 @@ def predict(clf, feats):
 
 
 def main(args):
-    print_run_header(args)
-    out_dir = Path(args.results_dir or Path(args.encoder).resolve().parent / f"downstream_{args.dataset}")
-    device = resolve_device(args.device)
-    set_seed(args.seed)
+    if args.results_dir is None:
+        args.results_dir = str(Path(args.encoder).resolve().parent / f"downstream_{args.dataset}")
+    out_dir, device = start_run(args)
     mean, std = normalization(args.encoder_usage_info)
     train_x, train_y = load_split(args.data_dir, args.dataset, "train")
     test_x, test_y = load_split(args.data_dir, args.dataset, "test")
@@ -105,7 +103,6 @@ def main(args):
     if ckpt.get("usage") not in (None, args.encoder_usage_info):
         print(f"warning: {args.encoder} was trained on {ckpt['usage']} data but --encoder_usage_info is "
               f"{args.encoder_usage_info}; normalising as {args.encoder_usage_info}")
-    out_dir = prepare_output_dir(out_dir, overwrite=args.overwrite)
     log = RunLog(out_dir, args)
 
     # The encoder is frozen: features are extracted once and the classifier trains on them in memory.

@@ -80,6 +80,16 @@ def print_run_header(args):
     print("\n".join(f"{k}: {v}" for k, v in sorted(vars(args).items())))
 
 
+def start_run(args, resume=False):
+    """The opening of every stage: print the run header, make the results folder, pick the
+    device and seed everything. Returns (results folder, device)."""
+    print_run_header(args)
+    out_dir = prepare_output_dir(args.results_dir, resume, args.overwrite)
+    device = resolve_device(args.device)
+    set_seed(args.seed)
+    return out_dir, device
+
+
 def git_revision():
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,

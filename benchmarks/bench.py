@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import MIMIC  # noqa: E402
 import training_downstream_classifier as downstream  # noqa: E402
 from datasets.loader import ViewLoader, index_batches  # noqa: E402
-from models import BLOCKS, DownstreamClassifier, SimCLR, nt_xent  # noqa: E402
+from models import DownstreamClassifier, SimCLR, nt_xent  # noqa: E402
 from models.metrics import backdoor_metrics  # noqa: E402
 from models.mine import StatisticsNetwork, dv_bound, evaluate_bound  # noqa: E402
 
@@ -121,7 +121,6 @@ def bench_mi(device, width, n, mi_epochs):
         a_all, z_all = torch.randn(paper_n, dim, device=device), torch.randn(paper_n, 512, device=device)
         t_eval = timed(lambda: evaluate_bound(net, a_all, z_all, torch.Generator()), 1, device=device)
         paper += paper_epochs * (steps * t_step + t_eval)
-        del a_all, z_all
     return {"width": width, "images": n, "mi_epochs": mi_epochs,
             "encoder_forwards_per_image": seen["images"] / n, "estimation_s": total,
             "paper_setting_extrapolated_s": paper}
