@@ -1,6 +1,6 @@
 """Run the whole pipeline with one command: clean encoder -> BadEncoder -> MIMIC -> ACC/ASR.
 
-    python run_pipeline.py                   # the CPU demo on generated data (about 10 minutes)
+    python run_pipeline.py                   # the CPU demo on generated data (about 14 minutes on 2 cores)
     python run_pipeline.py --preset paper    # the paper's settings on prepared CIFAR-10/GTSRB/SVHN/STL-10 (GPU)
 
 Each stage is one of the four scripts, called as a user would (the command is printed first).
@@ -26,7 +26,7 @@ from utils import UserError, run_cli, save_json
 ROOT = Path(__file__).resolve().parent
 TRIGGER = "trigger/trigger_pt_white_21_10_ap_replace.npz"
 
-# CPU demo: small width and few images, chosen so the whole run fits in about 10 minutes on 2 cores.
+# CPU demo: small width and few images, chosen so the whole run fits in 15 minutes on 2 cores (14 measured).
 DEMO = {
     "pretraining_dataset": demo.PRETRAIN_NAME,
     "tasks": [{"dataset": demo.DOWNSTREAM_NAME, "label": demo.DEFAULTS["target_class"],

@@ -1,0 +1,38 @@
+"""The one-command runner: its science checks on hand-made numbers, and the paper preset's data check."""
+import pytest
+
+import run_pipeline
+from utils import UserError
+
+
+def row(acc, asr):
+    return {"acc": acc, "asr": asr, "asr_excluding_target": asr}
+
+
+def test_demo_checks_on_hand_made_rows():
+    rows = {"clean": row(70.0, 12.0), "backdoored": row(66.0, 95.0), "MIMIC": row(61.0, 23.0),
+            "no-teacher control": row(61.0, 5.0)}
+    checks = dict(run_pipeline.check_demo(rows))
+    assert checks == {
+        "clean ACC 70.0 >= 60": True,
+        "backdoored ASR 95.0 >= 90": True,
+        "backdoored ACC 66.0 within 5 of clean 70.0": True,
+        "MIMIC ASR 23.0 <= 24.0": True,                 # max(20, 2 x clean ASR 12)
+        "MIMIC ACC 61.0 >= clean - 10 = 60.0": True,
+        "MIMIC ACC 61.0 > no-teacher ACC 61.0": False,  # a tie is not a win
+    }
+
+
+def test_markdown_table_lists_every_encoder_and_stage():
+    table = run_pipeline.markdown({"gtsrb (target 12)": {"clean": row(81.84, 4.92)}}, {"stage 0": 12.34})
+    assert "| clean | 81.84 | 4.92 | 4.92 |" in table
+    assert "| stage 0 | 12.3 |" in table
+
+
+def test_paper_preset_names_the_missing_data(tmp_path):
+    args = run_pipeline.get_parser().parse_args(
+        ["--preset", "paper", "--data_dir", str(tmp_path), "--results_dir", str(tmp_path / "out")])
+    with pytest.raises(UserError, match=rf"the paper preset needs prepared data; missing: {tmp_path}/cifar10/"
+                                        rf"train\.npz, .*gtsrb/train\.npz.*reference/cifar10/priority\.npz.*\. "
+                                        rf"Create it with: python prepare_data.py --dataset all --download"):
+        run_pipeline.main(args)
