@@ -12,3 +12,17 @@ def test_hand_made_predictions():
     assert math.isclose(m["acc"], 70.0)
     assert math.isclose(m["asr"], 60.0)
     assert math.isclose(m["asr_excluding_target"], 100.0 * 3 / 7)
+
+
+def test_weighted_knn_votes_by_similarity():
+    import torch
+
+    from models.knn import knn_predict
+    bank = torch.tensor([[1.0, 0.0], [0.8, 0.6], [0.0, 1.0]])          # labels 0, 0, 1
+    labels = torch.tensor([0, 0, 1])
+    queries = torch.tensor([[0.6, 0.8], [0.0, 1.0]])
+    # k=3, t=0.5: query 0 gives class 0 weight e^1.2 + e^1.92 = 10.1 and class 1 e^1.6 = 4.95.
+    assert knn_predict(queries, bank, labels, 2, k=3, temperature=0.5).tolist() == [0, 1]
+    # k=1 keeps only the nearest: (0.8, 0.6) for query 0.
+    assert knn_predict(queries, bank, labels, 2, k=1, temperature=0.5).tolist() == [0, 1]
+    assert knn_predict(torch.tensor([[0.1, 0.995]]), bank, labels, 2, k=1).tolist() == [1]
