@@ -27,7 +27,7 @@ import numpy as np
 
 from utils import UserError, atomic_write, run_cli
 
-from .npz import load_split, read_images_npz, save_split, split_path
+from .npz import load_split, read_images_npz, save_reference, save_split, split_path
 
 IMAGE_SIZE = 32
 MAX_VALUE = 235  # brightest pixel value a demo image may hold; the trigger patch is 255
@@ -340,16 +340,6 @@ def make_reference(x, y, target_class, n_reference):
 
 # ---------------------------------------------------------------- files
 
-def _write_npz(path, **arrays):
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-
-    def write(tmp):
-        with open(tmp, "wb") as fh:
-            np.savez(fh, **arrays)
-    atomic_write(path, write)
-
-
 def _meta(name, sizes, seed):
     return {"generator": "datasets.demo", "version": GENERATOR_VERSION, "seed": seed,
             "classes": list(CLASSES[name]), "sizes": sizes, "image_size": IMAGE_SIZE}
@@ -417,7 +407,7 @@ def make_demo_data(data_dir, reference_dir, n_pretrain_train, n_pretrain_test, n
     reference_name = reference_name or DOWNSTREAM_CLASSES[target_class]
     reference_path = Path(reference_dir) / USAGE / f"{reference_name}.npz"
     if force or not _reference_is_current(reference_path, x_ref, y_ref):
-        _write_npz(reference_path, x=x_ref, y=y_ref)
+        save_reference(reference_path, x_ref, target_class)
     paths["reference"] = reference_path
     return paths
 

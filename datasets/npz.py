@@ -2,7 +2,6 @@
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from utils import UserError, atomic_write
 
@@ -70,6 +69,18 @@ def save_split(path, x, y):
     atomic_write(path, write)
 
 
+def save_reference(path, x, label):
+    """Write reference inputs: x uint8 (R, H, W, 3) and y (R,) filled with the target label."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    y = np.full(len(x), label, dtype=np.int64)
+
+    def write(tmp):
+        with open(tmp, "wb") as fh:
+            np.savez(fh, x=np.ascontiguousarray(x, dtype=np.uint8), y=y)
+    atomic_write(path, write)
+
+
 def load_reference(path):
     """Reference inputs of the attacker's target class: (x uint8 RxHxWx3, target label)."""
     path = Path(path)
@@ -79,9 +90,3 @@ def load_reference(path):
     if len(x) == 0:
         raise UserError(f"{path} holds no reference inputs")
     return x, int(y[0])
-
-
-def to_float_tensor(x):
-    """uint8 NxHxWx3 numpy (or tensor) -> float NxCxHxW tensor in [0, 1]."""
-    x = torch.as_tensor(x)
-    return x.permute(0, 3, 1, 2).float().div_(255)

@@ -42,7 +42,7 @@ from tqdm import tqdm
 
 from utils import UserError, atomic_write
 
-from .npz import read_images_npz, save_split, split_path
+from .npz import read_images_npz, save_reference, save_split, split_path
 
 IMAGE_SIZE = 32
 RESIZE_FILTERS = {
@@ -443,13 +443,8 @@ def make_reference(data_dir, dataset, label, out_path, count=DEFAULT_REFERENCE_C
     if len(index) < count:
         raise UserError(f"{path} holds {len(index)} images of class {label}, fewer than the {count} "
                         f"asked for (lower --reference_count)")
-    ref_x, ref_y = x[index], np.full(len(index), label, dtype=np.int64)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-
-    def write(tmp):
-        with open(tmp, "wb") as fh:
-            np.savez(fh, x=np.ascontiguousarray(ref_x), y=ref_y)
-    atomic_write(out_path, write)
+    ref_x = x[index]
+    save_reference(out_path, ref_x, label)
     back_x, back_y = read_images_npz(out_path, label_key="y")
     if back_x.shape != ref_x.shape or np.any(back_y != label):
         raise UserError(f"{out_path}: read back {back_x.shape} with labels {set(back_y.tolist())}")

@@ -123,9 +123,9 @@ def load_encoder(path, arch=None, width=None):
     if not isinstance(ckpt, dict):
         raise UserError(f"{path} is not an encoder checkpoint (expected a dict with 'state_dict')")
     state_dict = ckpt.get("state_dict", ckpt)
-    if not isinstance(state_dict, dict) or "f.f.0.weight" not in _strip_prefix(state_dict):
+    state_dict = _strip_prefix(state_dict) if isinstance(state_dict, dict) else {}
+    if "f.f.0.weight" not in state_dict:
         raise UserError(f"{path} has no SimCLR encoder weights (expected keys f.f.0.weight, ..., g.3.bias)")
-    state_dict = _strip_prefix(state_dict)
     config = dict(ckpt.get("arch") or _infer_config(state_dict))
     if arch is not None:
         config["arch"] = arch
