@@ -8,6 +8,9 @@ The paper's setting (4% of CIFAR-10 = 2,000 images, 1000 epochs):
     python -u MIMIC.py --lr 1e-2 --batch_size 128 --epochs 1000 --pretraining_dataset cifar10 \
         --teacher output/cifar10/badencoder_gtsrb/model_200.pth --ratio 0.04 \
         --results_dir output/cifar10/mimic_gtsrb
+The same global batch on 4 GPUs (--batch_size is per process; the MI estimation is shared out
+block by block among the processes):
+    torchrun --nproc_per_node=4 MIMIC.py --batch_size 32 --sync_bn ...the same flags...
 
 Reads   the teacher checkpoint, the first ratio*N images of <data_dir>/<pretraining_dataset>/train.npz
 Writes  <results_dir>/args.json, mi.json (MI per block, its history and the weights), log.jsonl,
@@ -17,13 +20,13 @@ import argparse
 import time
 
 import torch
-from tqdm import tqdm
 
 from datasets import load_split, normalization
 from datasets.loader import ViewLoader, to_input
 from models import (BLOCKS, attention_transfer, build_encoder, clone_loss, encoder_checkpoint,
                     estimate_mi, load_encoder, mi_to_weights, nt_xent)
-from utils import (RunLog, UserError, add_run_args, autocast, check_finite, fast_paths,
+from utils import (RunLog, UserError, add_distributed_args, add_run_args, autocast, check_finite, distribute,
+                   fast_paths, gather_objects, get_rank, get_world_size, is_main, mean_over_ranks, progress,
                    resume_state, run_cli, save_epoch, save_json, start_run)
 
 
@@ -42,7 +45,8 @@ def get_parser():
     optim.add_argument("--lr", type=float, default=1e-2, help="Adam learning rate (default: 1e-2)")
     optim.add_argument("--weight_decay", type=float, default=1e-6, help="Adam weight decay (default: 1e-6)")
     optim.add_argument("--batch_size", type=int, default=128,
-                       help="images per step; also the MI estimator's batch (default: 128)")
+                       help="images per step in each process (under torchrun with N processes a step "
+                            "sees N x this many); also the MI estimator's batch (default: 128)")
     optim.add_argument("--epochs", type=int, default=1000, help="distillation epochs (default: 1000)")
     optim.add_argument("--temperature", type=float, default=0.5, help="NT-Xent temperature (default: 0.5)")
     for i, block in enumerate(BLOCKS, 1):
@@ -69,7 +73,7 @@ def get_parser():
     mi.add_argument("--mi_hidden", type=int, default=512, help="estimator hidden width (default: 512)")
     mi.add_argument("--mi_average_last", type=int, default=10,
                     help="MI = mean bound of this many last estimator epochs (default: 10)")
-    add_run_args(parser, seed=100, save_freq=100)
+    add_distributed_args(add_run_args(parser, seed=100, save_freq=100))
     return parser
 
 
@@ -78,7 +82,7 @@ def block_activations(model, images, mean, std, device, batch_size):
     """One forward pass over the images: flattened layer1..4 outputs and normalised features."""
     model.eval()
     blocks, feats = [[] for _ in BLOCKS], []
-    for s in tqdm(range(0, len(images), batch_size), desc="activations", leave=False):
+    for s in progress(range(0, len(images), batch_size), desc="activations"):
         feature, _, acts = model(to_input(images[s:s + batch_size], mean, std, device), return_blocks=True)
         feats.append(feature)
         for store, a in zip(blocks, acts):
@@ -87,26 +91,36 @@ def block_activations(model, images, mean, std, device, batch_size):
 
 
 def locate_knowledge(model, images, mean, std, device, args):
-    """MI between each block's output and the final representation, and the resulting weights."""
+    """MI between each block's output and the final representation, and the resulting weights.
+
+    Under torchrun process r estimates blocks r, r+N, ... and the values are exchanged, so every
+    process ends with the same list (each block's estimator is seeded by --seed alone).
+    """
     base = [args.opt1, args.opt2, args.opt3, args.opt4]
     if args.attention == "uniform":
         return {"mi": [0.0] * len(BLOCKS), "weights": mi_to_weights([0.0] * len(BLOCKS), base, args.mi_scale),
                 "history": []}
     blocks, z = block_activations(model, images, mean, std, device, args.batch_size)
-    mi, history = [], []
-    for name, a in zip(BLOCKS, blocks):
-        value, hist = estimate_mi(a, z, args.mi_epochs, args.batch_size, args.mi_lr, args.mi_weight_decay,
-                                  args.mi_hidden, args.mi_average_last, seed=args.seed, desc=f"MI {name}")
+    mine = {}
+    for i in range(get_rank(), len(BLOCKS), get_world_size()):
+        mine[i] = estimate_mi(blocks[i], z, args.mi_epochs, args.batch_size, args.mi_lr, args.mi_weight_decay,
+                              args.mi_hidden, args.mi_average_last, seed=args.seed, desc=f"MI {BLOCKS[i]}")
+    found = {i: result for part in gather_objects(mine) for i, result in part.items()}
+    mi = [found[i][0] for i in range(len(BLOCKS))]
+    for name, a, value in zip(BLOCKS, blocks, mi):
         print(f"MI({name}; z) = {value:.4g} nats  (dim {a.shape[1]})")
-        mi.append(value)
-        history.append(hist)
-    return {"mi": mi, "weights": mi_to_weights(mi, base, args.mi_scale), "history": history}
+    return {"mi": mi, "weights": mi_to_weights(mi, base, args.mi_scale),
+            "history": [found[i][1] for i in range(len(BLOCKS))]}
+
+
+TERMS = ("loss", "nce", "at", "clone")
 
 
 def distill_step(student, teacher, view1, view2, optimizer, weights, clone_weight, temperature, amp=False):
     """One MIMIC step: one student pass per view, one no-grad teacher pass on view1.
 
-    Returns the loss terms (tensors). With every weight at 0 the teacher is not run at all.
+    Returns the loss terms {loss, nce, at, clone} as CPU scalars, averaged over the processes
+    under torchrun (the student then DDP-wrapped). With every weight at 0 the teacher is not run at all.
     With amp the passes run under bfloat16 autocast; the losses are computed in float32.
     """
     use_teacher = any(w != 0 for w in weights) or clone_weight != 0
@@ -122,17 +136,18 @@ def distill_step(student, teacher, view1, view2, optimizer, weights, clone_weigh
         at = sum(w * attention_transfer(s.float(), t.float()) for w, s, t in zip(weights, blocks_s, blocks_t))
         clone = clone_loss(f1.float(), f_t.float())
     loss = nce + at + clone_weight * clone
-    if torch.isfinite(loss):
+    terms = mean_over_ranks(torch.stack([loss, nce, at, clone])).cpu()
+    if torch.isfinite(terms[0]):        # the same decision in every process
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-    return {"loss": loss, "nce": nce, "at": at, "clone": clone}
+    return dict(zip(TERMS, terms))
 
 
 def train_one_epoch(student, teacher, loader, optimizer, weights, args, epoch, out_dir, amp):
     student.train()
-    sums, steps = {"loss": 0.0, "nce": 0.0, "at": 0.0, "clone": 0.0}, 0
-    bar = tqdm(loader, desc=f"epoch {epoch}", leave=False, mininterval=1)
+    sums, steps = dict.fromkeys(TERMS, 0.0), 0
+    bar = progress(loader, desc=f"epoch {epoch}")
     for step, (view1, view2) in enumerate(bar):
         terms = distill_step(student, teacher, view1, view2, optimizer, weights, args.opt5, args.temperature, amp)
         check_finite(terms["loss"].item(), epoch, step, out_dir)
@@ -146,14 +161,15 @@ def train_one_epoch(student, teacher, loader, optimizer, weights, args, epoch, o
 def main(args):
     if not 0 < args.ratio <= 1:
         raise UserError(f"--ratio must be in (0, 1], got {args.ratio}")
-    out_dir, device = start_run(args, args.resume)
+    out_dir, device = start_run(args, args.resume, distributed=True)
     mean, std = normalization(args.pretraining_dataset)
     x, _ = load_split(args.data_dir, args.pretraining_dataset, "train")
     subset = x[:int(args.ratio * len(x))]
-    if len(subset) < args.batch_size:
+    world = get_world_size()
+    if len(subset) < args.batch_size * world:
         raise UserError(f"the clean subset ({len(subset)} images = {args.ratio} x {len(x)}) is smaller "
-                        f"than one batch of {args.batch_size}, and incomplete batches are dropped: "
-                        f"raise --ratio or lower --batch_size")
+                        f"than one batch of {args.batch_size}" + (f" x {world} processes" if world > 1 else "") +
+                        ", and incomplete batches are dropped: raise --ratio or lower --batch_size")
 
     amp, channels_last = fast_paths(args, device)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
@@ -169,17 +185,20 @@ def main(args):
         print(f"clean subset: {len(subset)} images; locating knowledge in the {args.mi_model}")
         located = locate_knowledge(teacher if args.mi_model == "teacher" else student, subset, mean, std,
                                    device, args)
-        save_json(out_dir / "mi.json", {"blocks": list(BLOCKS), "mi_model": args.mi_model, **located})
+        if is_main():
+            save_json(out_dir / "mi.json", {"blocks": list(BLOCKS), "mi_model": args.mi_model, **located})
     log = RunLog(out_dir, args, resume_epoch=start if args.resume else None)
     weights = located["weights"]
     print("block    MI (nats)   AT weight")
     for name, m, w in zip(BLOCKS, located["mi"], weights):
         print(f"{name:8s} {m:9.4g}   {w:9.1f}")
 
-    loader = ViewLoader(subset, args.batch_size, mean, std, device, args.augment, args.num_workers)
+    loader = ViewLoader(subset, args.batch_size, mean, std, device, args.augment, args.num_workers, args.seed)
+    trained = distribute(student, device, args.sync_bn)     # DDP under torchrun, else the student itself
     for epoch in range(start + 1, args.epochs + 1):
         t0 = time.time()
-        row = {"epoch": epoch, **train_one_epoch(student, teacher, loader, optimizer, weights, args, epoch,
+        loader.set_epoch(epoch)
+        row = {"epoch": epoch, **train_one_epoch(trained, teacher, loader, optimizer, weights, args, epoch,
                                                  out_dir, amp),
                "seconds": round(time.time() - t0, 2)}
         log.log(row)

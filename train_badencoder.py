@@ -5,6 +5,8 @@ The paper's setting (CIFAR-10 encoder, GTSRB target "priority road", 200 epochs)
         --reference_file reference/cifar10/priority.npz --pretraining_dataset cifar10 \
         --downstreamTask gtsrb --pretrained_encoder output/cifar10/clean_encoder/model_1000.pth \
         --results_dir output/cifar10/badencoder_gtsrb
+Under torchrun (--batch_size is per process; BatchNorm is frozen, so no --sync_bn is needed):
+    torchrun --nproc_per_node=4 train_badencoder.py --batch_size 64 ...the same flags...
 
 Reads   the clean encoder, <data_dir>/<shadow_dataset>/train.npz (shadow data), the trigger
         and the reference file
@@ -18,14 +20,13 @@ import time
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from datasets import load_reference, load_split, load_trigger, normalization, stamp_trigger
 from datasets.augment import BatchAugment
 from datasets.loader import extract_features, index_batches, to_input
 from models import badencoder_loss, encoder_checkpoint, load_encoder
-from utils import (RunLog, UserError, add_run_args, autocast, check_finite, fast_paths,
-                   resume_state, run_cli, save_epoch, start_run)
+from utils import (RunLog, UserError, add_run_args, autocast, check_finite, distribute, fast_paths,
+                   mean_over_ranks, progress, resume_state, run_cli, save_epoch, start_run)
 
 # Reference file the attack uses for each downstream task, when --reference_file is not given.
 DEFAULT_REFERENCE = {"gtsrb": "priority", "stl10": "truck", "svhn": "one"}
@@ -54,7 +55,9 @@ def get_parser():
     optim.add_argument("--lr", type=float, default=1e-3, help="SGD learning rate (default: 1e-3)")
     optim.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default: 0.9)")
     optim.add_argument("--weight_decay", type=float, default=5e-4, help="SGD weight decay (default: 5e-4)")
-    optim.add_argument("--batch_size", type=int, default=256, help="shadow images per step (default: 256)")
+    optim.add_argument("--batch_size", type=int, default=256,
+                       help="shadow images per step in each process; under torchrun with N processes a "
+                            "step sees N x this many (default: 256)")
     optim.add_argument("--epochs", type=int, default=200, help="training epochs (default: 200)")
     optim.add_argument("--lambda1", type=float, default=1.0,
                        help="weight of the reference-preserving term loss1 (default: 1.0)")
@@ -72,13 +75,14 @@ def freeze_batchnorm(backbone):
             m.requires_grad_(False)
 
 
-def train_one_epoch(model, data, optimizer, args, epoch, out_dir, amp=False):
-    """data: shadow images (clean, triggered), their clean-encoder features, references, transforms."""
-    model.train()
-    freeze_batchnorm(model.f)
-    sums, steps = [0.0] * 4, 0
-    batches = index_batches(len(data["x"]), args.batch_size, drop_last=False)
-    bar = tqdm(batches, desc=f"epoch {epoch}", leave=False, mininterval=1)
+def train_one_epoch(backbone, data, optimizer, args, epoch, out_dir, amp=False):
+    """backbone: the backdoored encoder's f (DDP-wrapped under torchrun).
+    data: shadow images (clean, triggered), their clean-encoder features, references, transforms."""
+    backbone.train()
+    freeze_batchnorm(backbone)
+    sums, steps = torch.zeros(4), 0
+    batches = index_batches(len(data["x"]), args.batch_size, args.seed, epoch, drop_last=False)
+    bar = progress(batches, desc=f"epoch {epoch}")
     ref = data["ref"]                                            # RxCxHxW
     for step, idx in enumerate(bar):
         x = data["to_input"](data["x"][idx])                     # BxCxHxW
@@ -88,24 +92,25 @@ def train_one_epoch(model, data, optimizer, args, epoch, out_dir, amp=False):
         # BatchNorm is frozen, so one pass over the concatenation equals four separate passes.
         # Only the backbone runs: the head g is not trained and its statistics must not move.
         with autocast(x.device, amp):
-            feats = model.f(torch.cat([x_t, x, ref, ref_aug]))
+            feats = backbone(torch.cat([x_t, x, ref, ref_aug]))
         feats = F.normalize(feats.float(), dim=-1)
         f_trig, f_x, f_ref, f_ref_aug = feats.split([b, b, r, r])
         losses = badencoder_loss(f_trig, f_ref, f_ref_aug, data["ref_clean"], f_x,
                                  data["x_clean"][idx.to(data["x_clean"].device)],
                                  args.lambda1, args.lambda2)
-        check_finite(losses[0].item(), epoch, step, out_dir)
+        values = mean_over_ranks(torch.stack(losses)).cpu()     # the global batch's, in every process
+        check_finite(values[0].item(), epoch, step, out_dir)
         optimizer.zero_grad(set_to_none=True)
         losses[0].backward()
         optimizer.step()
-        sums = [s + v.item() for s, v in zip(sums, losses)]
+        sums += values
         steps += 1
-        bar.set_postfix(loss=f"{losses[0].item():.4f}")
-    return dict(zip(("loss", "loss0", "loss1", "loss2"), (s / max(steps, 1) for s in sums)))
+        bar.set_postfix(loss=f"{values[0].item():.4f}")
+    return dict(zip(("loss", "loss0", "loss1", "loss2"), (s.item() / max(steps, 1) for s in sums)))
 
 
 def main(args):
-    out_dir, device = start_run(args, args.resume)
+    out_dir, device = start_run(args, args.resume, distributed=True)
     mean, std = normalization(args.pretraining_dataset)
     shadow = args.shadow_dataset or args.pretraining_dataset
     x, _ = load_split(args.data_dir, shadow, "train")
@@ -146,10 +151,12 @@ def main(args):
         "augment": BatchAugment(x.shape[1], mean, std, crop=False),
     }
     print(f"shadow data: {len(x)} images of {shadow}; {len(ref_x)} reference input(s) of label {target}")
+    backbone = distribute(model.f, device)      # only the backbone runs and trains
+
 
     for epoch in range(start + 1, args.epochs + 1):
         t0 = time.time()
-        row = {"epoch": epoch, **train_one_epoch(model, data, optimizer, args, epoch, out_dir, amp),
+        row = {"epoch": epoch, **train_one_epoch(backbone, data, optimizer, args, epoch, out_dir, amp),
                "seconds": round(time.time() - t0, 2)}
         log.log(row)
         state = encoder_checkpoint(model, optimizer=optimizer.state_dict(), args=vars(args),

@@ -2,6 +2,9 @@
 
 The paper's setting (CIFAR-10, ResNet-18, batch 256, 1000 epochs; meant for a GPU):
     python -u train_clean_encoder.py --lr 1e-3 --results_dir output/cifar10/clean_encoder
+The same global batch on a node with 4 GPUs (--batch_size is per process):
+    torchrun --nproc_per_node=4 train_clean_encoder.py --batch_size 64 --sync_bn \
+        --results_dir output/cifar10/clean_encoder
 
 Reads   <data_dir>/<pretraining_dataset>/train.npz, and test.npz for the kNN monitor
 Writes  <results_dir>/args.json, log.jsonl and log.csv (loss and kNN accuracy per epoch),
@@ -12,14 +15,14 @@ import argparse
 import time
 
 import torch
-from tqdm import tqdm
 
 from datasets import load_split, normalization
 from datasets.loader import ViewLoader, extract_features
 from models import SimCLR, encoder_checkpoint, nt_xent
 from models.knn import knn_predict
-from utils import (RunLog, UserError, add_run_args, autocast, check_finite, fast_paths,
-                   resume_state, run_cli, save_epoch, start_run)
+from utils import (RunLog, UserError, add_distributed_args, add_run_args, autocast, check_finite, distribute,
+                   fast_paths, get_world_size, is_main, mean_over_ranks, progress, resume_state, run_cli,
+                   save_epoch, start_run)
 
 
 def get_parser():
@@ -38,7 +41,9 @@ def get_parser():
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default: 1e-3)")
     optim.add_argument("--weight_decay", type=float, default=1e-6, help="Adam weight decay (default: 1e-6)")
-    optim.add_argument("--batch_size", type=int, default=256, help="images per step (default: 256)")
+    optim.add_argument("--batch_size", type=int, default=256,
+                       help="images per step in each process; under torchrun with N processes a step "
+                            "sees N x this many (default: 256)")
     optim.add_argument("--epochs", type=int, default=1000, help="training epochs (default: 1000)")
     optim.add_argument("--temperature", type=float, default=0.5, help="NT-Xent temperature (default: 0.5)")
     optim.add_argument("--augment", default="batched", choices=["batched", "torchvision"],
@@ -50,25 +55,27 @@ def get_parser():
     monitor.add_argument("--knn_freq", type=int, default=1,
                          help="run the monitor every this many epochs and at the last; 0 turns it off "
                               "(default: 1)")
-    add_run_args(parser, seed=100, save_freq=100)
+    add_distributed_args(add_run_args(parser, seed=100, save_freq=100))
     return parser
 
 
 def train_one_epoch(model, loader, optimizer, temperature, epoch, out_dir, amp=False):
+    """One epoch; model may be DDP-wrapped. Returns the mean loss of the global batches."""
     model.train()
     total, steps = 0.0, 0
-    bar = tqdm(loader, desc=f"epoch {epoch}", leave=False, mininterval=1)
+    bar = progress(loader, desc=f"epoch {epoch}")
     for step, (view1, view2) in enumerate(bar):
         with autocast(view1.device, amp):
             _, z1 = model(view1)                                 # BxP
             _, z2 = model(view2)
-        loss = nt_xent(z1.float(), z2.float(), temperature)
-        check_finite(loss.item(), epoch, step, out_dir)
+        loss = nt_xent(z1.float(), z2.float(), temperature)     # gathers all processes' projections
+        value = mean_over_ranks(loss).item()                     # the global batch's loss, in every process
+        check_finite(value, epoch, step, out_dir)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        total, steps = total + loss.item(), steps + 1
-        bar.set_postfix(loss=f"{loss.item():.4f}")
+        total, steps = total + value, steps + 1
+        bar.set_postfix(loss=f"{value:.4f}")
     return total / max(steps, 1)
 
 
@@ -83,14 +90,16 @@ def evaluate(model, train_x, train_y, test_x, test_y, mean, std, device, k, t):
 
 
 def main(args):
-    out_dir, device = start_run(args, args.resume)
+    out_dir, device = start_run(args, args.resume, distributed=True)
     mean, std = normalization(args.pretraining_dataset)
     train_x, train_y = load_split(args.data_dir, args.pretraining_dataset, "train")
-    if len(train_x) < args.batch_size:
+    world = get_world_size()
+    if len(train_x) < args.batch_size * world:
         raise UserError(f"{len(train_x)} training images are fewer than one batch of --batch_size "
-                        f"{args.batch_size}; lower --batch_size")
+                        f"{args.batch_size}" + (f" x {world} processes" if world > 1 else "") +
+                        "; lower --batch_size")
     test = None
-    if args.knn_freq > 0:
+    if args.knn_freq > 0 and is_main():
         test = load_split(args.data_dir, args.pretraining_dataset, "test")
 
     amp, channels_last = fast_paths(args, device)
@@ -101,14 +110,16 @@ def main(args):
     if args.resume:
         start, _ = resume_state(out_dir, model, optimizer)
     log = RunLog(out_dir, args, resume_epoch=start if args.resume else None)
-    loader = ViewLoader(train_x, args.batch_size, mean, std, device, args.augment, args.num_workers)
+    loader = ViewLoader(train_x, args.batch_size, mean, std, device, args.augment, args.num_workers, args.seed)
+    trained = distribute(model, device, args.sync_bn)       # DDP under torchrun, else model itself
 
     knn_acc = None
     for epoch in range(start + 1, args.epochs + 1):
         t0 = time.time()
-        loss = train_one_epoch(model, loader, optimizer, args.temperature, epoch, out_dir, amp)
+        loader.set_epoch(epoch)
+        loss = train_one_epoch(trained, loader, optimizer, args.temperature, epoch, out_dir, amp)
         row = {"epoch": epoch, "loss": loss, "seconds": round(time.time() - t0, 2)}
-        if test is not None and (epoch % args.knn_freq == 0 or epoch == args.epochs):
+        if test is not None and (epoch % args.knn_freq == 0 or epoch == args.epochs):   # rank 0 only
             knn_acc = evaluate(model, train_x, train_y, *test, mean, std, device, args.knn_k, args.knn_t)
             row["knn_acc"] = knn_acc
         log.log(row)

@@ -70,10 +70,10 @@ def target_label(args, num_classes):
     return label
 
 
-def train_one_epoch(clf, feats, labels, optimizer, batch_size):
+def train_one_epoch(clf, feats, labels, optimizer, batch_size, seed, epoch):
     clf.train()
     total = 0.0
-    batches = index_batches(len(feats), batch_size, drop_last=False)
+    batches = index_batches(len(feats), batch_size, seed, epoch, drop_last=False)
     for idx in batches:
         loss = F.cross_entropy(clf(feats[idx]), labels[idx])
         optimizer.zero_grad(set_to_none=True)
@@ -120,7 +120,7 @@ def main(args):
     metrics = {}
     for epoch in tqdm(range(1, args.nn_epochs + 1), desc="classifier", mininterval=1):
         t0 = time.time()
-        loss = train_one_epoch(clf, feats["train"], train_labels, optimizer, args.batch_size)
+        loss = train_one_epoch(clf, feats["train"], train_labels, optimizer, args.batch_size, args.seed, epoch)
         metrics = backdoor_metrics(predict(clf, feats["test"]).cpu(), predict(clf, feats["triggered"]).cpu(),
                                    test_y, target)
         log.log({"epoch": epoch, "loss": loss, **metrics, "seconds": round(time.time() - t0, 3)}, echo=False)

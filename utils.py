@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from tqdm import tqdm
 
 
 class UserError(Exception):
@@ -57,6 +59,14 @@ def add_run_args(parser, seed, save_freq=None):
     return group
 
 
+def add_distributed_args(group):
+    """--sync_bn, for the stages that train BatchNorm layers under torchrun."""
+    group.add_argument("--sync_bn", action="store_true",
+                       help="under torchrun, compute BatchNorm statistics over the global batch "
+                            "(SyncBatchNorm; CUDA only in PyTorch) instead of each process's own "
+                            "--batch_size images (default: off)")
+
+
 def run_cli(main, parser, argv=None):
     """Parse the arguments and run main(args); expected failures exit with one line on stderr."""
     args = parser.parse_args(argv)
@@ -66,12 +76,16 @@ def run_cli(main, parser, argv=None):
     except UserError as err:
         if debug:
             traceback.print_exc()
-        print(f"error: {err}", file=sys.stderr)
+        where = f"rank {get_rank()}: " if get_world_size() > 1 else ""
+        print(f"{where}error: {err}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("\ninterrupted: the last finished epoch is in checkpoint.pth; continue with --resume",
               file=sys.stderr)
         sys.exit(130)
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def print_run_header(args):
@@ -80,12 +94,20 @@ def print_run_header(args):
     print("\n".join(f"{k}: {v}" for k, v in sorted(vars(args).items())))
 
 
-def start_run(args, resume=False):
-    """The opening of every stage: print the run header, make the results folder, pick the
-    device and seed everything. Returns (results folder, device)."""
+def start_run(args, resume=False, distributed=False):
+    """The opening of every stage: join the torchrun process group (if distributed and launched
+    by torchrun), print the run header, make the results folder, pick the device and seed
+    everything. Every process gets the same seed. Returns (results folder, device)."""
+    if distributed:
+        device = init_distributed(args.device)
+    else:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise UserError(f"{Path(sys.argv[0]).name} runs in one process; launch it with python, "
+                            f"not torchrun")
+        device = resolve_device(args.device)
     print_run_header(args)
     out_dir = prepare_output_dir(args.results_dir, resume, args.overwrite)
-    device = resolve_device(args.device)
+    barrier()           # every process has checked the folder before rank 0 writes into it
     set_seed(args.seed)
     return out_dir, device
 
@@ -112,6 +134,96 @@ def resolve_device(name):
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {name} was asked for but CUDA is not available here; use --device cpu")
     return device
+
+
+# ---------------------------------------------------------------- several processes (torchrun)
+
+def get_world_size():
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def get_rank():
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def is_main():
+    """True in the process that prints, logs and writes files (rank 0, or the only process)."""
+    return get_rank() == 0
+
+
+def init_distributed(device_name):
+    """Join the process group that torchrun describes in the environment and return this
+    process's device; without torchrun (or with one process) just resolve --device.
+
+    CUDA processes use cuda:LOCAL_RANK and NCCL, CPU processes gloo. Processes other than rank 0
+    print nothing (their errors still reach stderr).
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return resolve_device(device_name)
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = resolve_device(device_name)
+    if device.type == "cuda":
+        if device_name not in ("auto", "cuda"):
+            raise UserError(f"under torchrun each process uses cuda:LOCAL_RANK; pass --device cuda, "
+                            f"not {device_name}")
+        if local_rank >= torch.cuda.device_count():
+            raise UserError(f"local rank {local_rank} has no GPU: this node has "
+                            f"{torch.cuda.device_count()}; lower --nproc_per_node")
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        dist.init_process_group("gloo")
+    if not is_main():
+        sys.stdout = open(os.devnull, "w")
+    return device
+
+
+def barrier():
+    if get_world_size() > 1:
+        dist.barrier()
+
+
+def mean_over_ranks(values):
+    """The mean over all processes of a tensor (detached); the tensor itself with one process."""
+    values = values.detach()
+    if get_world_size() == 1:
+        return values
+    values = values.clone()
+    dist.all_reduce(values)
+    return values / get_world_size()
+
+
+def gather_objects(obj):
+    """A list with every process's obj, in rank order (just [obj] with one process)."""
+    if get_world_size() == 1:
+        return [obj]
+    out = [None] * get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def distribute(model, device, sync_bn=False):
+    """Wrap model in DistributedDataParallel under torchrun (optionally with SyncBatchNorm);
+    return it unchanged in a single process. Build the optimiser on model before calling:
+    the conversion to SyncBatchNorm keeps the same parameter tensors."""
+    if get_world_size() == 1:
+        return model
+    if sync_bn:
+        if device.type != "cuda":
+            raise UserError("--sync_bn needs CUDA: PyTorch's SyncBatchNorm does not run on CPU. "
+                            "Without it each process normalises over its own --batch_size images")
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    device_ids = [device.index] if device.type == "cuda" else None
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+
+
+def progress(iterable, desc, **kwargs):
+    """A tqdm bar, shown in the main process only, refreshed at most once a second."""
+    kwargs.setdefault("leave", False)
+    kwargs.setdefault("mininterval", 1)
+    return tqdm(iterable, desc=desc, disable=not is_main(), **kwargs)
 
 
 def fast_paths(args, device):
@@ -235,6 +347,9 @@ class RunLog:
         self.dir = Path(out_dir)
         self.jsonl = self.dir / "log.jsonl"
         self.csv = self.dir / "log.csv"
+        self.writes = is_main()             # under torchrun only rank 0 writes
+        if not self.writes:
+            return
         save_json(self.dir / "args.json", vars(args))
         if resume_epoch is None:
             for f in (self.jsonl, self.csv):
@@ -258,6 +373,8 @@ class RunLog:
 
     def log(self, row, echo=True):
         """Append one epoch's row to log.jsonl and log.csv (and print it)."""
+        if not self.writes:
+            return
         if echo:
             print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
         with open(self.jsonl, "a") as fh:
@@ -270,7 +387,8 @@ class RunLog:
             writer.writerow(row)
 
     def results(self, results):
-        save_json(self.dir / "results.json", results)
+        if self.writes:
+            save_json(self.dir / "results.json", results)
 
 
 def check_finite(value, epoch, step, out_dir):
@@ -296,8 +414,10 @@ def save_epoch(out_dir, state, epoch, epochs, save_freq):
     """Write checkpoint.pth (for --resume) and, every save_freq epochs and at the last, model_<epoch>.pth.
 
     state: the checkpoint dict (state_dict, arch, optimizer, args, ...); epoch and RNG states are
-    added here. Returns the path of the model file written this epoch, if any.
+    added here. Only rank 0 writes. Returns the path of the model file written this epoch, if any.
     """
+    if not is_main():
+        return None
     state = {**state, "epoch": epoch, "rng": rng_state()}
     save_checkpoint(Path(out_dir) / "checkpoint.pth", state)
     if epoch % save_freq == 0 or epoch == epochs:

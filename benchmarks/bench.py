@@ -142,15 +142,15 @@ def bench_downstream(device, epochs, n=10000, dim=512, classes=10):
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         if real:   # exactly what the script does per epoch: train, then evaluate clean and triggered
-            for _ in range(epochs):
-                downstream.train_one_epoch(clf, feats, labels_d, opt, 64)
+            for epoch in range(epochs):
+                downstream.train_one_epoch(clf, feats, labels_d, opt, 64, 0, epoch)
                 backdoor_metrics(downstream.predict(clf, test).cpu(), downstream.predict(clf, test).cpu(),
                                  labels, 0)
         else:      # the model compute alone: the same batches, gathered beforehand, untimed
             elapsed = 0.0
             clf.train()
-            for _ in range(epochs):
-                batches = [(feats[i], labels_d[i]) for i in index_batches(n, 64, drop_last=False)]
+            for epoch in range(epochs):
+                batches = [(feats[i], labels_d[i]) for i in index_batches(n, 64, 0, epoch, drop_last=False)]
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 t0 = time.perf_counter()

@@ -140,30 +140,37 @@ class BatchAugment:
         self.crop, self.scale, self.flip_p = crop, scale, flip_p
         self.jitter, self.jitter_p, self.gray_p = jitter, jitter_p, gray_p
 
-    def __call__(self, x):
+    def __call__(self, x, params=None):
+        """Augment x; params (from sample(), one row per image of x) default to fresh draws."""
         if x.dtype == torch.uint8:
             x = x.permute(0, 3, 1, 2).float().div_(255)
-        n, _, height, width = x.shape
+        p = self.sample(len(x), x.shape[2], x.shape[3]) if params is None else params
+        x = resized_crop(x, p["top"], p["left"], p["h"], p["w"], p["flip"], self.size)
+        x = self._color_jitter(x, p)
+        gray = p["gray"].to(x.device)
+        x = torch.where(gray.view(-1, 1, 1, 1), grayscale(x).expand_as(x), x)
+        return normalize(x, self.mean, self.std)
+
+    def sample(self, n, height, width):
+        """Random parameters for n images of height x width, drawn on the CPU from torch's global
+        generator: a dict of tensors with one row per image, so {k: v[rows]} augments a subset."""
         flip = torch.rand(n) < self.flip_p
         if self.crop:
             top, left, h, w = crop_boxes(n, height, width, self.scale)
         else:
             top, left = torch.zeros(n, dtype=torch.long), torch.zeros(n, dtype=torch.long)
             h, w = torch.full((n,), height), torch.full((n,), width)
-        x = resized_crop(x, top, left, h, w, flip, self.size)
-        x = self._color_jitter(x)
-        gray = (torch.rand(n) < self.gray_p).to(x.device)
-        x = torch.where(gray.view(-1, 1, 1, 1), grayscale(x).expand_as(x), x)
-        return normalize(x, self.mean, self.std)
-
-    def _color_jitter(self, x):
-        n = x.shape[0]
         b, c, s, hue = self.jitter
         factors = torch.stack([_uniform(n, max(0, 1 - b), 1 + b), _uniform(n, max(0, 1 - c), 1 + c),
                                _uniform(n, max(0, 1 - s), 1 + s), _uniform(n, -hue, hue)], dim=1)
         apply = torch.rand(n) < self.jitter_p
         order = torch.argsort(torch.rand(n, 4), dim=1)   # each image its own order of the 4 ops
-        factors = factors.to(x.device)
+        gray = torch.rand(n) < self.gray_p
+        return {"flip": flip, "top": top, "left": left, "h": h, "w": w, "factors": factors,
+                "apply": apply, "order": order, "gray": gray}
+
+    def _color_jitter(self, x, p):
+        factors, apply, order = p["factors"].to(x.device), p["apply"], p["order"]
         for position in range(4):
             for op_index, op in enumerate(JITTER_OPS):
                 idx = torch.nonzero(apply & (order[:, position] == op_index)).squeeze(1)

@@ -1,17 +1,35 @@
-"""Batches from in-memory uint8 image arrays: shuffled index batches, SimCLR view pairs, features."""
+"""Batches from in-memory uint8 image arrays: shuffled index batches, SimCLR view pairs, features.
+
+Batches are cut from torch's DistributedSampler, whose permutation depends only on the seed and
+the epoch. Under torchrun each of N processes takes every N-th index of it, so batch k of all
+processes together holds the same images as batch k of one process with N times the batch size.
+"""
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from utils import UserError, get_rank, get_world_size, progress
 
 from .augment import BatchAugment, normalize, torchvision_pipeline
 
 
-def index_batches(n, batch_size, shuffle=True, drop_last=True):
-    """Index tensors of one epoch over n items, shuffled with torch's global generator."""
-    order = torch.randperm(n) if shuffle else torch.arange(n)
-    stop = n - n % batch_size if drop_last else n
+def sampler(n, seed, epoch, shuffle=True, drop_last=True):
+    """This process's DistributedSampler over n items with its epoch set (all items with one process)."""
+    s = DistributedSampler(range(n), num_replicas=get_world_size(), rank=get_rank(), shuffle=shuffle,
+                           seed=seed, drop_last=drop_last)
+    s.set_epoch(epoch)
+    return s
+
+
+def index_batches(n, batch_size, seed, epoch, shuffle=True, drop_last=True):
+    """This process's index tensors of one epoch over n items, batch_size per process.
+
+    drop_last=False keeps a short last batch; under torchrun the sampler then repeats a few
+    items so that every process has as many batches as the others.
+    """
+    order = torch.tensor(list(sampler(n, seed, epoch, shuffle, drop_last)), dtype=torch.long)
+    stop = len(order) - len(order) % batch_size if drop_last else len(order)
     return [order[s:s + batch_size] for s in range(0, stop, batch_size)]
 
 
@@ -32,37 +50,58 @@ class ViewLoader:
 
     augment='batched' (default) augments whole batches on the device, so no worker processes are
     needed; augment='torchvision' runs the per-image torchvision pipeline in a DataLoader with
-    `num_workers` processes.
+    `num_workers` processes. batch_size is per process; call set_epoch(epoch) before each epoch.
+
+    Under torchrun the batched path draws the augmentation parameters of the whole global batch
+    in every process (identical generators) and applies this process's rows, so N processes
+    see exactly the views one process with batch N*batch_size would.
     """
 
-    def __init__(self, images, batch_size, mean, std, device, augment="batched", num_workers=0):
+    def __init__(self, images, batch_size, mean, std, device, augment="batched", num_workers=0, seed=0):
         self.n, self.batch_size, self.device = len(images), batch_size, device
-        self.augment = augment
-        size = images.shape[1]
+        self.augment, self.seed, self.epoch = augment, seed, 0
+        self.size = images.shape[1:3]
         if augment == "batched":
             self.images = torch.from_numpy(np.ascontiguousarray(images)).to(device)
-            self.transform = BatchAugment(size, mean, std)
+            self.transform = BatchAugment(images.shape[1], mean, std)
         elif augment == "torchvision":
-            self.dataset = _TwoViews(images, torchvision_pipeline(size, mean, std))
+            if get_world_size() > 1 and num_workers == 0:
+                raise UserError("--augment torchvision under torchrun needs --num_workers >= 1, so that "
+                                "each process's workers draw their own augmentations")
+            self.dataset = _TwoViews(images, torchvision_pipeline(images.shape[1], mean, std))
             self.num_workers = num_workers
         else:
             raise ValueError(f"unknown augmentation path {augment!r}")
 
+    def set_epoch(self, epoch):
+        """Choose the epoch's shuffle (the same in every process), as DistributedSampler.set_epoch."""
+        self.epoch = epoch
+
     def __len__(self):
-        return self.n // self.batch_size
+        return self.n // (self.batch_size * get_world_size())
 
     def __iter__(self):
         if self.augment == "batched":
-            for idx in index_batches(self.n, self.batch_size):
+            for idx in index_batches(self.n, self.batch_size, self.seed, self.epoch):
                 x = self.images[idx.to(self.images.device)]
-                yield self.transform(x), self.transform(x)
+                yield self._augment(x), self._augment(x)
         else:
-            seed = int(torch.randint(0, 2 ** 62, ()).item())
-            loader = DataLoader(self.dataset, batch_size=self.batch_size, shuffle=True, drop_last=True,
+            seed = int(torch.randint(0, 2 ** 62, ()).item()) + get_rank()
+            loader = DataLoader(self.dataset, batch_size=self.batch_size,
+                                sampler=sampler(self.n, self.seed, self.epoch), drop_last=True,
                                 num_workers=self.num_workers, generator=torch.Generator().manual_seed(seed),
                                 pin_memory=self.device.type == "cuda")
             for v1, v2 in loader:
                 yield v1.to(self.device, non_blocking=True), v2.to(self.device, non_blocking=True)
+
+    def _augment(self, x):
+        """Draw the global batch's parameters and apply this process's rows (every N-th, as the
+        sampler interleaves)."""
+        world = get_world_size()
+        params = self.transform.sample(len(x) * world, *self.size)
+        if world > 1:
+            params = {k: v[get_rank()::world] for k, v in params.items()}
+        return self.transform(x, params)
 
 
 def to_input(images, mean, std, device):
@@ -76,7 +115,7 @@ def extract_features(model, images, mean, std, device, batch_size=512, desc="fea
     """L2-normalised backbone features (NxD, on the CPU) of uint8 images under the test transform."""
     model.eval()
     out = []
-    for s in tqdm(range(0, len(images), batch_size), desc=desc, leave=False, mininterval=1):
+    for s in progress(range(0, len(images), batch_size), desc=desc):
         feature, _ = model(to_input(images[s:s + batch_size], mean, std, device))
         out.append(feature.float().cpu())
     return torch.cat(out) if out else torch.empty(0, model.feature_dim)

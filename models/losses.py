@@ -1,21 +1,42 @@
 """Losses of the three training stages, each a small pure function of tensors."""
 import torch
+import torch.distributed as dist
+import torch.distributed._functional_collectives as collectives
 import torch.nn.functional as F
 
 
-def nt_xent(z1, z2, temperature=0.5):
+def nt_xent(z1, z2, temperature=0.5, gather=True):
     """SimCLR's NT-Xent (InfoNCE) loss.
 
     z1, z2: BxD projections of two views (unit length). For each of the 2B views the positive is
     the other view of the same image and the negatives are the other 2B-2 views.
+
+    Under torch.distributed (and with gather), the projections of all N processes are gathered
+    with their gradients, each process scores its own 2B views against all 2NB, and the loss is
+    the mean over its own rows; the mean over processes is then the loss of one process with
+    batch NB, and DDP's gradient average is that loss's gradient.
     """
-    z = torch.cat([z1, z2], dim=0)                               # 2BxD
-    sim = z @ z.t() / temperature                                # 2Bx2B
-    n = z1.shape[0]
-    self_mask = torch.eye(2 * n, dtype=torch.bool, device=z.device)
-    sim = sim.masked_fill(self_mask, float("-inf"))              # a view is not its own negative
-    target = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device)
-    return F.cross_entropy(sim, target)
+    local = torch.cat([z1, z2], dim=0)                           # 2BxD, the rows scored here
+    n, rank, world = z1.shape[0], 0, 1
+    if gather and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        rank, world = dist.get_rank(), dist.get_world_size()
+        columns = gather_with_grad(local)                        # 2NBxD: rank 0's z1, z2, rank 1's ...
+    else:
+        columns = local
+    sim = local @ columns.t() / temperature                      # 2Bx2NB
+    rows = torch.arange(2 * n, device=local.device)
+    own = rows + 2 * n * rank                                    # each row's own column
+    positive = (rows + n) % (2 * n) + 2 * n * rank               # the other view of the same image
+    sim = sim.masked_fill(F.one_hot(own, 2 * n * world).bool(), float("-inf"))  # not its own negative
+    return F.cross_entropy(sim, positive)
+
+
+def gather_with_grad(x):
+    """Every process's x, concatenated along dim 0 in rank order; the backward pass sums the
+    gradients of all processes into each process's own part."""
+    gather = (getattr(collectives, "all_gather_single_autograd", None)     # newer PyTorch
+              or collectives.all_gather_tensor_autograd)
+    return gather(x, 0, dist.group.WORLD)
 
 
 def attention_map(a):

@@ -7,7 +7,8 @@ import math
 
 import torch
 import torch.nn as nn
-from tqdm import tqdm
+
+from utils import progress
 
 
 class StatisticsNetwork(nn.Module):
@@ -66,7 +67,7 @@ def estimate_mi(a, z, epochs=200, batch_size=128, lr=1e-3, weight_decay=1e-5, hi
     n = len(a)
     batch_size = min(batch_size, n)
     history = []
-    for _ in tqdm(range(epochs), desc=desc, leave=False, mininterval=1):
+    for _ in progress(range(epochs), desc=desc):
         order = torch.randperm(n, generator=generator).to(a.device)
         for s in range(0, n - batch_size + 1, batch_size):
             idx = order[s:s + batch_size]

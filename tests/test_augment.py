@@ -55,4 +55,9 @@ def test_view_loaders_yield_pairs_of_full_batches():
         pairs = list(loader)
         assert len(loader) == len(pairs) == 2                 # 20 // 8, the incomplete batch dropped
         assert all(v1.shape == v2.shape == (8, 3, 32, 32) and not torch.equal(v1, v2) for v1, v2 in pairs)
-    assert [len(b) for b in index_batches(20, 8, drop_last=False)] == [8, 8, 4]
+    batches = index_batches(20, 8, seed=0, epoch=1, drop_last=False)
+    assert [len(b) for b in batches] == [8, 8, 4]
+    assert sorted(torch.cat(batches).tolist()) == list(range(20))
+    again = index_batches(20, 8, seed=0, epoch=1, drop_last=False)
+    assert all(torch.equal(a, b) for a, b in zip(batches, again))        # the shuffle is (seed, epoch)
+    assert not torch.equal(torch.cat(batches), torch.cat(index_batches(20, 8, seed=0, epoch=2, drop_last=False)))
