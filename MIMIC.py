@@ -46,7 +46,8 @@ def get_parser():
     optim.add_argument("--weight_decay", type=float, default=1e-6, help="Adam weight decay (default: 1e-6)")
     optim.add_argument("--batch_size", type=int, default=128,
                        help="images per step in each process (under torchrun with N processes a step "
-                            "sees N x this many); also the MI estimator's batch (default: 128)")
+                            "sees N x this many); the MI estimator's batch is that global batch "
+                            "(default: 128)")
     optim.add_argument("--epochs", type=int, default=1000, help="distillation epochs (default: 1000)")
     optim.add_argument("--temperature", type=float, default=0.5, help="NT-Xent temperature (default: 0.5)")
     for i, block in enumerate(BLOCKS, 1):
@@ -94,16 +95,18 @@ def locate_knowledge(model, images, mean, std, device, args):
     """MI between each block's output and the final representation, and the resulting weights.
 
     Under torchrun process r estimates blocks r, r+N, ... and the values are exchanged, so every
-    process ends with the same list (each block's estimator is seeded by --seed alone).
+    process ends with the same list (each block's estimator is seeded by --seed alone). The
+    estimator's batch is the global batch, N x --batch_size, as in one process.
     """
     base = [args.opt1, args.opt2, args.opt3, args.opt4]
     if args.attention == "uniform":
         return {"mi": [0.0] * len(BLOCKS), "weights": mi_to_weights([0.0] * len(BLOCKS), base, args.mi_scale),
                 "history": []}
-    blocks, z = block_activations(model, images, mean, std, device, args.batch_size)
+    batch_size = args.batch_size * get_world_size()
+    blocks, z = block_activations(model, images, mean, std, device, batch_size)
     mine = {}
     for i in range(get_rank(), len(BLOCKS), get_world_size()):
-        mine[i] = estimate_mi(blocks[i], z, args.mi_epochs, args.batch_size, args.mi_lr, args.mi_weight_decay,
+        mine[i] = estimate_mi(blocks[i], z, args.mi_epochs, batch_size, args.mi_lr, args.mi_weight_decay,
                               args.mi_hidden, args.mi_average_last, seed=args.seed, desc=f"MI {BLOCKS[i]}")
     found = {i: result for part in gather_objects(mine) for i, result in part.items()}
     mi = [found[i][0] for i in range(len(BLOCKS))]
