@@ -2,6 +2,7 @@
 
     python run_pipeline.py                   # the CPU demo on generated data (about 14 minutes on 2 cores)
     python run_pipeline.py --preset paper    # the paper's settings on prepared CIFAR-10/GTSRB/SVHN/STL-10 (GPU)
+    python run_pipeline.py --preset paper --nproc_per_node 4   # the same, training stages on 4 GPUs
 
 Each stage is one of the four scripts, called as a user would (the command is printed first).
 Besides the clean, backdoored and purified encoders, two controls are evaluated: a student trained
@@ -31,10 +32,11 @@ DEMO = {
     "pretraining_dataset": demo.PRETRAIN_NAME,
     "tasks": [{"dataset": demo.DOWNSTREAM_NAME, "label": demo.DEFAULTS["target_class"],
                "reference": f"reference/demo/{demo.DOWNSTREAM_CLASSES[demo.DEFAULTS['target_class']]}.npz"}],
-    "clean": ["--epochs", "10", "--batch_size", "128", "--width", "16", "--knn_freq", "5"],
-    "badencoder": ["--epochs", "3", "--batch_size", "64", "--lr", "2e-2"],
-    "mimic": ["--epochs", "20", "--batch_size", "128", "--ratio", "0.2", "--lr", "1e-3", "--mi_epochs", "20"],
+    "clean": ["--epochs", "10", "--width", "16", "--knn_freq", "5"],
+    "badencoder": ["--epochs", "3", "--lr", "2e-2"],
+    "mimic": ["--epochs", "20", "--ratio", "0.2", "--lr", "1e-3", "--mi_epochs", "20"],
     "downstream": ["--nn_epochs", "100", "--lr", "1e-3"],
+    "global_batch": {"clean": 128, "badencoder": 64, "mimic": 128},
 }
 # The paper's settings (every stage at its defaults), one backdoor per downstream task.
 PAPER = {
@@ -43,8 +45,9 @@ PAPER = {
               {"dataset": "svhn", "label": 1, "reference": "reference/cifar10/one.npz"},
               {"dataset": "stl10", "label": 9, "reference": "reference/cifar10/truck.npz"}],
     "clean": ["--lr", "1e-3"], "badencoder": [],
-    "mimic": ["--lr", "1e-2", "--batch_size", "128", "--epochs", "1000", "--ratio", "0.04"],
+    "mimic": ["--lr", "1e-2", "--epochs", "1000", "--ratio", "0.04"],
     "downstream": ["--nn_epochs", "1000"],
+    "global_batch": {"clean": 256, "badencoder": 256, "mimic": 128},
 }
 PRESETS = {"demo": DEMO, "paper": PAPER}
 # The no-teacher control: attention transfer and cloning switched off, so only InfoNCE trains it.
@@ -62,6 +65,10 @@ def get_parser():
     parser.add_argument("--device", default="auto", help="passed to every stage (default: auto)")
     parser.add_argument("--seed", type=int, default=100, help="passed to every stage (default: 100)")
     parser.add_argument("--no_controls", action="store_true", help="skip the two control students")
+    parser.add_argument("--nproc_per_node", type=int, default=1,
+                        help="processes (GPUs) per training stage; above 1 the stages run under "
+                             "torchrun and each process gets global batch / N images per step "
+                             "(default: 1)")
     for stage in ("clean", "badencoder", "mimic", "downstream"):
         parser.add_argument(f"--{stage}_args", default="",
                             help=f"extra flags appended to every {stage} command (default: none)")
@@ -72,12 +79,19 @@ def get_parser():
 class Runner:
     """Runs stage scripts as subprocesses, skipping finished ones and timing the rest."""
 
-    def __init__(self, out_dir, common):
-        self.out_dir, self.common = out_dir, common
+    def __init__(self, out_dir, common, nproc=1):
+        self.out_dir, self.common, self.nproc = out_dir, common, nproc
         self.times_path = out_dir / "stage_times.json"
         self.times = json.loads(self.times_path.read_text()) if self.times_path.exists() else {}
 
-    def stage(self, name, script, args, stage_dir):
+    def launcher(self, parallel):
+        """How a stage is started: python, or torchrun with nproc processes for a training stage."""
+        if parallel and self.nproc > 1:
+            return [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                    f"--nproc_per_node={self.nproc}"]
+        return [sys.executable, "-u"]
+
+    def stage(self, name, script, args, stage_dir, parallel=False):
         if (stage_dir / "results.json").exists():
             print(f"\n== {name}: done earlier ({stage_dir / 'results.json'}), skipped")
             return json.loads((stage_dir / "results.json").read_text())
@@ -85,7 +99,7 @@ class Runner:
             args = args + ["--resume"]
         elif stage_dir.exists():
             args = args + ["--overwrite"]
-        cmd = [sys.executable, "-u", script, *map(str, args), *self.common, "--results_dir", str(stage_dir)]
+        cmd = [*self.launcher(parallel), script, *map(str, args), *self.common, "--results_dir", str(stage_dir)]
         print(f"\n== {name}\n$ {shlex.join(cmd[1:])}", flush=True)
         t0 = time.time()
         if subprocess.run(cmd, cwd=ROOT).returncode != 0:
@@ -93,6 +107,15 @@ class Runner:
         self.times[name] = round(time.time() - t0, 1)
         save_json(self.times_path, self.times)
         return json.loads((stage_dir / "results.json").read_text())
+
+
+def batch_args(preset, stage, nproc):
+    """--batch_size for one process of a stage: the preset's global batch shared among nproc."""
+    batch = preset["global_batch"][stage]
+    if batch % nproc:
+        raise UserError(f"the {stage} stage's global batch of {batch} does not split among "
+                        f"--nproc_per_node {nproc} processes; choose a divisor of {batch}")
+    return ["--batch_size", str(batch // nproc)]
 
 
 def check_demo(rows):
@@ -144,17 +167,22 @@ def main(args):
 
     common = ["--data_dir", str(data_dir), "--device", args.device, "--seed", str(args.seed)]
     extra = {s: shlex.split(getattr(args, f"{s}_args")) for s in ("clean", "badencoder", "mimic", "downstream")}
-    runner = Runner(out_dir, common)
+    if args.nproc_per_node < 1:
+        raise UserError(f"--nproc_per_node must be at least 1, got {args.nproc_per_node}")
+    batch = {s: batch_args(preset, s, args.nproc_per_node) for s in preset["global_batch"]}
+    runner = Runner(out_dir, common, args.nproc_per_node)
     ds = preset["pretraining_dataset"]
     clean = runner.stage("stage 0: clean encoder", "train_clean_encoder.py",
-                         ["--pretraining_dataset", ds, *preset["clean"], *extra["clean"]], out_dir / "clean")
+                         ["--pretraining_dataset", ds, *preset["clean"], *batch["clean"], *extra["clean"]],
+                         out_dir / "clean", parallel=True)
     task_rows = {}
     for task in preset["tasks"]:
         name = task["dataset"]
         bad = runner.stage(f"stage 1: BadEncoder ({name})", "train_badencoder.py",
                            ["--pretraining_dataset", ds, "--downstreamTask", name, "--trigger_file", TRIGGER,
                             "--reference_file", task["reference"], "--pretrained_encoder", clean["encoder"],
-                            *preset["badencoder"], *extra["badencoder"]], out_dir / f"badencoder_{name}")
+                            *preset["badencoder"], *batch["badencoder"], *extra["badencoder"]],
+                           out_dir / f"badencoder_{name}", parallel=True)
         students = {"MIMIC": []}
         if not args.no_controls:
             students["no-teacher control"] = NO_TEACHER
@@ -165,7 +193,8 @@ def main(args):
                       "uniform-weights control": "uniform"}[label]
             res = runner.stage(f"stage 2: {label} ({name})", "MIMIC.py",
                                ["--pretraining_dataset", ds, "--teacher", bad["encoder"],
-                                *preset["mimic"], *extra["mimic"], *flags], out_dir / f"{folder}_{name}")
+                                *preset["mimic"], *batch["mimic"], *extra["mimic"], *flags],
+                               out_dir / f"{folder}_{name}", parallel=True)
             encoders[label] = res["encoder"]
         rows = {}
         for label, encoder in encoders.items():

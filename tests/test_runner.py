@@ -36,3 +36,18 @@ def test_paper_preset_names_the_missing_data(tmp_path):
                                         rf"train\.npz, .*gtsrb/train\.npz.*reference/cifar10/priority\.npz.*\. "
                                         rf"Create it with: python prepare_data.py --dataset all --download"):
         run_pipeline.main(args)
+
+
+def test_nproc_shares_the_global_batch_and_launches_training_stages_with_torchrun(tmp_path):
+    preset = run_pipeline.PAPER
+    assert run_pipeline.batch_args(preset, "clean", 1) == ["--batch_size", "256"]
+    assert run_pipeline.batch_args(preset, "clean", 4) == ["--batch_size", "64"]
+    assert run_pipeline.batch_args(preset, "mimic", 8) == ["--batch_size", "16"]
+    with pytest.raises(UserError, match="the mimic stage's global batch of 128 does not split among "
+                                        "--nproc_per_node 3 processes; choose a divisor of 128"):
+        run_pipeline.batch_args(preset, "mimic", 3)
+    runner = run_pipeline.Runner(tmp_path, [], nproc=4)
+    assert runner.launcher(parallel=True)[1:] == ["-m", "torch.distributed.run", "--standalone",
+                                                  "--nproc_per_node=4"]
+    assert runner.launcher(parallel=False)[1:] == ["-u"]             # downstream: one process
+    assert run_pipeline.Runner(tmp_path, []).launcher(parallel=True)[1:] == ["-u"]
