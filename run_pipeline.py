@@ -1,6 +1,6 @@
 """Run the whole pipeline with one command: clean encoder -> BadEncoder -> MIMIC -> ACC/ASR.
 
-    python run_pipeline.py                   # the CPU demo on generated data (about 14 minutes on 2 cores)
+    python run_pipeline.py                   # the CPU demo on generated data (about 15 minutes on 2 cores)
     python run_pipeline.py --preset paper    # the paper's settings on prepared CIFAR-10/GTSRB/SVHN/STL-10 (GPU)
     python run_pipeline.py --preset paper --nproc_per_node 4   # the same, training stages on 4 GPUs
 
