@@ -26,7 +26,7 @@ from datasets.loader import ViewLoader, to_input
 from models import (BLOCKS, attention_transfer, build_encoder, clone_loss, encoder_checkpoint,
                     estimate_mi, load_encoder, mi_to_weights, nt_xent)
 from utils import (RunLog, UserError, add_distributed_args, add_run_args, autocast, check_finite, distribute,
-                   fast_paths, gather_objects, get_rank, get_world_size, is_main, mean_over_ranks, progress,
+                   fast_paths, gather_objects, get_rank, get_world_size, global_batch, is_main, mean_over_ranks, progress,
                    resume_state, run_cli, save_epoch, save_json, start_run)
 
 
@@ -102,7 +102,7 @@ def locate_knowledge(model, images, mean, std, device, args):
     if args.attention == "uniform":
         return {"mi": [0.0] * len(BLOCKS), "weights": mi_to_weights([0.0] * len(BLOCKS), base, args.mi_scale),
                 "history": []}
-    batch_size = args.batch_size * get_world_size()
+    batch_size, _ = global_batch(args.batch_size)
     blocks, z = block_activations(model, images, mean, std, device, batch_size)
     mine = {}
     for i in range(get_rank(), len(BLOCKS), get_world_size()):
@@ -168,11 +168,11 @@ def main(args):
     mean, std = normalization(args.pretraining_dataset)
     x, _ = load_split(args.data_dir, args.pretraining_dataset, "train")
     subset = x[:int(args.ratio * len(x))]
-    world = get_world_size()
-    if len(subset) < args.batch_size * world:
+    images_per_step, batch_text = global_batch(args.batch_size)
+    if len(subset) < images_per_step:
         raise UserError(f"the clean subset ({len(subset)} images = {args.ratio} x {len(x)}) is smaller "
-                        f"than one batch of {args.batch_size}" + (f" x {world} processes" if world > 1 else "") +
-                        ", and incomplete batches are dropped: raise --ratio or lower --batch_size")
+                        f"than one batch of {batch_text}, and incomplete batches are dropped: "
+                        f"raise --ratio or lower --batch_size")
 
     amp, channels_last = fast_paths(args, device)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format

@@ -21,7 +21,7 @@ from datasets.loader import ViewLoader, extract_features
 from models import SimCLR, encoder_checkpoint, nt_xent
 from models.knn import knn_predict
 from utils import (RunLog, UserError, add_distributed_args, add_run_args, autocast, check_finite, distribute,
-                   fast_paths, get_world_size, is_main, mean_over_ranks, progress, resume_state, run_cli,
+                   fast_paths, global_batch, is_main, mean_over_ranks, progress, resume_state, run_cli,
                    save_epoch, start_run)
 
 
@@ -93,11 +93,10 @@ def main(args):
     out_dir, device = start_run(args, args.resume, distributed=True)
     mean, std = normalization(args.pretraining_dataset)
     train_x, train_y = load_split(args.data_dir, args.pretraining_dataset, "train")
-    world = get_world_size()
-    if len(train_x) < args.batch_size * world:
+    images_per_step, batch_text = global_batch(args.batch_size)
+    if len(train_x) < images_per_step:
         raise UserError(f"{len(train_x)} training images are fewer than one batch of --batch_size "
-                        f"{args.batch_size}" + (f" x {world} processes" if world > 1 else "") +
-                        "; lower --batch_size")
+                        f"{batch_text}; lower --batch_size")
     test = None
     if args.knn_freq > 0 and is_main():
         test = load_split(args.data_dir, args.pretraining_dataset, "test")

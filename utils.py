@@ -101,7 +101,7 @@ def start_run(args, resume=False, distributed=False):
     if distributed:
         device = init_distributed(args.device)
     else:
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        if launched_processes() > 1:
             raise UserError(f"{Path(sys.argv[0]).name} runs in one process; launch it with python, "
                             f"not torchrun")
         device = resolve_device(args.device)
@@ -151,6 +151,17 @@ def is_main():
     return get_rank() == 0
 
 
+def launched_processes():
+    """How many processes torchrun started for this run (1 without torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def global_batch(batch_size):
+    """(images per step over all processes, how to say it): --batch_size is per process."""
+    world = get_world_size()
+    return batch_size * world, f"{batch_size} x {world} processes" if world > 1 else str(batch_size)
+
+
 def init_distributed(device_name):
     """Join the process group that torchrun describes in the environment and return this
     process's device; without torchrun (or with one process) just resolve --device.
@@ -158,8 +169,7 @@ def init_distributed(device_name):
     CUDA processes use cuda:LOCAL_RANK and NCCL, CPU processes gloo. Processes other than rank 0
     print nothing (their errors still reach stderr).
     """
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
+    if launched_processes() <= 1:
         return resolve_device(device_name)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = resolve_device(device_name)
