@@ -150,6 +150,9 @@ def markdown(task_rows, times):
 
 def main(args):
     preset = PRESETS[args.preset]
+    if args.nproc_per_node < 1:
+        raise UserError(f"--nproc_per_node must be at least 1, got {args.nproc_per_node}")
+    batch = {s: batch_args(preset, s, args.nproc_per_node) for s in preset["global_batch"]}
     out_dir = Path(args.results_dir or f"output/{args.preset}").resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     data_dir = Path(args.data_dir).resolve()
@@ -167,9 +170,6 @@ def main(args):
 
     common = ["--data_dir", str(data_dir), "--device", args.device, "--seed", str(args.seed)]
     extra = {s: shlex.split(getattr(args, f"{s}_args")) for s in ("clean", "badencoder", "mimic", "downstream")}
-    if args.nproc_per_node < 1:
-        raise UserError(f"--nproc_per_node must be at least 1, got {args.nproc_per_node}")
-    batch = {s: batch_args(preset, s, args.nproc_per_node) for s in preset["global_batch"]}
     runner = Runner(out_dir, common, args.nproc_per_node)
     ds = preset["pretraining_dataset"]
     clean = runner.stage("stage 0: clean encoder", "train_clean_encoder.py",

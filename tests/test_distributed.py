@@ -194,3 +194,22 @@ def test_mimic_on_two_processes_shares_out_the_mi_and_every_rank_uses_the_same_w
     assert two["weights"] == pytest.approx(one["weights"], rel=1e-3)
     results = json.loads((out / "mimic/results.json").read_text())
     assert list(results["attention_weights"].values()) == two["weights"]
+
+
+def test_batch_size_is_per_process_in_messages(monkeypatch):
+    import utils
+    assert utils.global_batch(64) == (64, "64")
+    monkeypatch.setattr(utils, "get_world_size", lambda: 4)
+    assert utils.global_batch(64) == (256, "64 x 4 processes")
+
+
+def test_torchvision_augmentation_under_torchrun_needs_workers(monkeypatch):
+    import numpy as np
+
+    import datasets.loader as loader
+    monkeypatch.setattr(loader, "get_world_size", lambda: 2)
+    images = np.zeros((8, 32, 32, 3), dtype=np.uint8)
+    with pytest.raises(UserError, match=r"--augment torchvision under torchrun needs --num_workers >= 1, so that "
+                                        r"each process's workers draw their own augmentations"):
+        loader.ViewLoader(images, 4, (0.5,) * 3, (0.25,) * 3, torch.device("cpu"), augment="torchvision")
+    loader.ViewLoader(images, 4, (0.5,) * 3, (0.25,) * 3, torch.device("cpu"), augment="torchvision", num_workers=1)

@@ -51,3 +51,13 @@ def test_nproc_shares_the_global_batch_and_launches_training_stages_with_torchru
                                                   "--nproc_per_node=4"]
     assert runner.launcher(parallel=False)[1:] == ["-u"]             # downstream: one process
     assert run_pipeline.Runner(tmp_path, []).launcher(parallel=True)[1:] == ["-u"]
+
+
+def test_bad_process_count_is_refused_before_any_work(tmp_path):
+    for nproc, message in ((0, "--nproc_per_node must be at least 1, got 0"),
+                           (3, "the clean stage's global batch of 128 does not split among --nproc_per_node 3")):
+        args = run_pipeline.get_parser().parse_args(
+            ["--nproc_per_node", str(nproc), "--data_dir", str(tmp_path / "data"), "--results_dir", str(tmp_path / "out")])
+        with pytest.raises(UserError, match=message):
+            run_pipeline.main(args)
+        assert not (tmp_path / "data").exists() and not (tmp_path / "out").exists()   # nothing generated
