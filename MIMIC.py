@@ -25,9 +25,14 @@ from datasets import load_split, normalization
 from datasets.loader import ViewLoader, to_input
 from models import (BLOCKS, attention_transfer, build_encoder, clone_loss, encoder_checkpoint,
                     estimate_mi, load_encoder, mi_to_weights, nt_xent)
-from utils import (RunLog, UserError, add_distributed_args, add_run_args, autocast, check_finite, distribute,
-                   fast_paths, gather_objects, get_rank, get_world_size, global_batch, is_main, mean_over_ranks, progress,
-                   resume_state, run_cli, save_epoch, save_json, start_run)
+from utils.cli import add_distributed_args, add_run_args, run_cli
+from utils.device import autocast, fast_paths
+from utils.distributed import (distribute, gather_objects, get_rank, get_world_size, global_batch, is_main,
+                               mean_over_ranks)
+from utils.errors import UserError
+from utils.files import save_json
+from utils.logs import RunLog, check_finite, progress
+from utils.stage import resume_state, save_epoch, start_run
 
 
 def get_parser():

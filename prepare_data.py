@@ -26,7 +26,8 @@ from datasets.prepare import (DEFAULT_REFERENCE_COUNT, DEFAULT_RESIZE_FILTER, DE
                               PAPER_DATASETS, PAPER_REFERENCES, RESIZE_FILTERS, format_table,
                               make_reference, prepare_image_folder, prepare_paper_dataset,
                               prepare_references, reference_path, size_warnings)
-from utils import UserError, run_cli
+from utils.cli import run_cli
+from utils.errors import UserError
 
 SPLIT_COLUMNS = ["dataset", "split", "images", "expected", "shape", "dtype", "labels", "status"]
 REFERENCE_COLUMNS = ["file", "source", "label", "images", "status"]

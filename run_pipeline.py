@@ -22,7 +22,9 @@ from pathlib import Path
 
 from datasets import demo
 from datasets.npz import split_path
-from utils import UserError, run_cli, save_json
+from utils.cli import run_cli
+from utils.errors import UserError
+from utils.files import save_json
 
 ROOT = Path(__file__).resolve().parent
 TRIGGER = "trigger/trigger_pt_white_21_10_ap_replace.npz"

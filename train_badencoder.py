@@ -25,8 +25,12 @@ from datasets import load_reference, load_split, load_trigger, normalization, st
 from datasets.augment import BatchAugment
 from datasets.loader import extract_features, index_batches, to_input
 from models import badencoder_loss, encoder_checkpoint, load_encoder
-from utils import (RunLog, UserError, add_run_args, autocast, check_finite, distribute, fast_paths,
-                   mean_over_ranks, progress, resume_state, run_cli, save_epoch, start_run)
+from utils.cli import add_run_args, run_cli
+from utils.device import autocast, fast_paths
+from utils.distributed import distribute, mean_over_ranks
+from utils.errors import UserError
+from utils.logs import RunLog, check_finite, progress
+from utils.stage import resume_state, save_epoch, start_run
 
 # Reference file the attack uses for each downstream task, when --reference_file is not given.
 DEFAULT_REFERENCE = {"gtsrb": "priority", "stl10": "truck", "svhn": "one"}

@@ -20,9 +20,12 @@ from datasets import load_split, normalization
 from datasets.loader import ViewLoader, extract_features
 from models import SimCLR, encoder_checkpoint, nt_xent
 from models.knn import knn_predict
-from utils import (RunLog, UserError, add_distributed_args, add_run_args, autocast, check_finite, distribute,
-                   fast_paths, global_batch, is_main, mean_over_ranks, progress, resume_state, run_cli,
-                   save_epoch, start_run)
+from utils.cli import add_distributed_args, add_run_args, run_cli
+from utils.device import autocast, fast_paths
+from utils.distributed import distribute, global_batch, is_main, mean_over_ranks
+from utils.errors import UserError
+from utils.logs import RunLog, check_finite, progress
+from utils.stage import resume_state, save_epoch, start_run
 
 
 def get_parser():

@@ -24,7 +24,10 @@ from datasets import load_reference, load_split, load_trigger, normalization, st
 from datasets.loader import extract_features, index_batches
 from models import DownstreamClassifier, load_encoder
 from models.metrics import backdoor_metrics
-from utils import (RunLog, UserError, add_run_args, run_cli, start_run)
+from utils.cli import add_run_args, run_cli
+from utils.errors import UserError
+from utils.logs import RunLog
+from utils.stage import start_run
 
 
 def get_parser():

@@ -25,7 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
-from utils import UserError, atomic_write, run_cli
+from utils.cli import run_cli
+from utils.errors import UserError
+from utils.files import atomic_write
 
 from .npz import load_split, read_images_npz, save_reference, save_split, split_path
 

@@ -9,7 +9,9 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from utils import UserError, get_rank, get_world_size, progress
+from utils.distributed import get_rank, get_world_size
+from utils.errors import UserError
+from utils.logs import progress
 
 from .augment import BatchAugment, normalize, torchvision_pipeline
 

@@ -3,7 +3,8 @@ from pathlib import Path
 
 import numpy as np
 
-from utils import UserError, atomic_write
+from utils.errors import UserError
+from utils.files import atomic_write
 
 # Per-channel mean and std of the pre-training set an encoder was trained on (its "usage info").
 # The one table of normalisation statistics; every stage looks names up here.

@@ -40,7 +40,8 @@ from torchvision import datasets as tv_datasets
 from torchvision.datasets.folder import find_classes
 from tqdm import tqdm
 
-from utils import UserError, atomic_write
+from utils.errors import UserError
+from utils.files import atomic_write
 
 from .npz import read_images_npz, save_reference, save_split, split_path
 

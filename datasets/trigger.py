@@ -7,7 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from utils import UserError, atomic_write
+from utils.errors import UserError
+from utils.files import atomic_write
 
 
 def stamp_trigger(x, t, tm):

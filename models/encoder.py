@@ -11,7 +11,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
-from utils import UserError, load_checkpoint
+from utils.errors import UserError
+from utils.files import load_checkpoint
 
 ARCHS = {
     "resnet18": (BasicBlock, (2, 2, 2, 2)),

@@ -8,7 +8,7 @@ import math
 import torch
 import torch.nn as nn
 
-from utils import progress
+from utils.logs import progress
 
 
 class StatisticsNetwork(nn.Module):

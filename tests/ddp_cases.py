@@ -16,8 +16,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import MIMIC  # noqa: E402
 from datasets.loader import ViewLoader  # noqa: E402
 from models import SimCLR, nt_xent  # noqa: E402
-from utils import (UserError, distribute, get_rank, get_world_size, init_distributed,  # noqa: E402
-                   mean_over_ranks)
+from utils.distributed import distribute, get_rank, get_world_size, init_distributed, mean_over_ranks  # noqa: E402
+from utils.errors import UserError  # noqa: E402
 
 GLOBAL_BATCH = 8
 LR = 0.5                      # plain SGD, so a weight difference is lr times a gradient difference

@@ -6,7 +6,7 @@ import pytest
 from datasets.demo import (DOWNSTREAM_CLASSES, DOWNSTREAM_NAME, MAX_VALUE, PRETRAIN_CLASSES,
                            PRETRAIN_NAME, build_parser, main, make_demo_data, make_split)
 from datasets.npz import load_reference, load_split
-from utils import UserError
+from utils.errors import UserError
 
 N = 1000  # images per split in these tests: 100 per class
 PER_CLASS = N // 10

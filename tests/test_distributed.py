@@ -14,7 +14,8 @@ import pytest
 import torch
 
 import ddp_cases
-from utils import UserError, start_run
+from utils.errors import UserError
+from utils.stage import start_run
 
 ROOT = Path(__file__).resolve().parent.parent
 TRIGGER = "trigger/trigger_pt_white_21_10_ap_replace.npz"
@@ -197,10 +198,10 @@ def test_mimic_on_two_processes_shares_out_the_mi_and_every_rank_uses_the_same_w
 
 
 def test_batch_size_is_per_process_in_messages(monkeypatch):
-    import utils
-    assert utils.global_batch(64) == (64, "64")
-    monkeypatch.setattr(utils, "get_world_size", lambda: 4)
-    assert utils.global_batch(64) == (256, "64 x 4 processes")
+    import utils.distributed
+    assert utils.distributed.global_batch(64) == (64, "64")
+    monkeypatch.setattr(utils.distributed, "get_world_size", lambda: 4)
+    assert utils.distributed.global_batch(64) == (256, "64 x 4 processes")
 
 
 def test_torchvision_augmentation_under_torchrun_needs_workers(monkeypatch):

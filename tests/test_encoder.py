@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from models import SimCLR, load_encoder
-from utils import UserError
+from utils.errors import UserError
 
 
 def test_state_dict_keys_and_shapes_match_published_layout():

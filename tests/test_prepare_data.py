@@ -13,7 +13,7 @@ import prepare_data
 from datasets.npz import load_reference, load_split, save_split, split_path
 from datasets.prepare import (EXPECTED_SIZES, PAPER_REFERENCES, make_reference, prepare_image_folder,
                               prepare_paper_dataset, prepare_references, reference_path, size_warnings)
-from utils import UserError
+from utils.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -14,7 +14,8 @@ import train_clean_encoder
 import training_downstream_classifier as downstream
 from datasets import load_split, save_split
 from models import SimCLR, load_encoder
-from utils import UserError, save_checkpoint
+from utils.errors import UserError
+from utils.files import save_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 TRIGGER = str(ROOT / "trigger/trigger_pt_white_21_10_ap_replace.npz")

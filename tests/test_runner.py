@@ -2,7 +2,7 @@
 import pytest
 
 import run_pipeline
-from utils import UserError
+from utils.errors import UserError
 
 
 def row(acc, asr):

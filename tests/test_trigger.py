@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from datasets import load_trigger, make_square_trigger, stamp_trigger
-from utils import UserError
+from utils.errors import UserError
 
 ROOT = Path(__file__).resolve().parent.parent
 

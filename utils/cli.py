@@ -1,0 +1,70 @@
+"""The command line every stage shares: common flags, and the wrapper that turns expected
+failures into one `error: ...` line and exit code 2."""
+import os
+import sys
+import traceback
+
+import torch.distributed as dist
+
+from .distributed import get_rank, get_world_size
+from .errors import UserError
+
+
+def add_run_args(parser, seed, save_freq=None):
+    """Flags every stage shares: where to run, where to write, how to restart."""
+    group = parser.add_argument_group("run")
+    group.add_argument("--device", default="auto",
+                       help="auto (cuda if available, else cpu), cpu, cuda or cuda:N (default: auto)")
+    group.add_argument("--seed", type=int, default=seed, help=f"random seed (default: {seed})")
+    group.add_argument("--data_dir", default="data",
+                       help="folder holding <dataset>/<split>.npz (default: data)")
+    group.add_argument("--num_workers", type=int, default=0,
+                       help="DataLoader worker processes for the torchvision augmentation path; "
+                            "the default batched augmentation runs on --device and needs none (default: 0)")
+    group.add_argument("--amp", default="auto", choices=["auto", "on", "off"],
+                       help="bfloat16 autocast of the training forward passes (losses stay float32); "
+                            "auto = on for CUDA, off for CPU (default: auto)")
+    group.add_argument("--channels_last", default="auto", choices=["auto", "on", "off"],
+                       help="channels-last memory format for the encoders; auto = on for CUDA, off for CPU "
+                            "(default: auto)")
+    if save_freq is not None:
+        group.add_argument("--save_freq", type=int, default=save_freq,
+                           help=f"also keep model_<epoch>.pth every this many epochs; the last epoch "
+                                f"is always saved (default: {save_freq})")
+        group.add_argument("--resume", action="store_true",
+                           help="continue the run in --results_dir from its checkpoint.pth "
+                                "(model, optimiser, epoch and RNG states)")
+    group.add_argument("--overwrite", action="store_true",
+                       help="allow writing into a --results_dir that already holds a run")
+    group.add_argument("--debug", action="store_true",
+                       help="show full tracebacks instead of one-line error messages")
+    return group
+
+
+def add_distributed_args(group):
+    """--sync_bn, for the stages that train BatchNorm layers under torchrun."""
+    group.add_argument("--sync_bn", action="store_true",
+                       help="under torchrun, compute BatchNorm statistics over the global batch "
+                            "(SyncBatchNorm; CUDA only in PyTorch) instead of each process's own "
+                            "--batch_size images (default: off)")
+
+
+def run_cli(main, parser, argv=None):
+    """Parse the arguments and run main(args); expected failures exit with one line on stderr."""
+    args = parser.parse_args(argv)
+    debug = getattr(args, "debug", False) or os.environ.get("MIMIC_DEBUG") == "1"
+    try:
+        return main(args)
+    except UserError as err:
+        if debug:
+            traceback.print_exc()
+        where = f"rank {get_rank()}: " if get_world_size() > 1 else ""
+        print(f"{where}error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("\ninterrupted: the last finished epoch is in checkpoint.pth; continue with --resume",
+              file=sys.stderr)
+        sys.exit(130)
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()

@@ -1,0 +1,76 @@
+"""What a run shows and records: progress bars, the per-epoch log files, the non-finite loss guard."""
+import csv
+import json
+import math
+from pathlib import Path
+
+from tqdm import tqdm
+
+from .distributed import is_main
+from .files import save_json
+from .errors import UserError
+
+
+def progress(iterable, desc, **kwargs):
+    """A tqdm bar, shown in the main process only, refreshed at most once a second."""
+    kwargs.setdefault("leave", False)
+    kwargs.setdefault("mininterval", 1)
+    return tqdm(iterable, desc=desc, disable=not is_main(), **kwargs)
+
+
+class RunLog:
+    """args.json at start, one JSON line and one CSV row per epoch, results.json at the end."""
+
+    def __init__(self, out_dir, args, resume_epoch=None):
+        self.dir = Path(out_dir)
+        self.jsonl = self.dir / "log.jsonl"
+        self.csv = self.dir / "log.csv"
+        self.writes = is_main()             # under torchrun only rank 0 writes
+        if not self.writes:
+            return
+        save_json(self.dir / "args.json", vars(args))
+        if resume_epoch is None:
+            for f in (self.jsonl, self.csv):
+                f.unlink(missing_ok=True)
+        else:
+            self._truncate(resume_epoch)
+
+    def _truncate(self, last_epoch):
+        """On resume drop log lines of epochs after the checkpoint, which will be redone."""
+        rows = [r for r in self.read() if r.get("epoch", 0) <= last_epoch]
+        for f in (self.jsonl, self.csv):
+            f.unlink(missing_ok=True)
+        for row in rows:
+            self.log(row, echo=False)
+
+    def read(self):
+        if not self.jsonl.exists():
+            return []
+        with open(self.jsonl) as fh:
+            return [json.loads(line) for line in fh if line.strip()]
+
+    def log(self, row, echo=True):
+        """Append one epoch's row to log.jsonl and log.csv (and print it)."""
+        if not self.writes:
+            return
+        if echo:
+            print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+        with open(self.jsonl, "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+        new = not self.csv.exists()
+        with open(self.csv, "a", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=list(row), extrasaction="ignore")
+            if new:
+                writer.writeheader()
+            writer.writerow(row)
+
+    def results(self, results):
+        if self.writes:
+            save_json(self.dir / "results.json", results)
+
+
+def check_finite(value, epoch, step, out_dir):
+    """Stop on a NaN or infinite loss; the checkpoint of the previous epoch is left as it was."""
+    if not math.isfinite(value):
+        raise UserError(f"loss became {value} at epoch {epoch}, step {step}; stopped. The last good "
+                        f"checkpoint is {Path(out_dir) / 'checkpoint.pth'} (lower --lr and --resume)")
