@@ -1,0 +1,1 @@
+"""Summary statistics and figures of results folders."""

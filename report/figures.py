@@ -1,0 +1,390 @@
+"""Figures of a results folder written by run_pipeline.py (one seed, or seed_* subfolders).
+
+Each figure has a pure function that extracts the numbers (plain lists and dicts, tested against
+hand-made folders) and a draw function that only lays them out and writes a PNG. plot_results()
+finds what exists in a folder and draws it into <results_dir>/figures/, skipping what is absent,
+so it can run on a pipeline that stopped half way.
+"""
+import json
+import math
+import sys
+import textwrap
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+
+matplotlib.use("Agg")   # files only: no display on servers and in tests
+import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
+from matplotlib.patches import Patch  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+from report.stats import METRIC_LABELS, summarize_seeds  # noqa: E402
+
+DPI = 120
+NOT_PLOTTED = ("epoch", "seconds")
+TERM_LABELS = {"loss": "total loss", "loss0": "loss0 (backdoor effectiveness)",
+               "loss1": "loss1 (reference preserving)", "loss2": "loss2 (utility)",
+               "nce": "InfoNCE (contrastive)", "at": "attention transfer (weighted)",
+               "clone": "feature clone"}
+ENCODER_LABELS = {"mimic": "MIMIC", "no_teacher": "no-teacher control", "uniform": "uniform-weights control"}
+GRID_ROWS = ("clean", "triggered", "reference", "view 1", "view 2")
+
+
+class NothingToPlot(ValueError):
+    """The source exists but holds no numbers yet (e.g. a stage that has not finished an epoch)."""
+
+
+# ---------------------------------------------------------------- reading
+
+def read_json(source):
+    """A dict passed through, or the parsed JSON file at a path."""
+    return source if isinstance(source, dict) else json.loads(Path(source).read_text())
+
+
+def read_log(path):
+    """Rows of a log.jsonl; a line cut short by an interrupted run is skipped rather than fatal."""
+    rows = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
+
+
+def _is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+# ---------------------------------------------------------------- extraction (pure)
+
+def bar_data(stats, task):
+    """Encoders, metrics and per-metric lists of means and stds for one task of summarize_seeds()."""
+    rows = stats[task]
+    encoders = list(rows)
+    metrics = [m for m in METRIC_LABELS if any(m in rows[e] for e in encoders)]
+    nan = float("nan")     # a metric missing for one encoder leaves a gap, not a zero-height bar
+    means = {m: [rows[e][m]["mean"] if m in rows[e] else nan for e in encoders] for m in metrics}
+    stds = {m: [rows[e][m]["std"] if m in rows[e] else 0.0 for e in encoders] for m in metrics}
+    seeds = max((len(c["values"]) for r in rows.values() for c in r.values()), default=0)
+    return {"encoders": encoders, "metrics": metrics, "means": means, "stds": stds, "seeds": seeds}
+
+
+def log_series(rows, skip=NOT_PLOTTED):
+    """{column: {"epoch": [...], "value": [...]}} for every numeric column except `skip`.
+
+    A column present on some rows only (kNN accuracy is measured every --knn_freq epochs) gets
+    exactly the epochs where it was logged.
+    """
+    series = {}
+    for i, row in enumerate(rows):
+        epoch = row.get("epoch", i + 1)
+        for name, value in row.items():
+            if name not in skip and _is_number(value):
+                column = series.setdefault(name, {"epoch": [], "value": []})
+                column["epoch"].append(epoch)
+                column["value"].append(value)
+    return series
+
+
+def mi_data(mi):
+    """Blocks, MI (nats), attention weights and the converged flags (None when not recorded)."""
+    values = list(mi.get("mi", []))
+    blocks = list(mi.get("blocks") or [f"block {i + 1}" for i in range(len(values))])
+    converged = mi.get("converged")
+    return {"blocks": blocks, "mi": values, "weights": list(mi.get("weights", [])),
+            "converged": list(converged) if converged is not None else None,
+            "mi_model": mi.get("mi_model", "")}
+
+
+def mi_history_series(mi):
+    """{block: [bound at epoch 1, 2, ...]} for the blocks with a recorded history."""
+    blocks = mi_data(mi)["blocks"]
+    return {b: list(h) for b, h in zip(blocks, mi.get("history") or []) if h}
+
+
+def eval_rows(eval_dir):
+    """Per-epoch rows of a downstream evaluation: the curve in results.json, else log.jsonl
+    (a run that has not finished has only the log)."""
+    eval_dir = Path(eval_dir)
+    try:
+        return read_json(eval_dir / "results.json")["curve"]
+    except (OSError, ValueError, KeyError):
+        return read_log(eval_dir / "log.jsonl") if (eval_dir / "log.jsonl").exists() else []
+
+
+def _dataset_of(eval_dir):
+    """The evaluated dataset from results.json, else from args.json, else the folder name."""
+    for name in ("results.json", "args.json"):
+        try:
+            return read_json(eval_dir / name)["dataset"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return eval_dir.name
+
+
+def eval_groups(run_dir):
+    """{dataset: {encoder label: eval folder}} of <run_dir>/eval, so each task gets one figure.
+
+    The label is the folder name without its `_<dataset>` suffix, spelled as in summary.json when known.
+    """
+    groups = {}
+    root = Path(run_dir) / "eval"
+    folders = sorted(root.iterdir()) if root.is_dir() else []
+    for folder in folders:
+        if not ((folder / "results.json").exists() or (folder / "log.jsonl").exists()):
+            continue
+        dataset = str(_dataset_of(folder))
+        name = folder.name.removesuffix(f"_{dataset}")
+        groups.setdefault(dataset, {})[ENCODER_LABELS.get(name, name)] = folder
+    return groups
+
+
+def stage_dirs(run_dir):
+    """Training stage folders of a run: direct subfolders holding a log.jsonl."""
+    return [d for d in sorted(Path(run_dir).iterdir()) if d.is_dir() and (d / "log.jsonl").exists()]
+
+
+def seed_folders(results_dir):
+    """{seed: folder} of the seed_* subfolders that hold a summary.json (seed as int when numeric)."""
+    found = {}
+    for folder in sorted(Path(results_dir).glob("seed_*")):
+        if (folder / "summary.json").exists():
+            seed = folder.name.removeprefix("seed_")
+            found[int(seed) if seed.isdigit() else seed] = folder
+    return dict(sorted(found.items(), key=lambda kv: (isinstance(kv[0], str), kv[0])))
+
+
+def summary_results(run_dir):
+    """The `results` dict of a run's summary.json, {} when it is absent or unreadable."""
+    try:
+        return read_json(Path(run_dir) / "summary.json")["results"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+
+
+def to_uint8(images):
+    """(N,H,W,3) uint8 from uint8 NHWC or float [0,1] arrays, NCHW accepted (a converted tensor)."""
+    a = np.asarray(images)
+    if a.ndim != 4:
+        raise ValueError(f"expected a batch of images (N,H,W,3), got shape {a.shape}")
+    if a.shape[-1] not in (1, 3) and a.shape[1] in (1, 3):
+        a = a.transpose(0, 2, 3, 1)
+    if a.dtype != np.uint8:
+        a = np.clip(np.rint(a * 255.0), 0, 255).astype(np.uint8)
+    return np.repeat(a, 3, axis=-1) if a.shape[-1] == 1 else a
+
+
+def grid_rows(images_clean, images_triggered, references, view1, view2, max_columns=8):
+    """[(row label, uint8 NHWC)] in the fixed order, rows given as None left out, at most max_columns each."""
+    given = zip(GRID_ROWS, (images_clean, images_triggered, references, view1, view2))
+    return [(label, to_uint8(images)[:max_columns]) for label, images in given if images is not None]
+
+
+# ---------------------------------------------------------------- drawing
+
+def _save(fig, path):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=DPI, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def _panels(n, width=4.0, height=3.2, columns=3):
+    """A grid of n axes, at most `columns` wide, the unused ones hidden."""
+    cols = min(columns, n)
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False)
+    axes = axes.ravel()
+    for ax in axes[n:]:
+        ax.set_visible(False)
+    return fig, axes[:n]
+
+
+def _epoch_axis(ax):
+    """Whole epochs on the x axis: a 3-epoch run should not show epoch 1.5."""
+    ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+
+
+def acc_asr_bars(stats, path):
+    """Grouped bars (one group per encoder) of ACC, ASR and ASR excl. target; one panel per task.
+    Error bars show the seed std and are left out when every std is zero (a single seed)."""
+    if not stats:
+        raise NothingToPlot("no results to plot")
+    fig, axes = _panels(len(stats), width=6.0, height=4.2, columns=2)
+    seeds = 0
+    for ax, task in zip(axes, stats):
+        data = bar_data(stats, task)
+        seeds = max(seeds, data["seeds"])
+        x = np.arange(len(data["encoders"]))
+        width = 0.8 / max(len(data["metrics"]), 1)
+        for i, m in enumerate(data["metrics"]):
+            stds = data["stds"][m]
+            bars = ax.bar(x + (i - (len(data["metrics"]) - 1) / 2) * width, data["means"][m], width,
+                          yerr=stds if any(s > 0 for s in stds) else None, capsize=3, label=METRIC_LABELS[m])
+            ax.bar_label(bars, fmt="%.0f", fontsize=7, padding=2)
+        ax.set_xticks(x, [textwrap.fill(e, 12) for e in data["encoders"]], fontsize=8)
+        ax.set_ylabel("%")
+        ax.set_ylim(0, 110)
+        ax.set_title(task)
+        ax.legend(fontsize=8, loc="upper right")
+    spread = f"mean ± std over {seeds} seeds" if seeds > 1 else "one run"
+    fig.suptitle(f"Downstream accuracy (ACC) and attack success rate (ASR) per encoder ({spread})")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def training_curves(stage_dir, path):
+    """One panel per logged loss term over epochs, plus kNN accuracy (%) at the epochs it was measured."""
+    series = log_series(read_log(Path(stage_dir) / "log.jsonl"))
+    if not series:
+        raise NothingToPlot(f"no epochs logged in {stage_dir}")
+    knn = series.pop("knn_acc", None)
+    panels = [(TERM_LABELS.get(n, n), "loss", s) for n, s in series.items()]
+    panels += [("kNN accuracy", "kNN accuracy (%)", knn)] if knn else []
+    fig, axes = _panels(len(panels))
+    for ax, (title, ylabel, s) in zip(axes, panels):
+        ax.plot(s["epoch"], s["value"], marker="o" if len(s["epoch"]) <= 30 else None, markersize=3,
+                color="tab:green" if s is knn else "tab:blue")
+        ax.set(title=title, ylabel=ylabel)
+        _epoch_axis(ax)
+    fig.suptitle(f"Training curves: {Path(stage_dir).name}")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def mi_weights(mi_json, path):
+    """MI of each block with the representation (nats) beside the attention weight it gives.
+    Blocks whose estimator did not converge (when recorded) are hatched and marked."""
+    data = mi_data(read_json(mi_json))
+    if not data["mi"]:
+        raise NothingToPlot(f"no MI values in {mi_json}")
+    failed = [c is False for c in data["converged"]] if data["converged"] else [False] * len(data["mi"])
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    for ax, key, ylabel, color in ((axes[0], "mi", "MI (nats)", "tab:purple"),
+                                   (axes[1], "weights", "attention weight", "tab:orange")):
+        bars = ax.bar(data["blocks"][:len(data[key])], data[key], color=color)
+        for bar, bad in zip(bars, failed):
+            if bad:
+                bar.set(hatch="//", edgecolor="red", alpha=0.6)
+        ax.bar_label(bars, fmt="%.3g", fontsize=8)
+        ax.set(xlabel="block", ylabel=ylabel, title=ylabel.split(" (")[0] + " per block")
+        ax.margins(y=0.15)
+    if any(failed):
+        axes[0].legend(handles=[Patch(hatch="//", edgecolor="red", facecolor="white",
+                                      label="estimator not converged")], fontsize=8)
+    fig.suptitle(f"Block-wise MI with the final representation ({data['mi_model'] or 'estimated'} model) "
+                 "and the resulting weights")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def mi_history(mi_json, path):
+    """The MI estimator's lower bound (nats) per epoch, one line per block: flat tails mean it converged."""
+    mi = read_json(mi_json)
+    series = mi_history_series(mi)
+    if not series:
+        raise NothingToPlot(f"no MI history in {mi_json}")
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for block, values in series.items():
+        ax.plot(range(1, len(values) + 1), values, label=block)
+    ax.set(ylabel="MI lower bound (nats)",
+           title=f"MI estimator bound per epoch ({mi.get('mi_model', 'estimated')} model)")
+    _epoch_axis(ax)
+    ax.legend(title="block")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def downstream_curves(eval_dirs, path):
+    """ACC, ASR and ASR excl. target (%) over the classifier's epochs, one line per evaluated encoder."""
+    curves = {label: log_series(eval_rows(folder)) for label, folder in eval_dirs.items()}
+    metrics = [m for m in METRIC_LABELS if any(m in c for c in curves.values())]
+    if not metrics:
+        raise NothingToPlot("no downstream epochs logged")
+    fig, axes = _panels(len(metrics), width=4.6, height=3.6)
+    for ax, m in zip(axes, metrics):
+        for label, curve in curves.items():
+            if m in curve:
+                ax.plot(curve[m]["epoch"], curve[m]["value"], marker="o", markersize=3, label=label)
+        ax.set(title=METRIC_LABELS[m], ylabel=f"{METRIC_LABELS[m]} (%)", ylim=(-2, 102))
+        _epoch_axis(ax)
+    axes[0].legend(fontsize=8, title="encoder")
+    fig.suptitle("Downstream classifier over epochs")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def sample_grid(images_clean, images_triggered, references, view1, view2, path, max_columns=8):
+    """One labelled row per kind of image: uint8 (N,H,W,3) arrays, or float [0,1] arrays for the
+    augmented views; pass None for a row to leave it out."""
+    rows = grid_rows(images_clean, images_triggered, references, view1, view2, max_columns)
+    if not rows:
+        raise NothingToPlot("no images given")
+    cols = max(len(images) for _, images in rows)
+    fig, axes = plt.subplots(len(rows), cols, figsize=(1.3 * cols + 0.8, 1.35 * len(rows)), squeeze=False)
+    for ax_row, (label, images) in zip(axes, rows):
+        for j, ax in enumerate(ax_row):
+            if j < len(images):
+                ax.imshow(images[j], interpolation="nearest")
+                ax.set_xticks([])
+                ax.set_yticks([])
+            else:
+                ax.axis("off")
+        ax_row[0].set_ylabel(label, rotation=0, ha="right", va="center")
+    fig.suptitle("Sample images")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+# ---------------------------------------------------------------- a whole folder
+
+def _draw(function, source, path):
+    """Draw one figure; a source with nothing in it is skipped silently, a damaged one with a warning,
+    so one bad file never stops the others."""
+    try:
+        return function(source, path)
+    except NothingToPlot:
+        return None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        plt.close("all")
+        print(f"warning: skipped {Path(path).name}: {error}", file=sys.stderr)
+        return None
+
+
+def run_jobs(run_dir, out_dir, prefix=""):
+    """(draw function, source, png path) for every stage, mi.json and evaluated task of one run."""
+    jobs = []
+    for stage in stage_dirs(run_dir):
+        jobs.append((training_curves, stage, out_dir / f"{prefix}training_{stage.name}.png"))
+        if (stage / "mi.json").exists():
+            jobs.append((mi_weights, stage / "mi.json", out_dir / f"{prefix}mi_weights_{stage.name}.png"))
+            jobs.append((mi_history, stage / "mi.json", out_dir / f"{prefix}mi_history_{stage.name}.png"))
+    for dataset, folders in eval_groups(run_dir).items():
+        jobs.append((downstream_curves, folders, out_dir / f"{prefix}downstream_{dataset}.png"))
+    return jobs
+
+
+def plot_results(results_dir):
+    """Write <results_dir>/figures/*.png for whatever the folder holds; returns the written paths.
+
+    With seed_* subfolders (each with a summary.json) the bars show mean ± std over seeds and each
+    seed's curves get a `seed_<s>_` prefix; otherwise the folder is one run.
+    """
+    root = Path(results_dir)
+    if not root.is_dir():
+        raise FileNotFoundError(f"no results folder at {root}")
+    out = root / "figures"
+    seeds = seed_folders(root)
+    runs = seeds or {None: root}
+    per_seed = {seed: r for seed, folder in runs.items() if (r := summary_results(folder))}
+    jobs = [(acc_asr_bars, summarize_seeds(per_seed), out / "acc_asr.png")] if per_seed else []
+    for folder in runs.values():
+        jobs += run_jobs(folder, out, prefix=f"{folder.name}_" if seeds else "")
+    return [p for p in (_draw(*job) for job in jobs) if p is not None]

@@ -1,0 +1,105 @@
+"""Seed statistics of pipeline results: mean and spread per encoder, and paired differences.
+
+Everything here takes and returns plain dicts of numbers (no torch, no files), so the multi-seed
+runner can call it on the `results` dicts of its seeds' summary.json and a test can check every
+number by hand. Metrics are percentages, as the downstream stage reports them.
+"""
+import statistics
+
+METRIC_LABELS = {"acc": "ACC", "asr": "ASR", "asr_excluding_target": "ASR excl. target"}
+BASELINES = ("clean", "backdoored")
+
+
+def spread(values):
+    """{seed: v} -> {"values", "mean", "std"}; std is the sample standard deviation (ddof=1),
+    0.0 with a single seed, because one run says nothing about the seed-to-seed spread."""
+    numbers = list(values.values())
+    std = statistics.stdev(numbers) if len(numbers) > 1 else 0.0
+    return {"values": dict(values), "mean": statistics.fmean(numbers), "std": std}
+
+
+def _ordered_union(dicts):
+    """Keys of several dicts in first-seen order, so tables follow the pipeline's own order."""
+    return list(dict.fromkeys(key for d in dicts for key in d))
+
+
+def summarize_seeds(per_seed):
+    """{seed: {task: {encoder: {metric: v}}}} -> {task: {encoder: {metric: spread}}}.
+
+    A task, encoder or metric missing from some seeds (a partial run) is kept, with values for the
+    seeds that have it; mean and std are over those seeds only. None values are treated as missing.
+    """
+    out = {}
+    for task in _ordered_union(per_seed.values()):
+        runs = {s: r[task] for s, r in per_seed.items() if task in r}
+        out[task] = {}
+        for encoder in _ordered_union(runs.values()):
+            rows = {s: r[encoder] for s, r in runs.items() if encoder in r}
+            out[task][encoder] = {}
+            for metric in _ordered_union(rows.values()):
+                values = {s: row[metric] for s, row in rows.items() if row.get(metric) is not None}
+                if values:
+                    out[task][encoder][metric] = spread(values)
+    return out
+
+
+def paired_differences(per_seed, reference="MIMIC", metrics=("acc", "asr", "asr_excluding_target"),
+                       against=None):
+    """Per seed, reference minus each other encoder; mean and std (ddof=1) of those differences.
+
+    Pairing by seed removes the variation every encoder of one seed shares (same clean encoder,
+    same backdoored teacher, same data order), so a small but consistent gap shows up. `against`
+    defaults to every encoder except the reference and the clean/backdoored baselines, i.e. the
+    controls. Only seeds where both encoders have the metric count.
+    Returns {task: {other: {metric: {"values": {seed: d}, "mean", "std"}}}}.
+    """
+    out = {}
+    for task in _ordered_union(per_seed.values()):
+        runs = {s: r[task] for s, r in per_seed.items() if reference in r.get(task, {})}
+        others = against if against is not None else [
+            e for e in _ordered_union(runs.values()) if e != reference and e not in BASELINES]
+        for other in others:
+            for metric in metrics:
+                diffs = {s: rows[reference][metric] - rows[other][metric] for s, rows in runs.items()
+                         if rows[reference].get(metric) is not None
+                         and rows.get(other, {}).get(metric) is not None}
+                if diffs:
+                    out.setdefault(task, {}).setdefault(other, {})[metric] = spread(diffs)
+    return out
+
+
+def mean_std(cell):
+    """'12.3 ± 0.4' for a spread dict."""
+    return f"{cell['mean']:.1f} ± {cell['std']:.1f}"
+
+
+def per_seed_text(cell):
+    """'1: 12.0, 2: 12.6' so a reader sees which seed gave which value."""
+    return ", ".join(f"{seed}: {value:.1f}" for seed, value in cell["values"].items())
+
+
+def _table(first_header, rows, unit="%"):
+    """rows: {row label: {metric: spread}} -> markdown lines with mean ± std and per-seed columns."""
+    metrics = _ordered_union(rows.values())
+    header = [first_header]
+    for m in metrics:
+        header += [f"{METRIC_LABELS.get(m, m)} ({unit}) mean ± std", f"{METRIC_LABELS.get(m, m)} per seed"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for label, cells in rows.items():
+        row = [label]
+        for m in metrics:
+            row += [mean_std(cells[m]), per_seed_text(cells[m])] if m in cells else ["", ""]
+        lines.append("| " + " | ".join(row) + " |")
+    return lines
+
+
+def markdown_seed_table(summary_stats, paired, reference="MIMIC"):
+    """Markdown: one table per task (rows = encoders), then the paired-difference table."""
+    lines = []
+    for task, rows in summary_stats.items():
+        lines += [f"### {task}", ""] + _table("encoder", rows) + [""]
+    if paired:
+        lines += [f"### Paired differences: {reference} minus other encoder, same seed (percentage points)", ""]
+        flat = {f"{task}: {other}": cells for task, others in paired.items() for other, cells in others.items()}
+        lines += _table("task: other encoder", flat, unit="pp") + [""]
+    return "\n".join(lines)
