@@ -17,22 +17,22 @@ Writes  <results_dir>/args.json, mi.json (MI per block, its history and the weig
         log.csv, checkpoint.pth, model_<epoch>.pth, results.json
 """
 import argparse
-import time
+from dataclasses import dataclass
 
 import torch
 
 from datasets import load_split, normalization
 from datasets.loader import ViewLoader, to_input
-from models import (BLOCKS, attention_transfer, build_encoder, clone_loss, encoder_checkpoint,
-                    estimate_mi, load_encoder, mi_to_weights, nt_xent)
+from models import (BLOCKS, attention_transfer, build_encoder, clone_loss, estimate_mi, load_encoder,
+                    mi_to_weights, nt_xent)
 from utils.cli import add_distributed_args, add_run_args, run_cli
-from utils.device import autocast, fast_paths
+from utils.device import autocast, fast_paths, place
 from utils.distributed import (distribute, gather_objects, get_rank, get_world_size, global_batch, is_main,
                                mean_over_ranks)
 from utils.errors import UserError
 from utils.files import save_json
-from utils.logs import RunLog, check_finite, progress
-from utils.stage import resume_state, save_epoch, start_run
+from utils.logs import check_finite, progress
+from utils.stage import TrainingRun, start_run
 
 
 def get_parser():
@@ -56,11 +56,11 @@ def get_parser():
     optim.add_argument("--epochs", type=int, default=1000, help="distillation epochs (default: 1000)")
     optim.add_argument("--temperature", type=float, default=0.5, help="NT-Xent temperature (default: 0.5)")
     for i, block in enumerate(BLOCKS, 1):
-        optim.add_argument(f"--opt{i}", f"--at_base_{block}", dest=f"opt{i}", type=float, default=1000.0,
-                           help=f"base weight of attention transfer on {block}, before the MI share "
-                                f"is added (default: 1000)")
-    optim.add_argument("--opt5", "--clone_weight", dest="opt5", type=float, default=1.0,
-                       help="weight of the feature-cloning loss (default: 1)")
+        optim.add_argument(f"--at_base_{block}", f"--opt{i}", dest=f"at_base_{block}", type=float,
+                           default=1000.0, help=f"base weight of attention transfer on {block}, before the "
+                                                f"MI share is added; --opt{i} in the authors' code (default: 1000)")
+    optim.add_argument("--clone_weight", "--opt5", dest="clone_weight", type=float, default=1.0,
+                       help="weight of the feature-cloning loss; --opt5 in the authors' code (default: 1)")
     optim.add_argument("--augment", default="batched", choices=["batched", "torchvision"],
                        help="augmentation path, as in train_clean_encoder.py (default: batched)")
     mi = parser.add_argument_group("mutual information (attention weights)")
@@ -96,29 +96,39 @@ def block_activations(model, images, mean, std, device, batch_size):
     return [torch.cat(b) for b in blocks], torch.cat(feats)
 
 
-def locate_knowledge(model, images, mean, std, device, args):
-    """MI between each block's output and the final representation, and the resulting weights.
+@dataclass
+class MISettings:
+    """How the estimator is trained on each block (the --mi_* flags)."""
+    epochs: int = 200
+    lr: float = 1e-3
+    weight_decay: float = 1e-5
+    hidden: int = 512
+    average_last: int = 10
+    seed: int = 100
 
+    @classmethod
+    def from_args(cls, args):
+        return cls(args.mi_epochs, args.mi_lr, args.mi_weight_decay, args.mi_hidden, args.mi_average_last,
+                   args.seed)
+
+
+def locate_knowledge(model, images, mean, std, device, batch_size, settings):
+    """MI (nats) between each block's output and the final representation: {"mi": [...], "history": [...]}.
+
+    batch_size is the estimator's batch: the global batch, N x --batch_size, as in one process.
     Under torchrun process r estimates blocks r, r+N, ... and the values are exchanged, so every
-    process ends with the same list (each block's estimator is seeded by --seed alone). The
-    estimator's batch is the global batch, N x --batch_size, as in one process.
+    process ends with the same list (each block's estimator is seeded by settings.seed alone).
     """
-    base = [args.opt1, args.opt2, args.opt3, args.opt4]
-    if args.attention == "uniform":
-        return {"mi": [0.0] * len(BLOCKS), "weights": mi_to_weights([0.0] * len(BLOCKS), base, args.mi_scale),
-                "history": []}
-    batch_size, _ = global_batch(args.batch_size)
     blocks, z = block_activations(model, images, mean, std, device, batch_size)
     mine = {}
     for i in range(get_rank(), len(BLOCKS), get_world_size()):
-        mine[i] = estimate_mi(blocks[i], z, args.mi_epochs, batch_size, args.mi_lr, args.mi_weight_decay,
-                              args.mi_hidden, args.mi_average_last, seed=args.seed, desc=f"MI {BLOCKS[i]}")
+        mine[i] = estimate_mi(blocks[i], z, settings.epochs, batch_size, settings.lr, settings.weight_decay,
+                              settings.hidden, settings.average_last, seed=settings.seed, desc=f"MI {BLOCKS[i]}")
     found = {i: result for part in gather_objects(mine) for i, result in part.items()}
     mi = [found[i][0] for i in range(len(BLOCKS))]
     for name, a, value in zip(BLOCKS, blocks, mi):
         print(f"MI({name}; z) = {value:.4g} nats  (dim {a.shape[1]})")
-    return {"mi": mi, "weights": mi_to_weights(mi, base, args.mi_scale),
-            "history": [found[i][1] for i in range(len(BLOCKS))]}
+    return {"mi": mi, "history": [found[i][1] for i in range(len(BLOCKS))]}
 
 
 TERMS = ("loss", "nce", "at", "clone")
@@ -157,7 +167,8 @@ def train_one_epoch(student, teacher, loader, optimizer, weights, args, epoch, o
     sums, steps = dict.fromkeys(TERMS, 0.0), 0
     bar = progress(loader, desc=f"epoch {epoch}")
     for step, (view1, view2) in enumerate(bar):
-        terms = distill_step(student, teacher, view1, view2, optimizer, weights, args.opt5, args.temperature, amp)
+        terms = distill_step(student, teacher, view1, view2, optimizer, weights, args.clone_weight,
+                             args.temperature, amp)
         check_finite(terms["loss"].item(), epoch, step, out_dir)
         for k, v in terms.items():
             sums[k] += v.item()
@@ -180,46 +191,41 @@ def main(args):
                         f"raise --ratio or lower --batch_size")
 
     amp, channels_last = fast_paths(args, device)
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
     teacher, _ = load_encoder(args.teacher)
-    teacher = teacher.to(device, memory_format=memory_format).eval().requires_grad_(False)
-    student = build_encoder(teacher.config).to(device, memory_format=memory_format)   # fresh: inherits nothing
+    teacher = place(teacher, device, channels_last).eval().requires_grad_(False)
+    student = place(build_encoder(teacher.config), device, channels_last)     # fresh: inherits nothing
     optimizer = torch.optim.Adam(student.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    start = 0
-    if args.resume:
-        start, ckpt = resume_state(out_dir, student, optimizer)
-        located = {"mi": ckpt["mi"], "weights": ckpt["attention_weights"], "history": []}
+    run = TrainingRun(out_dir, args, "mimic", student, optimizer, usage=args.pretraining_dataset)
+    start, ckpt = run.resume()
+    base = [getattr(args, f"at_base_{block}") for block in BLOCKS]
+    if ckpt is not None:
+        located = {"mi": ckpt["mi"], "history": []}
+    elif args.attention == "uniform":
+        located = {"mi": [0.0] * len(BLOCKS), "history": []}
     else:
         print(f"clean subset: {len(subset)} images; locating knowledge in the {args.mi_model}")
         located = locate_knowledge(teacher if args.mi_model == "teacher" else student, subset, mean, std,
-                                   device, args)
-        if is_main():
-            save_json(out_dir / "mi.json", {"blocks": list(BLOCKS), "mi_model": args.mi_model, **located})
-    log = RunLog(out_dir, args, resume_epoch=start if args.resume else None)
-    weights = located["weights"]
+                                   device, images_per_step, MISettings.from_args(args))
+    weights = mi_to_weights(located["mi"], base, args.mi_scale)
+    if ckpt is None and is_main():
+        save_json(out_dir / "mi.json", {"blocks": list(BLOCKS), "mi_model": args.mi_model, **located,
+                                        "weights": weights})
+    run.meta.update(mi=located["mi"], attention_weights=weights)
     print("block    MI (nats)   AT weight")
     for name, m, w in zip(BLOCKS, located["mi"], weights):
         print(f"{name:8s} {m:9.4g}   {w:9.1f}")
 
     loader = ViewLoader(subset, args.batch_size, mean, std, device, args.augment, args.num_workers, args.seed)
     trained = distribute(student, device, args.sync_bn)     # DDP under torchrun, else the student itself
-    for epoch in range(start + 1, args.epochs + 1):
-        t0 = time.time()
-        loader.set_epoch(epoch)
-        row = {"epoch": epoch, **train_one_epoch(trained, teacher, loader, optimizer, weights, args, epoch,
-                                                 out_dir, amp),
-               "seconds": round(time.time() - t0, 2)}
-        log.log(row)
-        state = encoder_checkpoint(student, optimizer=optimizer.state_dict(), args=vars(args),
-                                   usage=args.pretraining_dataset, mi=located["mi"], attention_weights=weights)
-        save_epoch(out_dir, state, epoch, args.epochs, args.save_freq)
 
-    rows = log.read()
-    log.results({"stage": "mimic", "epochs": args.epochs, "clean_images": len(subset),
-                 "mi": dict(zip(BLOCKS, located["mi"])), "attention_weights": dict(zip(BLOCKS, weights)),
-                 "final": rows[-1] if rows else {}, "encoder": str(out_dir / f"model_{args.epochs}.pth"),
-                 "args": vars(args)})
-    print(f"purified encoder: {out_dir / f'model_{args.epochs}.pth'}")
+    def train_epoch(epoch):
+        loader.set_epoch(epoch)
+        return train_one_epoch(trained, teacher, loader, optimizer, weights, args, epoch, out_dir, amp)
+
+    run.train(start, train_epoch)
+    encoder = run.finish(clean_images=len(subset), mi=dict(zip(BLOCKS, located["mi"])),
+                         attention_weights=dict(zip(BLOCKS, weights)))
+    print(f"purified encoder: {encoder}")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ Another reference file, e.g. GTSRB class 14 (stop) -> reference/cifar10/stop.npz
 
 Reads --root (layout in datasets/prepare.py) or --image_folder. Writes <out>/<name>/train.npz and
 test.npz (stl10 also train_unlabeled.npz): x uint8 (N, 32, 32, 3), y (N, 1); and
-<reference_dir>/<encoder_usage>/<name>.npz: x uint8 (R, 32, 32, 3), y (R,). Files that exist and
+<reference_dir>/<pretraining_dataset>/<name>.npz: x uint8 (R, 32, 32, 3), y (R,). Files that exist and
 validate are kept (--force rebuilds them); a summary table of what is on disk ends every run.
 """
 import argparse
@@ -72,15 +72,16 @@ def get_parser():
                           + ", ".join(f"{u}/{n}.npz = {d} class {c}" for u, n, d, c in PAPER_REFERENCES)
                           + " (default: off)")
     ref.add_argument("--make_reference", nargs=3, metavar=("DATASET", "LABEL", "NAME"), default=None,
-                     help="write <reference_dir>/<encoder_usage>/NAME.npz from class LABEL of the "
+                     help="write <reference_dir>/<pretraining_dataset>/NAME.npz from class LABEL of the "
                           "prepared DATASET's train split (default: none)")
     ref.add_argument("--reference_count", type=int, default=DEFAULT_REFERENCE_COUNT,
                      help="reference images per file: the first ones of the class in the train "
                           f"split (default: {DEFAULT_REFERENCE_COUNT})")
-    ref.add_argument("--encoder_usage", default="cifar10",
-                     help="encoder usage folder of --make_reference (default: cifar10)")
+    ref.add_argument("--pretraining_dataset", "--encoder_usage", dest="pretraining_dataset", default="cifar10",
+                     help="dataset of the encoders the reference is for: the folder of --make_reference "
+                          "(default: cifar10)")
     ref.add_argument("--reference_dir", default="reference",
-                     help="folder of <encoder_usage>/<name>.npz reference files (default: reference)")
+                     help="folder of <pretraining_dataset>/<name>.npz reference files (default: reference)")
 
     out = parser.add_argument_group("output")
     out.add_argument("--out", "--data_dir", dest="out", default="data",
@@ -120,7 +121,7 @@ def main(args):
         except ValueError:
             raise UserError(f"--make_reference: LABEL must be an integer class, got {label!r}") from None
         references.append(make_reference(args.out, dataset, label,
-                                         reference_path(args.reference_dir, args.encoder_usage, name),
+                                         reference_path(args.reference_dir, args.pretraining_dataset, name),
                                          args.reference_count, args.force))
 
     if rows:

@@ -52,9 +52,14 @@ PAPER = {
     "global_batch": {"clean": 256, "badencoder": 256, "mimic": 128},
 }
 PRESETS = {"demo": DEMO, "paper": PAPER}
-# The no-teacher control: attention transfer and cloning switched off, so only InfoNCE trains it.
-NO_TEACHER = ["--attention", "uniform", "--mi_scale", "0", "--opt1", "0", "--opt2", "0", "--opt3", "0",
-              "--opt4", "0", "--opt5", "0"]
+# The students trained from each backdoored encoder by MIMIC.py: (label, folder, flags). Each is
+# trained in <folder>_<task> and evaluated in eval/<folder>_<task>. The no-teacher control has
+# attention transfer and cloning switched off, so only InfoNCE trains it.
+NO_TEACHER = ["--attention", "uniform", "--mi_scale", "0", "--at_base_layer1", "0", "--at_base_layer2", "0",
+              "--at_base_layer3", "0", "--at_base_layer4", "0", "--clone_weight", "0"]
+STUDENTS = [("MIMIC", "mimic", []),
+            ("no-teacher control", "no_teacher", NO_TEACHER),
+            ("uniform-weights control", "uniform", ["--attention", "uniform"])]
 
 
 def get_parser():
@@ -185,22 +190,16 @@ def main(args):
                             "--reference_file", task["reference"], "--pretrained_encoder", clean["encoder"],
                             *preset["badencoder"], *batch["badencoder"], *extra["badencoder"]],
                            out_dir / f"badencoder_{name}", parallel=True)
-        students = {"MIMIC": []}
-        if not args.no_controls:
-            students["no-teacher control"] = NO_TEACHER
-            students["uniform-weights control"] = ["--attention", "uniform"]
-        encoders = {"clean": clean["encoder"], "backdoored": bad["encoder"]}
-        for label, flags in students.items():
-            folder = {"MIMIC": "mimic", "no-teacher control": "no_teacher",
-                      "uniform-weights control": "uniform"}[label]
+        students = STUDENTS[:1] if args.no_controls else STUDENTS
+        encoders = [("clean", "clean", clean["encoder"]), ("backdoored", "backdoored", bad["encoder"])]
+        for label, folder, flags in students:
             res = runner.stage(f"stage 2: {label} ({name})", "MIMIC.py",
                                ["--pretraining_dataset", ds, "--teacher", bad["encoder"],
                                 *preset["mimic"], *batch["mimic"], *extra["mimic"], *flags],
                                out_dir / f"{folder}_{name}", parallel=True)
-            encoders[label] = res["encoder"]
+            encoders.append((label, folder, res["encoder"]))
         rows = {}
-        for label, encoder in encoders.items():
-            folder = label.split()[0].lower().replace("-", "_")
+        for label, folder, encoder in encoders:
             rows[label] = runner.stage(
                 f"stage 3: {label} on {name}", "training_downstream_classifier.py",
                 ["--dataset", name, "--reference_label", task["label"], "--trigger_file", TRIGGER,

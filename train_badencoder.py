@@ -15,7 +15,7 @@ Writes  <results_dir>/args.json, log.jsonl, log.csv, checkpoint.pth, model_<epoc
 """
 import argparse
 import copy
-import time
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -24,13 +24,13 @@ import torch.nn.functional as F
 from datasets import load_reference, load_split, load_trigger, normalization, stamp_trigger
 from datasets.augment import BatchAugment
 from datasets.loader import extract_features, index_batches, to_input
-from models import badencoder_loss, encoder_checkpoint, load_encoder
+from models import badencoder_loss, load_encoder
 from utils.cli import add_run_args, run_cli
-from utils.device import autocast, fast_paths
+from utils.device import autocast, fast_paths, place
 from utils.distributed import distribute, mean_over_ranks
 from utils.errors import UserError
-from utils.logs import RunLog, check_finite, progress
-from utils.stage import resume_state, save_epoch, start_run
+from utils.logs import check_finite, progress
+from utils.stage import TrainingRun, start_run
 
 # Reference file the attack uses for each downstream task, when --reference_file is not given.
 DEFAULT_REFERENCE = {"gtsrb": "priority", "stl10": "truck", "svhn": "one"}
@@ -44,7 +44,7 @@ def get_parser():
     data.add_argument("--shadow_dataset", default=None,
                       help="shadow data under --data_dir, all of its train split (default: the "
                            "pre-training dataset)")
-    data.add_argument("--downstreamTask", default="gtsrb",
+    data.add_argument("--downstreamTask", "--downstream_task", dest="downstream_task", default="gtsrb",
                       help="downstream task the attacker targets; picks the default reference file "
                            "(gtsrb: priority, stl10: truck, svhn: one) (default: gtsrb)")
     data.add_argument("--trigger_file", default="trigger/trigger_pt_white_21_10_ap_replace.npz",
@@ -79,19 +79,34 @@ def freeze_batchnorm(backbone):
             m.requires_grad_(False)
 
 
-def train_one_epoch(backbone, data, optimizer, args, epoch, out_dir, amp=False):
-    """backbone: the backdoored encoder's f (DDP-wrapped under torchrun).
-    data: shadow images (clean, triggered), their clean-encoder features, references, transforms."""
+@dataclass
+class AttackData:
+    """What every BadEncoder step reads. The clean encoder is frozen and its inputs are not
+    augmented, so its features are computed once."""
+    shadow: torch.Tensor            # NxHxWx3 uint8 clean shadow images
+    triggered: torch.Tensor         # NxHxWx3 uint8, the same images with the trigger stamped
+    shadow_clean: torch.Tensor      # NxD clean encoder's features of the shadow images
+    reference: torch.Tensor         # RxHxWx3 uint8 reference inputs, on the device
+    reference_clean: torch.Tensor   # RxD clean encoder's features of the reference inputs
+    mean: tuple
+    std: tuple
+
+
+def train_one_epoch(backbone, data, augment, optimizer, batch_size, lambdas, seed, epoch, out_dir, amp=False):
+    """One epoch over the shuffled shadow data. backbone: the backdoored encoder's f (DDP-wrapped
+    under torchrun); augment: the reference inputs' augmentation; lambdas: (lambda1, lambda2).
+    Returns the mean loss terms."""
     backbone.train()
     freeze_batchnorm(backbone)
+    device = data.reference.device
     sums, steps = torch.zeros(4), 0
-    batches = index_batches(len(data["x"]), args.batch_size, args.seed, epoch, drop_last=False)
+    batches = index_batches(len(data.shadow), batch_size, seed, epoch, drop_last=False)
     bar = progress(batches, desc=f"epoch {epoch}")
-    ref = data["ref"]                                            # RxCxHxW
+    ref = to_input(data.reference, data.mean, data.std, device)      # RxCxHxW
     for step, idx in enumerate(bar):
-        x = data["to_input"](data["x"][idx])                     # BxCxHxW
-        x_t = data["to_input"](data["x_trig"][idx])
-        ref_aug = data["augment"](data["ref_uint8"])
+        x = to_input(data.shadow[idx], data.mean, data.std, device)  # BxCxHxW
+        x_t = to_input(data.triggered[idx], data.mean, data.std, device)
+        ref_aug = augment(data.reference)
         b, r = len(x), len(ref)
         # BatchNorm is frozen, so one pass over the concatenation equals four separate passes.
         # Only the backbone runs: the head g is not trained and its statistics must not move.
@@ -99,9 +114,8 @@ def train_one_epoch(backbone, data, optimizer, args, epoch, out_dir, amp=False):
             feats = backbone(torch.cat([x_t, x, ref, ref_aug]))
         feats = F.normalize(feats.float(), dim=-1)
         f_trig, f_x, f_ref, f_ref_aug = feats.split([b, b, r, r])
-        losses = badencoder_loss(f_trig, f_ref, f_ref_aug, data["ref_clean"], f_x,
-                                 data["x_clean"][idx.to(data["x_clean"].device)],
-                                 args.lambda1, args.lambda2)
+        losses = badencoder_loss(f_trig, f_ref, f_ref_aug, data.reference_clean, f_x,
+                                 data.shadow_clean[idx.to(device)], *lambdas)
         values = mean_over_ranks(torch.stack(losses)).cpu()     # the global batch's, in every process
         check_finite(values[0].item(), epoch, step, out_dir)
         optimizer.zero_grad(set_to_none=True)
@@ -119,10 +133,10 @@ def main(args):
     shadow = args.shadow_dataset or args.pretraining_dataset
     x, _ = load_split(args.data_dir, shadow, "train")
     if args.reference_file is None:
-        if args.downstreamTask not in DEFAULT_REFERENCE:
-            raise UserError(f"no default reference file for --downstreamTask {args.downstreamTask}; "
+        if args.downstream_task not in DEFAULT_REFERENCE:
+            raise UserError(f"no default reference file for --downstreamTask {args.downstream_task}; "
                             f"pass --reference_file")
-        args.reference_file = f"reference/{args.pretraining_dataset}/{DEFAULT_REFERENCE[args.downstreamTask]}.npz"
+        args.reference_file = f"reference/{args.pretraining_dataset}/{DEFAULT_REFERENCE[args.downstream_task]}.npz"
     ref_x, target = load_reference(args.reference_file)
     t, tm = load_trigger(args.trigger_file, image_size=x.shape[1:3])
     if ref_x.shape[1:] != x.shape[1:]:
@@ -131,46 +145,28 @@ def main(args):
 
     clean, _ = load_encoder(args.pretrained_encoder)
     amp, channels_last = fast_paths(args, device)
-    clean = clean.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-    clean = clean.eval().requires_grad_(False)
+    clean = place(clean, device, channels_last).eval().requires_grad_(False)
     model = copy.deepcopy(clean).requires_grad_(True)
     model.g.requires_grad_(False)
     freeze_batchnorm(model.f)
     params = [p for p in model.f.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
-    start = 0
-    if args.resume:
-        start, _ = resume_state(out_dir, model, optimizer)
-    log = RunLog(out_dir, args, resume_epoch=start if args.resume else None)
+    run = TrainingRun(out_dir, args, "badencoder", model, optimizer, usage=args.pretraining_dataset,
+                      target_label=target)
+    start, _ = run.resume()
 
-    # The clean encoder is frozen and its inputs are not augmented: its features are computed once.
-    x_trig = stamp_trigger(x, t, tm)
-    data = {
-        "x": torch.from_numpy(x), "x_trig": torch.from_numpy(x_trig),
-        "x_clean": extract_features(clean, x, mean, std, device, desc="clean features").to(device),
-        "ref": to_input(ref_x, mean, std, device),
-        "ref_uint8": torch.from_numpy(ref_x).to(device),
-        "ref_clean": extract_features(clean, ref_x, mean, std, device).to(device),
-        "to_input": lambda imgs: to_input(imgs, mean, std, device),
-        "augment": BatchAugment(x.shape[1], mean, std, crop=False),
-    }
+    data = AttackData(
+        shadow=torch.from_numpy(x), triggered=torch.from_numpy(stamp_trigger(x, t, tm)),
+        shadow_clean=extract_features(clean, x, mean, std, device, desc="clean features").to(device),
+        reference=torch.from_numpy(ref_x).to(device),
+        reference_clean=extract_features(clean, ref_x, mean, std, device).to(device), mean=mean, std=std)
+    augment = BatchAugment(x.shape[1], mean, std, crop=False)
     print(f"shadow data: {len(x)} images of {shadow}; {len(ref_x)} reference input(s) of label {target}")
     backbone = distribute(model.f, device)      # only the backbone runs and trains
-
-
-    for epoch in range(start + 1, args.epochs + 1):
-        t0 = time.time()
-        row = {"epoch": epoch, **train_one_epoch(backbone, data, optimizer, args, epoch, out_dir, amp),
-               "seconds": round(time.time() - t0, 2)}
-        log.log(row)
-        state = encoder_checkpoint(model, optimizer=optimizer.state_dict(), args=vars(args),
-                                   usage=args.pretraining_dataset, target_label=target)
-        save_epoch(out_dir, state, epoch, args.epochs, args.save_freq)
-
-    rows = log.read()
-    log.results({"stage": "badencoder", "epochs": args.epochs, "target_label": target,
-                 "final": rows[-1] if rows else {}, "encoder": str(out_dir / f"model_{args.epochs}.pth"), "args": vars(args)})
-    print(f"backdoored encoder: {out_dir / f'model_{args.epochs}.pth'}")
+    run.train(start, lambda epoch: train_one_epoch(backbone, data, augment, optimizer, args.batch_size,
+                                                   (args.lambda1, args.lambda2), args.seed, epoch, out_dir, amp))
+    encoder = run.finish(target_label=target)
+    print(f"backdoored encoder: {encoder}")
 
 
 if __name__ == "__main__":

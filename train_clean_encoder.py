@@ -12,20 +12,19 @@ Writes  <results_dir>/args.json, log.jsonl and log.csv (loss and kNN accuracy pe
         epochs and at the last epoch), results.json
 """
 import argparse
-import time
 
 import torch
 
 from datasets import load_split, normalization
 from datasets.loader import ViewLoader, extract_features
-from models import SimCLR, encoder_checkpoint, nt_xent
+from models import SimCLR, nt_xent
 from models.knn import knn_predict
 from utils.cli import add_distributed_args, add_run_args, run_cli
-from utils.device import autocast, fast_paths
+from utils.device import autocast, fast_paths, place
 from utils.distributed import distribute, global_batch, is_main, mean_over_ranks
 from utils.errors import UserError
-from utils.logs import RunLog, check_finite, progress
-from utils.stage import resume_state, save_epoch, start_run
+from utils.logs import check_finite, progress
+from utils.stage import TrainingRun, start_run
 
 
 def get_parser():
@@ -105,33 +104,26 @@ def main(args):
         test = load_split(args.data_dir, args.pretraining_dataset, "test")
 
     amp, channels_last = fast_paths(args, device)
-    model = SimCLR(args.arch, args.width).to(
-        device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    model = place(SimCLR(args.arch, args.width), device, channels_last)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    start = 0
-    if args.resume:
-        start, _ = resume_state(out_dir, model, optimizer)
-    log = RunLog(out_dir, args, resume_epoch=start if args.resume else None)
+    run = TrainingRun(out_dir, args, "clean_encoder", model, optimizer, usage=args.pretraining_dataset)
+    start, _ = run.resume()
     loader = ViewLoader(train_x, args.batch_size, mean, std, device, args.augment, args.num_workers, args.seed)
     trained = distribute(model, device, args.sync_bn)       # DDP under torchrun, else model itself
-
     knn_acc = None
-    for epoch in range(start + 1, args.epochs + 1):
-        t0 = time.time()
-        loader.set_epoch(epoch)
-        loss = train_one_epoch(trained, loader, optimizer, args.temperature, epoch, out_dir, amp)
-        row = {"epoch": epoch, "loss": loss, "seconds": round(time.time() - t0, 2)}
-        if test is not None and (epoch % args.knn_freq == 0 or epoch == args.epochs):   # rank 0 only
-            knn_acc = evaluate(model, train_x, train_y, *test, mean, std, device, args.knn_k, args.knn_t)
-            row["knn_acc"] = knn_acc
-        log.log(row)
-        state = encoder_checkpoint(model, optimizer=optimizer.state_dict(), args=vars(args),
-                                   usage=args.pretraining_dataset)
-        save_epoch(out_dir, state, epoch, args.epochs, args.save_freq)
 
-    log.results({"stage": "clean_encoder", "epochs": args.epochs, "knn_acc": knn_acc,
-                 "encoder": str(out_dir / f"model_{args.epochs}.pth"), "args": vars(args)})
-    print(f"clean encoder: {out_dir / f'model_{args.epochs}.pth'}  kNN accuracy: {knn_acc}")
+    def train_epoch(epoch):
+        nonlocal knn_acc
+        loader.set_epoch(epoch)
+        row = {"loss": train_one_epoch(trained, loader, optimizer, args.temperature, epoch, out_dir, amp)}
+        if test is not None and (epoch % args.knn_freq == 0 or epoch == args.epochs):   # rank 0 only
+            knn_acc = row["knn_acc"] = evaluate(model, train_x, train_y, *test, mean, std, device,
+                                                args.knn_k, args.knn_t)
+        return row
+
+    run.train(start, train_epoch)
+    encoder = run.finish(knn_acc=knn_acc)
+    print(f"clean encoder: {encoder}  kNN accuracy: {knn_acc}")
 
 
 if __name__ == "__main__":

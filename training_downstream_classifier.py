@@ -35,7 +35,8 @@ def get_parser():
     data = parser.add_argument_group("data")
     data.add_argument("--dataset", default="gtsrb", help="downstream dataset under --data_dir (default: gtsrb)")
     data.add_argument("--encoder", required=True, help="encoder checkpoint to evaluate")
-    data.add_argument("--encoder_usage_info", default="cifar10",
+    data.add_argument("--encoder_usage_info", "--pretraining_dataset", "--encoder_usage",
+                      dest="pretraining_dataset", default="cifar10",
                       help="dataset the encoder was pre-trained on; names the normalisation (default: cifar10)")
     data.add_argument("--trigger_file", default="trigger/trigger_pt_white_21_10_ap_replace.npz",
                       help="trigger stamped on every test image for the ASR "
@@ -47,7 +48,8 @@ def get_parser():
     data.add_argument("--results_dir", default=None,
                       help="where logs and results go (default: <encoder folder>/downstream_<dataset>)")
     clf = parser.add_argument_group("classifier")
-    clf.add_argument("--nn_epochs", type=int, default=1000, help="classifier epochs (default: 1000)")
+    clf.add_argument("--nn_epochs", "--epochs", dest="epochs", type=int, default=1000,
+                     help="classifier epochs (default: 1000)")
     clf.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate (default: 1e-4)")
     clf.add_argument("--batch_size", type=int, default=64, help="classifier batch size (default: 64)")
     clf.add_argument("--hidden_size_1", type=int, default=512, help="first hidden layer (default: 512)")
@@ -96,16 +98,16 @@ def main(args):
     if args.results_dir is None:
         args.results_dir = str(Path(args.encoder).resolve().parent / f"downstream_{args.dataset}")
     out_dir, device = start_run(args)
-    mean, std = normalization(args.encoder_usage_info)
+    mean, std = normalization(args.pretraining_dataset)
     train_x, train_y = load_split(args.data_dir, args.dataset, "train")
     test_x, test_y = load_split(args.data_dir, args.dataset, "test")
     num_classes = int(max(train_y.max(), test_y.max())) + 1
     target = target_label(args, num_classes)
     t, tm = load_trigger(args.trigger_file, image_size=test_x.shape[1:3])
     encoder, ckpt = load_encoder(args.encoder)
-    if ckpt.get("usage") not in (None, args.encoder_usage_info):
+    if ckpt.get("usage") not in (None, args.pretraining_dataset):
         print(f"warning: {args.encoder} was trained on {ckpt['usage']} data but --encoder_usage_info is "
-              f"{args.encoder_usage_info}; normalising as {args.encoder_usage_info}")
+              f"{args.pretraining_dataset}; normalising as {args.pretraining_dataset}")
     log = RunLog(out_dir, args)
 
     # The encoder is frozen: features are extracted once and the classifier trains on them in memory.
@@ -121,7 +123,7 @@ def main(args):
                                args.hidden_size_2).to(device)
     optimizer = torch.optim.Adam(clf.parameters(), lr=args.lr)
     metrics = {}
-    for epoch in tqdm(range(1, args.nn_epochs + 1), desc="classifier", mininterval=1):
+    for epoch in tqdm(range(1, args.epochs + 1), desc="classifier", mininterval=1):
         t0 = time.time()
         loss = train_one_epoch(clf, feats["train"], train_labels, optimizer, args.batch_size, args.seed, epoch)
         metrics = backdoor_metrics(predict(clf, feats["test"]).cpu(), predict(clf, feats["triggered"]).cpu(),
@@ -132,7 +134,7 @@ def main(args):
     print(f"ASR (all triggered test images)      {metrics['asr']:.2f}%")
     print(f"ASR excluding target-class images    {metrics['asr_excluding_target']:.2f}%")
     log.results({"stage": "downstream", "dataset": args.dataset, "encoder": str(args.encoder),
-                 "target_label": target, "epochs": args.nn_epochs, **metrics,
+                 "target_label": target, "epochs": args.epochs, **metrics,
                  "curve": log.read(), "args": vars(args)})
     print(f"results: {out_dir / 'results.json'}")
 

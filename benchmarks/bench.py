@@ -22,7 +22,6 @@ import platform
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -98,11 +97,8 @@ def bench_mi(device, width, n, mi_epochs):
     teacher = SimCLR(width=width).to(device).eval()
     seen = {"images": 0}
     hook = teacher.register_forward_pre_hook(lambda m, inp: seen.__setitem__("images", seen["images"] + len(inp[0])))
-    args = SimpleNamespace(opt1=1000.0, opt2=1000.0, opt3=1000.0, opt4=1000.0, attention="mi", batch_size=128,
-                           mi_epochs=mi_epochs, mi_lr=1e-3, mi_weight_decay=1e-5, mi_hidden=512,
-                           mi_average_last=10, mi_scale=10000.0, seed=0)
     t0 = time.perf_counter()
-    MIMIC.locate_knowledge(teacher, images(n), MEAN, STD, device, args)
+    MIMIC.locate_knowledge(teacher, images(n), MEAN, STD, device, 128, MIMIC.MISettings(epochs=mi_epochs, seed=0))
     total = time.perf_counter() - t0
     hook.remove()
 

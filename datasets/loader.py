@@ -7,7 +7,7 @@ processes together holds the same images as batch k of one process with N times 
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler
 
 from utils.distributed import get_rank, get_world_size
 from utils.errors import UserError
@@ -30,9 +30,8 @@ def index_batches(n, batch_size, seed, epoch, shuffle=True, drop_last=True):
     drop_last=False keeps a short last batch; under torchrun the sampler then repeats a few
     items so that every process has as many batches as the others.
     """
-    order = torch.tensor(list(sampler(n, seed, epoch, shuffle, drop_last)), dtype=torch.long)
-    stop = len(order) - len(order) % batch_size if drop_last else len(order)
-    return [order[s:s + batch_size] for s in range(0, stop, batch_size)]
+    batches = BatchSampler(sampler(n, seed, epoch, shuffle, drop_last), batch_size, drop_last)
+    return [torch.tensor(batch, dtype=torch.long) for batch in batches]
 
 
 class _TwoViews(Dataset):

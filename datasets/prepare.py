@@ -26,11 +26,9 @@ subset of folders). Image order is the source order; GTSRB's training split is t
 class.
 
 Checksums: torchvision verifies the md5 of the CIFAR-10, SVHN and STL-10 files and refuses altered
-ones. `verify_checksums=False` skips that check; it exists for the tests, which build tiny files in
-the real formats, and is deliberately not a command-line option.
+ones. (The tests, which build tiny files in the real formats, switch that check off with pytest's
+monkeypatch.)
 """
-import contextlib
-import os
 import sys
 from pathlib import Path
 
@@ -103,21 +101,6 @@ def _resize_all(images, count, desc, resize_filter):
 
 # ---------------------------------------------------------------- the paper's datasets
 
-@contextlib.contextmanager
-def _checksums(verify, dataset_class):
-    """Inside, torchvision's md5 check of `dataset_class` is on (verify) or only tests that files exist."""
-    module = sys.modules[dataset_class.__module__]
-    if verify or not hasattr(module, "check_integrity"):
-        yield
-        return
-    original = module.check_integrity
-    module.check_integrity = lambda fpath, md5=None: os.path.isfile(fpath)
-    try:
-        yield
-    finally:
-        module.check_integrity = original
-
-
 def _require(title, paths, hint):
     """UserError naming every expected source file or folder that is not there."""
     by_folder = {}
@@ -130,11 +113,10 @@ def _require(title, paths, hint):
         raise UserError(f"{title} source not found: expected {' and '.join(missing)} ({hint})")
 
 
-def _open(dataset_class, title, where, download, verify, **kwargs):
+def _open(dataset_class, title, where, download, **kwargs):
     """Construct a torchvision dataset; any failure becomes a one-line UserError naming the files."""
     try:
-        with _checksums(verify, dataset_class):
-            return dataset_class(download=download, **kwargs)
+        return dataset_class(download=download, **kwargs)
     except Exception as err:  # torchvision raises RuntimeError, OSError, pickle and URL errors
         reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
         if download:
@@ -148,25 +130,25 @@ def _open(dataset_class, title, where, download, verify, **kwargs):
         raise UserError(f"cannot read {title} from {where}: {reason} ({hint})") from err
 
 
-def _read_cifar10(root, split, download, verify, resize_filter):
+def _read_cifar10(root, split, download, resize_filter):
     folder = root / "cifar-10-batches-py"
     if not download:
         _require("CIFAR-10", [folder / f for f in CIFAR10_FILES],
                  "extract cifar-10-python.tar.gz into --root, or pass --download")
-    ds = _open(tv_datasets.CIFAR10, "CIFAR-10", folder, download, verify, root=str(root),
+    ds = _open(tv_datasets.CIFAR10, "CIFAR-10", folder, download, root=str(root),
                train=split == "train")
     return np.asarray(ds.data, dtype=np.uint8), np.asarray(ds.targets, dtype=np.int64)
 
 
-def _read_svhn(root, split, download, verify, resize_filter):
+def _read_svhn(root, split, download, resize_filter):
     path = root / f"{split}_32x32.mat"
     if not download:
         _require("SVHN", [path], "put the cropped-digits file there, or pass --download")
-    ds = _open(tv_datasets.SVHN, "SVHN", path, download, verify, root=str(root), split=split)
+    ds = _open(tv_datasets.SVHN, "SVHN", path, download, root=str(root), split=split)
     return np.ascontiguousarray(ds.data.transpose(0, 2, 3, 1)), ds.labels.astype(np.int64)
 
 
-def _read_gtsrb(root, split, download, verify, resize_filter):
+def _read_gtsrb(root, split, download, resize_filter):
     base = root / "gtsrb"
     if split == "train":
         folder = base / "GTSRB" / "Training"
@@ -177,7 +159,7 @@ def _read_gtsrb(root, split, download, verify, resize_filter):
     if not download:
         _require("GTSRB", expected, "extract GTSRB-Training_fixed.zip, GTSRB_Final_Test_Images.zip "
                                     "and GTSRB_Final_Test_GT.zip into --root/gtsrb, or pass --download")
-    ds = _open(tv_datasets.GTSRB, "GTSRB", folder, download, verify, root=str(root), split=split)
+    ds = _open(tv_datasets.GTSRB, "GTSRB", folder, download, root=str(root), split=split)
     labels = np.empty(len(ds), dtype=np.int64)
 
     def images():
@@ -197,14 +179,14 @@ def _read_gtsrb(root, split, download, verify, resize_filter):
     return x, labels
 
 
-def _read_stl10(root, split, download, verify, resize_filter):
+def _read_stl10(root, split, download, resize_filter):
     folder = root / "stl10_binary"
     if not download:
         # torchvision checks all five files whichever split is read
         _require("STL-10", [folder / f for f in STL10_FILES],
                  "extract stl10_binary.tar.gz into --root, or pass --download")
     tv_split = "unlabeled" if split == "train_unlabeled" else split
-    ds = _open(tv_datasets.STL10, "STL-10", folder, download, verify, root=str(root), split=tv_split)
+    ds = _open(tv_datasets.STL10, "STL-10", folder, download, root=str(root), split=tv_split)
     data = ds.data.transpose(0, 2, 3, 1)  # NxCxHxW -> NxHxWxC
     x = _resize_all(data, len(data), f"stl10 {split}", resize_filter)
     return x, np.asarray(ds.labels).astype(np.int64)
@@ -213,13 +195,12 @@ def _read_stl10(root, split, download, verify, resize_filter):
 _READERS = {"cifar10": _read_cifar10, "svhn": _read_svhn, "gtsrb": _read_gtsrb, "stl10": _read_stl10}
 
 
-def read_paper_split(name, split, root, download=False, verify_checksums=True,
-                     resize_filter=DEFAULT_RESIZE_FILTER):
+def read_paper_split(name, split, root, download=False, resize_filter=DEFAULT_RESIZE_FILTER):
     """Read one split of cifar10, svhn, gtsrb or stl10 from torchvision's files -> (x NxHxWx3, y N)."""
     if name not in _READERS or split not in EXPECTED_SIZES[name]:
         raise UserError(f"no split {split!r} of dataset {name!r}; known: "
                         + "; ".join(f"{n}: {', '.join(s)}" for n, s in EXPECTED_SIZES.items()))
-    return _READERS[name](Path(root), split, download, verify_checksums, resize_filter)
+    return _READERS[name](Path(root), split, download, resize_filter)
 
 
 # ---------------------------------------------------------------- checking what was written
@@ -266,8 +247,7 @@ def _write_split(path, x, y, num_classes, unlabeled):
 
 # ---------------------------------------------------------------- building splits
 
-def prepare_paper_dataset(name, root, data_dir, download=False, force=False, verify_checksums=True,
-                          resize_filter=DEFAULT_RESIZE_FILTER):
+def prepare_paper_dataset(name, root, data_dir, download=False, force=False, resize_filter=DEFAULT_RESIZE_FILTER):
     """Write every split of a paper dataset that is not already there and valid; one row per split."""
     rows = []
     for split, expected in EXPECTED_SIZES[name].items():
@@ -276,7 +256,7 @@ def prepare_paper_dataset(name, root, data_dir, download=False, force=False, ver
         summary = _finished(path, NUM_CLASSES[name], unlabeled, force)
         status = "kept"
         if summary is None:
-            x, y = read_paper_split(name, split, root, download, verify_checksums, resize_filter)
+            x, y = read_paper_split(name, split, root, download, resize_filter=resize_filter)
             summary = _write_split(path, x, y, NUM_CLASSES[name], unlabeled)
             status = "written"
         rows.append(_split_row(name, split, summary, expected, status, path))

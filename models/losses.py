@@ -1,7 +1,7 @@
 """Losses of the three training stages, each a small pure function of tensors."""
 import torch
 import torch.distributed as dist
-import torch.distributed._functional_collectives as collectives
+import torch.distributed.nn.functional as dist_nn
 import torch.nn.functional as F
 
 
@@ -34,9 +34,7 @@ def nt_xent(z1, z2, temperature=0.5, gather=True):
 def gather_with_grad(x):
     """Every process's x, concatenated along dim 0 in rank order; the backward pass sums the
     gradients of all processes into each process's own part."""
-    gather = (getattr(collectives, "all_gather_single_autograd", None)     # newer PyTorch
-              or collectives.all_gather_tensor_autograd)
-    return gather(x, 0, dist.group.WORLD)
+    return torch.cat(dist_nn.all_gather(x), dim=0)
 
 
 def attention_map(a):

@@ -7,7 +7,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from .distributed import is_main
-from .files import save_json
+from .files import atomic_write, save_json
 from .errors import UserError
 
 
@@ -44,25 +44,49 @@ class RunLog:
             self.log(row, echo=False)
 
     def read(self):
+        """The logged rows; a line cut short by a kill (the last one) is dropped."""
         if not self.jsonl.exists():
             return []
+        rows = []
         with open(self.jsonl) as fh:
-            return [json.loads(line) for line in fh if line.strip()]
+            for line in fh:
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError:
+                    continue
+        return rows
 
-    def log(self, row, echo=True):
-        """Append one epoch's row to log.jsonl and log.csv (and print it)."""
+    def log(self, row, echo=True, prefix=""):
+        """Append one epoch's row to log.jsonl and log.csv (and print it, after prefix)."""
         if not self.writes:
             return
         if echo:
-            print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+            print(prefix + " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
+                                    for k, v in row.items()))
         with open(self.jsonl, "a") as fh:
             fh.write(json.dumps(row) + "\n")
-        new = not self.csv.exists()
-        with open(self.csv, "a", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=list(row), extrasaction="ignore")
-            if new:
+        self._append_csv(row)
+
+    def _append_csv(self, row):
+        """One CSV row; when a row brings a column the header lacks (stage 0's knn_acc first comes
+        at epoch --knn_freq), the file is rewritten from log.jsonl with every column."""
+        header = []
+        if self.csv.exists():
+            with open(self.csv, newline="") as fh:
+                header = next(csv.reader(fh), [])
+        if header and all(k in header for k in row):
+            with open(self.csv, "a", newline="") as fh:
+                csv.DictWriter(fh, fieldnames=header).writerow(row)
+            return
+        rows = self.read()
+        columns = list(dict.fromkeys(k for r in rows for k in r))
+
+        def write(tmp):
+            with open(tmp, "w", newline="") as fh:
+                writer = csv.DictWriter(fh, fieldnames=columns)
                 writer.writeheader()
-            writer.writerow(row)
+                writer.writerows(rows)
+        atomic_write(self.csv, write)
 
     def results(self, results):
         if self.writes:

@@ -3,12 +3,14 @@ resume, and the checkpoint files written each epoch."""
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from .device import resolve_device
 from .distributed import barrier, init_distributed, is_main, launched_processes
 from .errors import UserError
 from .files import load_checkpoint, save_checkpoint
+from .logs import RunLog
 from .seeding import rng_state, set_rng_state, set_seed
 
 
@@ -88,3 +90,70 @@ def save_epoch(out_dir, state, epoch, epochs, save_freq):
         save_checkpoint(path, state)
         return path
     return None
+
+
+class TrainingRun:
+    """What every training stage does around its own epochs: resume, one logged row and the
+    checkpoint files per epoch, and results.json at the end.
+
+        run = TrainingRun(out_dir, args, "mimic", model, optimizer, usage="cifar10")
+        start, ckpt = run.resume()          # (0, None) unless --resume
+        run.train(start, lambda epoch: {"loss": ...})
+        run.finish(mi=...)
+
+    The checkpoints hold the model's weights and constructor arguments (models.encoder_checkpoint),
+    the optimiser, the arguments, and `meta` (e.g. the target label), which a stage may extend
+    before training.
+    """
+
+    def __init__(self, out_dir, args, stage, model, optimizer, **meta):
+        self.out_dir, self.args, self.stage = Path(out_dir), args, stage
+        self.model, self.optimizer, self.meta = model, optimizer, meta
+        self.log = None
+
+    def resume(self):
+        """Restore model, optimiser and RNG states under --resume; open the log. Returns (epoch, ckpt)."""
+        start, ckpt = 0, None
+        if self.args.resume:
+            start, ckpt = resume_state(self.out_dir, self.model, self.optimizer)
+        self.log = RunLog(self.out_dir, self.args, resume_epoch=start if self.args.resume else None)
+        return start, ckpt
+
+    def checkpoint(self):
+        from models import encoder_checkpoint      # models imports utils: import it where it is used
+        return encoder_checkpoint(self.model, optimizer=self.optimizer.state_dict(), args=vars(self.args),
+                                  **self.meta)
+
+    def train(self, start, train_epoch):
+        """Epochs start+1..--epochs: train_epoch(epoch) returns the epoch's measurements; each is
+        logged with its time, then saved (checkpoint.pth, and model_<epoch>.pth by --save_freq)."""
+        epochs, began = self.args.epochs, time.time()
+        for epoch in range(start + 1, epochs + 1):
+            t0 = time.time()
+            row = {"epoch": epoch, **train_epoch(epoch)}
+            row["seconds"] = round(time.time() - t0, 2)
+            left = (time.time() - began) / (epoch - start) * (epochs - epoch)
+            self.log.log(row, prefix=f"epoch {epoch}/{epochs}, {duration(left)} left: ")
+            save_epoch(self.out_dir, self.checkpoint(), epoch, epochs, self.args.save_freq)
+
+    @property
+    def encoder_path(self):
+        return self.out_dir / f"model_{self.args.epochs}.pth"
+
+    def finish(self, **results):
+        """Write results.json: the stage, the final epoch's row, the encoder file and the arguments."""
+        rows = self.log.read()
+        self.log.results({"stage": self.stage, "epochs": self.args.epochs, **results,
+                          "final": rows[-1] if rows else {}, "encoder": str(self.encoder_path),
+                          "args": vars(self.args)})
+        return self.encoder_path
+
+
+def duration(seconds):
+    """A short human reading of a duration: 45s, 12m05s, 3h20m."""
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
