@@ -2,8 +2,8 @@
 from .encoder import BLOCKS, SimCLR, build_encoder, encoder_checkpoint, load_encoder
 from .heads import DownstreamClassifier
 from .losses import attention_transfer, badencoder_loss, clone_loss, nt_xent
-from .mine import estimate_mi, mi_to_weights
+from .mine import convergence, estimate_mi, mi_to_weights, mi_warnings
 
 __all__ = ["BLOCKS", "SimCLR", "build_encoder", "encoder_checkpoint", "load_encoder",
            "DownstreamClassifier", "attention_transfer", "badencoder_loss", "clone_loss", "nt_xent",
-           "estimate_mi", "mi_to_weights"]
+           "convergence", "estimate_mi", "mi_to_weights", "mi_warnings"]

@@ -5,11 +5,18 @@
 
 `width` is the base width (64 for the paper's network; smaller for CPU runs); the
 feature dimension d is 8 * width for ResNet-18/34 and 32 * width for ResNet-50.
+
+Initialisation follows the authors, who build the backbone from torchvision's resnet18()
+(34, 50): every backbone conv is kaiming-normal (fan_out, relu) and every BatchNorm has
+weight 1 and bias 0, except conv1, which is replaced afterwards by a fresh 3x3 conv with
+PyTorch's default init; the head g is built last, with PyTorch's default init. At width 64
+the modules are created and initialised in torchvision's order, so under the same seed the
+weights equal the authors' bit for bit.
 """
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torchvision.models.resnet import BasicBlock, Bottleneck
+from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
 from utils.errors import UserError
 from utils.files import load_checkpoint
@@ -23,16 +30,34 @@ BLOCKS = ("layer1", "layer2", "layer3", "layer4")
 BLOCK_INDEX = (3, 4, 5, 6)  # positions of layer1..4 in the backbone Sequential
 
 
-def _make_layer(block, inplanes, planes, n, stride):
-    downsample = None
-    if stride != 1 or inplanes != planes * block.expansion:
-        downsample = nn.Sequential(
-            nn.Conv2d(inplanes, planes * block.expansion, 1, stride=stride, bias=False),
-            nn.BatchNorm2d(planes * block.expansion),
-        )
-    layers = [block(inplanes, planes, stride, downsample)]
-    layers += [block(planes * block.expansion, planes) for _ in range(1, n)]
-    return nn.Sequential(*layers)
+class _TorchvisionResNet(ResNet):
+    """torchvision's ResNet with base width `width` in place of the 64 its __init__ hard-codes.
+
+    Same modules created in the same order (the 7x7 conv1 and the fc too, which the backbone
+    drops, because their default init draws from the random generator), then torchvision's init
+    loop; layers come from torchvision's own _make_layer. At width 64 this is resnet18/34/50().
+    """
+
+    def __init__(self, block, depths, width):
+        nn.Module.__init__(self)  # replaces ResNet.__init__, which would build a width-64 network
+        self._norm_layer = nn.BatchNorm2d
+        self.inplanes, self.dilation, self.groups, self.base_width = width, 1, 1, 64
+        self.conv1 = nn.Conv2d(3, width, kernel_size=7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        self.layer1 = self._make_layer(block, width, depths[0])
+        self.layer2 = self._make_layer(block, 2 * width, depths[1], stride=2)
+        self.layer3 = self._make_layer(block, 4 * width, depths[2], stride=2)
+        self.layer4 = self._make_layer(block, 8 * width, depths[3], stride=2)
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.fc = nn.Linear(8 * width * block.expansion, 1000)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.constant_(m.weight, 1)
+                nn.init.constant_(m.bias, 0)
 
 
 class Backbone(nn.Module):
@@ -41,16 +66,12 @@ class Backbone(nn.Module):
     def __init__(self, arch="resnet18", width=64):
         super().__init__()
         block, depths = ARCHS[arch]
-        layers = [nn.Conv2d(3, width, 3, stride=1, padding=1, bias=False), nn.BatchNorm2d(width),
-                  nn.ReLU(inplace=True)]
-        inplanes = width
-        for i, n in enumerate(depths):
-            planes = width * 2 ** i
-            layers.append(_make_layer(block, inplanes, planes, n, stride=1 if i == 0 else 2))
-            inplanes = planes * block.expansion
-        layers.append(nn.AdaptiveAvgPool2d(1))
-        self.f = nn.Sequential(*layers)
-        self.feature_dim = inplanes
+        net = _TorchvisionResNet(block, depths, width)
+        # Created after the whole ResNet, as the authors do, so it draws from the generator last.
+        conv1 = nn.Conv2d(3, width, 3, stride=1, padding=1, bias=False)
+        self.f = nn.Sequential(conv1, net.bn1, net.relu, net.layer1, net.layer2, net.layer3,
+                               net.layer4, net.avgpool)
+        self.feature_dim = 8 * width * block.expansion
 
     def forward(self, x, return_blocks=False):
         """x: Bx3xHxW -> feature BxD (and the outputs of layer1..4 when return_blocks)."""

@@ -1,6 +1,10 @@
-"""The encoder's state-dict layout matches the published checkpoints; loading is strict."""
+"""The encoder's state-dict layout and initialisation match the authors'; loading is strict."""
+import math
+
 import pytest
 import torch
+import torch.nn as nn
+import torchvision
 
 from models import SimCLR, load_encoder
 from utils.errors import UserError
@@ -62,3 +66,75 @@ def test_architecture_mismatch_names_the_differing_keys(tmp_path):
         load_encoder(path, width=16)
     with pytest.raises(UserError, match=r"resnet34 .*missing: f\.f\.3\.2\.conv1\.weight"):
         load_encoder(path, arch="resnet34")
+
+
+@pytest.mark.parametrize("arch, feature_dim", [("resnet18", 512), ("resnet34", 512), ("resnet50", 2048)])
+def test_width_64_init_equals_the_authors_construction_bit_for_bit(arch, feature_dim):
+    """The authors: torchvision's resnet, then a fresh 3x3 conv1 in its place, max-pool and fc
+    dropped, then the head g; every module draws from the generator in that order."""
+    torch.manual_seed(7)
+    ours = SimCLR(arch, 64).state_dict()
+    torch.manual_seed(7)
+    net = getattr(torchvision.models, arch)()
+    f = []
+    for name, module in net.named_children():
+        if name == "conv1":
+            module = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        if not isinstance(module, (nn.Linear, nn.MaxPool2d)):
+            f.append(module)
+    f = nn.Sequential(*f)
+    g = nn.Sequential(nn.Linear(feature_dim, 512, bias=False), nn.BatchNorm1d(512),
+                      nn.ReLU(inplace=True), nn.Linear(512, 128))
+    authors = {**{f"f.f.{k}": v for k, v in f.state_dict().items()},
+               **{f"g.{k}": v for k, v in g.state_dict().items()}}
+    assert list(ours) == list(authors)
+    for key, value in authors.items():
+        assert torch.equal(ours[key], value), key
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+def test_narrow_backbone_has_torchvision_init(arch):
+    torch.manual_seed(0)
+    model = SimCLR(arch, 16)
+    convs = [(name, m) for name, m in model.f.f.named_modules() if isinstance(m, nn.Conv2d)]
+    assert len(convs) == (20 if arch == "resnet18" else 53)
+    stem, bound = convs[0][1].weight, 1 / math.sqrt(3 * 3 * 3)   # PyTorch's default: U(-bound, bound)
+    assert convs[0][0] == "0" and 0.9 * bound < stem.abs().max() <= bound
+    for name, conv in convs[1:]:                                  # kaiming normal, fan_out, relu
+        w = conv.weight
+        expected = math.sqrt(2 / (w.shape[0] * w.shape[2] * w.shape[3]))
+        assert abs(w.std().item() / expected - 1) < 0.15, name
+        assert abs(w.mean().item()) < 0.2 * expected, name
+    bns = [m for m in model.f.f.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert len(bns) == len(convs)
+    for bn in bns:
+        assert torch.equal(bn.weight, torch.ones_like(bn.weight)) and torch.equal(bn.bias, torch.zeros_like(bn.bias))
+    feature, proj = model.eval()(torch.randn(2, 3, 32, 32))
+    assert model.feature_dim == (128 if arch == "resnet18" else 512) and feature.shape[1] == model.feature_dim
+    assert proj.shape == (2, 128)
+
+
+def _block_stds(model, x):
+    with torch.no_grad():
+        _, _, blocks = model.eval()(x, return_blocks=True)
+    return torch.tensor([b.std().item() for b in blocks])
+
+
+def test_untrained_layer_outputs_grow_with_depth_unlike_default_init():
+    """Fresh BN in eval mode is the identity, so the block outputs show the init's scale: with
+    torchvision's init their std grows with depth (about 0.66/0.94/1.26/1.54 at width 16), with
+    PyTorch's default init it shrinks (about 0.33/0.15/0.07/0.03). Means over 8 networks (whose
+    stds vary) and, re-initialised the default way, over 2 of them (whose stds barely vary)."""
+    torch.manual_seed(0)
+    x = torch.randn(8, 3, 32, 32)
+    models = [SimCLR("resnet18", 16) for _ in range(8)]
+    ours = torch.stack([_block_stds(m, x) for m in models]).mean(0)
+    assert (ours.diff() > 0.05).all(), ours
+    assert 0.5 < ours[0] < 0.9 and ours[3] > 1.0, ours
+    models = models[:2]
+    for model in models:
+        for m in model.modules():
+            if isinstance(m, (nn.Conv2d, nn.BatchNorm2d)):
+                m.reset_parameters()
+    default = torch.stack([_block_stds(m, x) for m in models]).mean(0)
+    assert (default.diff() < 0).all() and default[3] < 0.1, default

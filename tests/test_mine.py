@@ -1,10 +1,14 @@
-"""The DV estimator recovers a known mutual information; MI becomes layer weights by the paper's rule."""
+"""The DV estimator recovers a known mutual information (also from badly scaled inputs, once
+standardised); the authors' per-batch evaluation, the convergence verdict and its warnings on
+hand cases; MI becomes layer weights by the paper's rule."""
 import math
 
 import torch
 
-from models import estimate_mi, mi_to_weights
-from models.mine import StatisticsNetwork, dv_bound
+from models import convergence, estimate_mi, mi_to_weights, mi_warnings
+from models import mine
+from models.mine import (StatisticsNetwork, apply_standardization, dv_bound, evaluate_bound_per_batch,
+                         standardization_stats)
 
 
 def gaussian_pair(n, d, rho, seed):
@@ -54,3 +58,116 @@ def test_mi_to_weights_rule_and_all_zero_case():
     assert mi_to_weights([0.1, 0.3, 0.4, 0.2], base) == [2000.0, 4000.0, 5000.0, 3000.0]
     assert mi_to_weights([0.0] * 4, base) == [3500.0] * 4
     assert mi_to_weights([0.0, 0.0, 2.0, 0.0], [0.0, 10.0, 0.0, 0.0], scale=100.0) == [0.0, 10.0, 100.0, 0.0]
+
+
+class ScalarNet:
+    """A stand-in statistics network: T(joint)_i = a_i, T(marginal)_i = z_perm(i) (first columns).
+
+    A batch's DV bound is then mean(a) - log mean exp(z) whatever the permutation, so the
+    expected values follow by hand. It records each permutation it is given.
+    """
+
+    def __init__(self):
+        self.perms = []
+
+    def __call__(self, a, z, perm):
+        self.perms.append(sorted(perm.tolist()))
+        return a[:, 0], z[perm, 0]
+
+
+def test_per_batch_evaluation_hand_case():
+    """Batches in data order, permuted within, each clipped at 0, partial last batch one batch."""
+    a = torch.tensor([1.0, 3.0, 0.0, 0.0, float("nan"), 1.0, 5.0]).unsqueeze(1)
+    z = torch.tensor([0.0, math.log(3.0), 2.0, 2.0, 0.0, 0.0, 1.0]).unsqueeze(1)
+    net = ScalarNet()
+    value = evaluate_bound_per_batch(net, a, z, batch_size=2, generator=torch.Generator().manual_seed(0))
+    batches = [2.0 - math.log(2.0),    # mean(1, 3) - log mean(e^0, e^log 3)
+               0.0,                    # 0 - 2 = -2, clipped
+               0.0,                    # NaN, clipped
+               4.0]                    # partial batch: 5 - 1
+    assert math.isclose(value, sum(batches) / 4, abs_tol=1e-6)
+    assert net.perms == [[0, 1], [0, 1], [0, 1], [0]]
+
+
+def test_per_batch_option_is_used_once_per_epoch(monkeypatch):
+    calls = []
+    real = mine.evaluate_bound_per_batch
+    monkeypatch.setattr(mine, "evaluate_bound_per_batch",
+                        lambda net, a, z, batch_size, generator: calls.append(batch_size) or real(
+                            net, a, z, batch_size, generator))
+    x, y = gaussian_pair(100, 2, 0.8, seed=4)
+    _, history = estimate_mi(x, y, epochs=3, batch_size=32, hidden=16, evaluation="per_batch")
+    assert calls == [32, 32, 32] and len(history) == 3
+
+
+def test_standardization_stats_hand_case():
+    x = torch.tensor([[1.0, 5.0, 0.0], [3.0, 5.0, 4.0]])
+    mean, scale = standardization_stats(x, "feature")
+    assert mean.tolist() == [2.0, 5.0, 2.0] and scale.tolist() == [1.0, 1.0, 2.0]   # constant column: scale 1
+    assert apply_standardization(x, mean, scale).tolist() == [[-1.0, 0.0, -1.0], [1.0, 0.0, 1.0]]
+    mean, scale = standardization_stats(x, "global")
+    assert mean.tolist() == [2.0, 5.0, 2.0]
+    assert torch.allclose(scale, torch.full((3,), math.sqrt(5 / 3)))                  # sqrt(mean(1, 0, 4))
+
+
+def test_standardization_recovers_mi_of_scaled_inputs():
+    """x1000 + 500 leaves MI unchanged; standardised it is recovered as in the unscaled test, raw it is not."""
+    d, rho = 2, 0.8
+    x, y = gaussian_pair(4000, d, rho, seed=1)
+    x, y = 1000 * x + 500, 1000 * y + 500
+    truth = -d / 2 * math.log(1 - rho ** 2)
+    mi, _, report = estimate_mi(x, y, epochs=40, batch_size=128, hidden=128, seed=0, return_report=True)
+    assert abs(mi - truth) < 0.15 and report["converged"], (mi, truth, report)
+    raw, _, report = estimate_mi(x, y, epochs=40, batch_size=128, hidden=128, seed=0, standardize="none",
+                                 return_report=True)
+    assert abs(raw - truth) > 0.15 and not report["converged"], (raw, truth, report)
+
+
+def test_standardization_statistics_computed_once(monkeypatch):
+    shapes = []
+    real = mine.standardization_stats
+    monkeypatch.setattr(mine, "standardization_stats",
+                        lambda x, mode: shapes.append(tuple(x.shape)) or real(x, mode))
+    x, y = gaussian_pair(100, 3, 0.5, seed=4)
+    estimate_mi(x, y[:, :2], epochs=4, batch_size=32, hidden=16)
+    assert shapes == [(100, 3), (100, 2)]                      # once per input over 4 epochs
+    shapes.clear()
+    estimate_mi(x, y, epochs=2, batch_size=32, hidden=16, standardize="none")
+    assert shapes == []
+
+
+def test_convergence_verdicts():
+    rising = convergence([0.1 * i for i in range(1, 11)])
+    # slope 0.1 per epoch, change 0.9 across the window, level = mean 0.55, no residual
+    assert rising["reason"] == "rising" and not rising["converged"]
+    assert math.isclose(rising["slope"], 0.9 / 0.55) and math.isclose(rising["spread"], 0.0, abs_tol=1e-9)
+    flat = convergence([0.1, 0.3] + [0.5] * 10)               # only the last 10 epochs count
+    assert flat == {"converged": True, "slope": 0.0, "spread": 0.0, "reason": "converged", "window": 10}
+    noisy = convergence([0.2, 0.8, 0.2, 0.8, 0.5, 0.5, 0.8, 0.2, 0.8, 0.2])
+    # symmetric: slope 0; residuals +-0.3 on 8 of 10 epochs -> std sqrt(0.072), level 0.5
+    assert noisy["reason"] == "noisy" and math.isclose(noisy["spread"], math.sqrt(0.072) / 0.5)
+    near_zero = convergence([0.0, 0.01] * 5)
+    # mean 0.005 < floor 0.05: judged against 0.05 nats, the small wobble passes
+    assert near_zero["converged"] and near_zero["spread"] < 0.11
+    assert convergence([0.0] * 30) == {"converged": False, "slope": 0.0, "spread": 0.0, "reason": "zero",
+                                       "window": 10}
+    assert convergence([1.0] * 9) == {"converged": False, "slope": None, "spread": None,
+                                      "reason": "too few epochs", "window": 10}
+
+
+def test_mi_warnings_text():
+    blocks = ["layer1", "layer2", "layer3"]
+    reports = [convergence([0.1 * i for i in range(1, 11)]), convergence([0.5] * 10), convergence([0.5] * 4)]
+    assert mi_warnings(blocks, [0.55, 0.5, 0.5], reports) == [
+        "MI of layer1 (0.55 nats) has not converged (rising: change +1.64 and spread 0.00 of the level "
+        "over the last 10 epochs); raise --mi_epochs",
+        "MI of layer3 (0.5 nats) has not converged (too few epochs: fewer than 10); raise --mi_epochs"]
+    zero = convergence([0.0] * 20)
+    assert mi_warnings(blocks[:2], [0.0, 0.0], [zero, zero]) == [
+        "MI of layer1 (0 nats) has not converged (zero: the bound was 0 in each of the last 10 epochs); "
+        "raise --mi_epochs or --mi_lr, or check the teacher",
+        "MI of layer2 (0 nats) has not converged (zero: the bound was 0 in each of the last 10 epochs); "
+        "raise --mi_epochs or --mi_lr, or check the teacher",
+        "every block's MI is 0: the attention weights fall back to uniform shares (MIMIC then equals "
+        "--attention uniform); raise --mi_epochs or --mi_lr, or check the teacher"]
+    assert mi_warnings(blocks[:2], [0.5, 0.5], [reports[1], reports[1]]) == []
