@@ -13,6 +13,7 @@ block by block among the processes):
     torchrun --nproc_per_node=4 MIMIC.py --batch_size 32 --sync_bn ...the same flags...
 
 Reads   the teacher checkpoint, the first ratio*N images of <data_dir>/<pretraining_dataset>/train.npz
+        (STL-10: of train_unlabeled.npz for the distillation, of train.npz for the MI estimation)
 Writes  <results_dir>/args.json, mi.json (MI per block, its history and the weights), log.jsonl,
         log.csv, checkpoint.pth, model_<epoch>.pth, results.json
 """
@@ -21,11 +22,12 @@ from dataclasses import dataclass
 
 import torch
 
-from datasets import load_split, normalization
+from datasets import load_split, normalization, pretraining_split
 from datasets.loader import ViewLoader, to_input
 from models import (BLOCKS, attention_transfer, build_encoder, clone_loss, estimate_mi, load_encoder,
-                    mi_to_weights, nt_xent)
-from utils.cli import add_distributed_args, add_run_args, run_cli
+                    mi_to_weights, mi_warnings, nt_xent)
+from utils.checks import fraction, nonnegative_float, positive_float, positive_int
+from utils.cli import add_distributed_args, add_pretraining_split, add_run_args, run_cli
 from utils.device import autocast, fast_paths, place
 from utils.distributed import (distribute, gather_objects, get_rank, get_world_size, global_batch, is_main,
                                mean_over_ranks)
@@ -41,25 +43,26 @@ def get_parser():
     data.add_argument("--teacher", required=True, help="suspect (e.g. backdoored) encoder checkpoint")
     data.add_argument("--pretraining_dataset", default="cifar10",
                       help="dataset the teacher was pre-trained on; names the normalisation (default: cifar10)")
-    data.add_argument("--ratio", type=float, default=0.04,
+    data.add_argument("--ratio", type=fraction, default=0.04,
                       help="clean subset = the first ratio*N images of the train split, 0 < ratio <= 1 "
                            "(default: 0.04, i.e. 2,000 CIFAR-10 images)")
+    add_pretraining_split(data)
     data.add_argument("--results_dir", default="output/cifar10/mimic",
                       help="where checkpoints and logs go (default: output/cifar10/mimic)")
     optim = parser.add_argument_group("distillation")
-    optim.add_argument("--lr", type=float, default=1e-2, help="Adam learning rate (default: 1e-2)")
-    optim.add_argument("--weight_decay", type=float, default=1e-6, help="Adam weight decay (default: 1e-6)")
-    optim.add_argument("--batch_size", type=int, default=128,
+    optim.add_argument("--lr", type=positive_float, default=1e-2, help="Adam learning rate (default: 1e-2)")
+    optim.add_argument("--weight_decay", type=nonnegative_float, default=1e-6, help="Adam weight decay (default: 1e-6)")
+    optim.add_argument("--batch_size", type=positive_int, default=128,
                        help="images per step in each process (under torchrun with N processes a step "
                             "sees N x this many); the MI estimator's batch is that global batch "
                             "(default: 128)")
-    optim.add_argument("--epochs", type=int, default=1000, help="distillation epochs (default: 1000)")
-    optim.add_argument("--temperature", type=float, default=0.5, help="NT-Xent temperature (default: 0.5)")
+    optim.add_argument("--epochs", type=positive_int, default=1000, help="distillation epochs (default: 1000)")
+    optim.add_argument("--temperature", type=positive_float, default=0.5, help="NT-Xent temperature (default: 0.5)")
     for i, block in enumerate(BLOCKS, 1):
-        optim.add_argument(f"--at_base_{block}", f"--opt{i}", dest=f"at_base_{block}", type=float,
+        optim.add_argument(f"--at_base_{block}", f"--opt{i}", dest=f"at_base_{block}", type=nonnegative_float,
                            default=1000.0, help=f"base weight of attention transfer on {block}, before the "
                                                 f"MI share is added; --opt{i} in the authors' code (default: 1000)")
-    optim.add_argument("--clone_weight", "--opt5", dest="clone_weight", type=float, default=1.0,
+    optim.add_argument("--clone_weight", "--opt5", dest="clone_weight", type=nonnegative_float, default=1.0,
                        help="weight of the feature-cloning loss; --opt5 in the authors' code (default: 1)")
     optim.add_argument("--augment", default="batched", choices=["batched", "torchvision"],
                        help="augmentation path, as in train_clean_encoder.py (default: batched)")
@@ -70,14 +73,22 @@ def get_parser():
     mi.add_argument("--mi_model", default="teacher", choices=["teacher", "student"],
                     help="network whose blocks MI is measured on; 'student' (the untrained student) "
                          "reproduces the authors' code (default: teacher, as in the paper)")
-    mi.add_argument("--mi_scale", type=float, default=10000.0,
+    mi.add_argument("--mi_scale", type=nonnegative_float, default=10000.0,
                     help="weight shared among blocks in proportion to MI (default: 10000)")
-    mi.add_argument("--mi_epochs", type=int, default=200, help="estimator epochs per block (default: 200)")
-    mi.add_argument("--mi_lr", type=float, default=1e-3, help="estimator Adam learning rate (default: 1e-3)")
-    mi.add_argument("--mi_weight_decay", type=float, default=1e-5,
+    mi.add_argument("--mi_epochs", type=positive_int, default=200, help="estimator epochs per block (default: 200)")
+    mi.add_argument("--mi_lr", type=positive_float, default=1e-3, help="estimator Adam learning rate (default: 1e-3)")
+    mi.add_argument("--mi_weight_decay", type=nonnegative_float, default=1e-5,
                     help="estimator Adam weight decay (default: 1e-5)")
-    mi.add_argument("--mi_hidden", type=int, default=512, help="estimator hidden width (default: 512)")
-    mi.add_argument("--mi_average_last", type=int, default=10,
+    mi.add_argument("--mi_hidden", type=positive_int, default=512, help="estimator hidden width (default: 512)")
+    mi.add_argument("--mi_standardize", default="feature", choices=["feature", "global", "none"],
+                    help="inputs of the statistics network: feature = each feature standardised over the "
+                         "subset (MI is unchanged by it, the estimator converges), global = one scale for "
+                         "all features, none = raw block outputs as the authors (default: feature)")
+    mi.add_argument("--mi_evaluation", default="global", choices=["global", "per_batch"],
+                    help="after each estimator epoch, the DV bound over all images with one permutation "
+                         "(global), or per batch of --batch_size in data order, each clipped at 0 and "
+                         "averaged, as the authors (per_batch) (default: global)")
+    mi.add_argument("--mi_average_last", type=positive_int, default=10,
                     help="MI = mean bound of this many last estimator epochs (default: 10)")
     add_distributed_args(add_run_args(parser, seed=100, save_freq=100))
     return parser
@@ -105,11 +116,13 @@ class MISettings:
     hidden: int = 512
     average_last: int = 10
     seed: int = 100
+    standardize: str = "feature"
+    evaluation: str = "global"
 
     @classmethod
     def from_args(cls, args):
         return cls(args.mi_epochs, args.mi_lr, args.mi_weight_decay, args.mi_hidden, args.mi_average_last,
-                   args.seed)
+                   args.seed, args.mi_standardize, args.mi_evaluation)
 
 
 def locate_knowledge(model, images, mean, std, device, batch_size, settings):
@@ -123,12 +136,16 @@ def locate_knowledge(model, images, mean, std, device, batch_size, settings):
     mine = {}
     for i in range(get_rank(), len(BLOCKS), get_world_size()):
         mine[i] = estimate_mi(blocks[i], z, settings.epochs, batch_size, settings.lr, settings.weight_decay,
-                              settings.hidden, settings.average_last, seed=settings.seed, desc=f"MI {BLOCKS[i]}")
+                              settings.hidden, settings.average_last, seed=settings.seed, desc=f"MI {BLOCKS[i]}",
+                              standardize=settings.standardize, evaluation=settings.evaluation,
+                              return_report=True)
     found = {i: result for part in gather_objects(mine) for i, result in part.items()}
-    mi = [found[i][0] for i in range(len(BLOCKS))]
-    for name, a, value in zip(BLOCKS, blocks, mi):
-        print(f"MI({name}; z) = {value:.4g} nats  (dim {a.shape[1]})")
-    return {"mi": mi, "history": [found[i][1] for i in range(len(BLOCKS))]}
+    mi, history, reports = (list(column) for column in zip(*(found[i] for i in range(len(BLOCKS)))))
+    for name, a, value, report in zip(BLOCKS, blocks, mi, reports):
+        print(f"MI({name}; z) = {value:.4g} nats  (dim {a.shape[1]}; {report['reason']})")
+    for line in mi_warnings(BLOCKS, mi, reports):
+        print(f"warning: {line}")
+    return {"mi": mi, "history": history, "convergence": reports}
 
 
 TERMS = ("loss", "nce", "at", "clone")
@@ -178,12 +195,15 @@ def train_one_epoch(student, teacher, loader, optimizer, weights, args, epoch, o
 
 
 def main(args):
-    if not 0 < args.ratio <= 1:
-        raise UserError(f"--ratio must be in (0, 1], got {args.ratio}")
     out_dir, device = start_run(args, args.resume, distributed=True)
     mean, std = normalization(args.pretraining_dataset)
-    x, _ = load_split(args.data_dir, args.pretraining_dataset, "train")
+    split = pretraining_split(args.pretraining_dataset, args.pretraining_split)
+    x, _ = load_split(args.data_dir, args.pretraining_dataset, split)
     subset = x[:int(args.ratio * len(x))]
+    mi_subset = subset              # the authors estimate MI on the labelled split (without labels)
+    if split != "train":
+        train_x, _ = load_split(args.data_dir, args.pretraining_dataset, "train")
+        mi_subset = train_x[:int(args.ratio * len(train_x))]
     images_per_step, batch_text = global_batch(args.batch_size)
     if len(subset) < images_per_step:
         raise UserError(f"the clean subset ({len(subset)} images = {args.ratio} x {len(x)}) is smaller "
@@ -195,22 +215,23 @@ def main(args):
     teacher = place(teacher, device, channels_last).eval().requires_grad_(False)
     student = place(build_encoder(teacher.config), device, channels_last)     # fresh: inherits nothing
     optimizer = torch.optim.Adam(student.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    run = TrainingRun(out_dir, args, "mimic", student, optimizer, usage=args.pretraining_dataset)
+    run = TrainingRun(out_dir, args, "mimic", student, optimizer, subset.shape[1:3], usage=args.pretraining_dataset)
     start, ckpt = run.resume()
     base = [getattr(args, f"at_base_{block}") for block in BLOCKS]
     if ckpt is not None:
-        located = {"mi": ckpt["mi"], "history": []}
+        located = {"mi": ckpt["mi"], "history": [], "convergence": ckpt.get("mi_convergence")}
     elif args.attention == "uniform":
-        located = {"mi": [0.0] * len(BLOCKS), "history": []}
+        located = {"mi": [0.0] * len(BLOCKS), "history": [], "convergence": None}
     else:
-        print(f"clean subset: {len(subset)} images; locating knowledge in the {args.mi_model}")
-        located = locate_knowledge(teacher if args.mi_model == "teacher" else student, subset, mean, std,
+        print(f"clean subset: {len(subset)} images of {split}; locating knowledge in the {args.mi_model} "
+              f"on {len(mi_subset)} images")
+        located = locate_knowledge(teacher if args.mi_model == "teacher" else student, mi_subset, mean, std,
                                    device, images_per_step, MISettings.from_args(args))
     weights = mi_to_weights(located["mi"], base, args.mi_scale)
     if ckpt is None and is_main():
         save_json(out_dir / "mi.json", {"blocks": list(BLOCKS), "mi_model": args.mi_model, **located,
                                         "weights": weights})
-    run.meta.update(mi=located["mi"], attention_weights=weights)
+    run.meta.update(mi=located["mi"], mi_convergence=located["convergence"], attention_weights=weights)
     print("block    MI (nats)   AT weight")
     for name, m, w in zip(BLOCKS, located["mi"], weights):
         print(f"{name:8s} {m:9.4g}   {w:9.1f}")
@@ -223,8 +244,10 @@ def main(args):
         return train_one_epoch(trained, teacher, loader, optimizer, weights, args, epoch, out_dir, amp)
 
     run.train(start, train_epoch)
+    verdicts = located["convergence"] and [r["reason"] for r in located["convergence"]]
     encoder = run.finish(clean_images=len(subset), mi=dict(zip(BLOCKS, located["mi"])),
-                         attention_weights=dict(zip(BLOCKS, weights)))
+                         attention_weights=dict(zip(BLOCKS, weights)),
+                         mi_converged=verdicts and dict(zip(BLOCKS, verdicts)))
     print(f"purified encoder: {encoder}")
 
 

@@ -13,8 +13,10 @@ Extra flags for a stage go after --clean_args/--badencoder_args/--mimic_args/--d
 e.g. --mimic_args "--epochs 50 --lr 5e-3" (later flags win).
 """
 import argparse
+import ctypes
 import json
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -99,21 +101,74 @@ class Runner:
         return [sys.executable, "-u"]
 
     def stage(self, name, script, args, stage_dir, parallel=False):
-        if (stage_dir / "results.json").exists():
-            print(f"\n== {name}: done earlier ({stage_dir / 'results.json'}), skipped")
-            return json.loads((stage_dir / "results.json").read_text())
+        """Run one stage into stage_dir unless it finished there with the same flags; returns its
+        results.json with "encoder" as a full path."""
+        command = [script, *map(str, args), *self.common]
+        record = stage_dir / "runner.json"
+        if record.exists() and (stage_dir / "checkpoint.pth").exists():
+            previous = json.loads(record.read_text())["command"]
+            if previous != command:
+                raise UserError(f"{stage_dir} holds stage {name!r} run with other flags "
+                                f"({flag_changes(previous, command)}); pass the same flags, or remove "
+                                f"the folder to run the stage again")
+        results_path = stage_dir / "results.json"
+        if results_path.exists():
+            results = with_encoder_path(stage_dir, json.loads(results_path.read_text()))
+            if Path(results.get("encoder", results_path)).exists():
+                print(f"\n== {name}: done earlier ({results_path}), skipped")
+                return results
+            print(f"\n== {name}: {results['encoder']} is missing; running the stage again")
         if (stage_dir / "checkpoint.pth").exists():
             args = args + ["--resume"]
         elif stage_dir.exists():
             args = args + ["--overwrite"]
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        save_json(record, {"command": command})
         cmd = [*self.launcher(parallel), script, *map(str, args), *self.common, "--results_dir", str(stage_dir)]
         print(f"\n== {name}\n$ {shlex.join(cmd[1:])}", flush=True)
         t0 = time.time()
-        if subprocess.run(cmd, cwd=ROOT).returncode != 0:
+        if run_child(cmd) != 0:
             raise UserError(f"stage {name!r} failed (command above); fix it and run again to continue")
         self.times[name] = round(time.time() - t0, 1)
         save_json(self.times_path, self.times)
-        return json.loads((stage_dir / "results.json").read_text())
+        return with_encoder_path(stage_dir, json.loads(results_path.read_text()))
+
+
+def with_encoder_path(stage_dir, results):
+    """results.json names its encoder relative to its own folder; make it a full path."""
+    if "encoder" in results:
+        results = {**results, "encoder": str(stage_dir / results["encoder"])}
+    return results
+
+
+def flag_changes(previous, command):
+    """A short description of how two stage commands differ."""
+    gone = [t for t in previous if t not in command]
+    new = [t for t in command if t not in previous]
+    return f"before: {' '.join(gone) or '-'}; now: {' '.join(new) or '-'}"
+
+
+def _die_with_parent():
+    """In the child: ask Linux to end it when the runner dies, even by SIGKILL."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)   # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def run_child(cmd):
+    """Run a stage and wait for it; if the runner is interrupted, the stage is stopped too, so a
+    re-run never finds a second writer in the stage's folder."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+    try:
+        return proc.wait()
+    except BaseException:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        raise
 
 
 def batch_args(preset, stage, nproc):

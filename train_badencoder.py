@@ -21,11 +21,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from datasets import load_reference, load_split, load_trigger, normalization, stamp_trigger
+from datasets import (UNLABELED_SHADOW_IMAGES, load_reference, load_split, load_trigger, normalization,
+                      pretraining_split, stamp_trigger)
 from datasets.augment import BatchAugment
-from datasets.loader import extract_features, index_batches, to_input
+from datasets.loader import augment_copies, extract_features, index_batches, to_input
 from models import badencoder_loss, load_encoder
-from utils.cli import add_run_args, run_cli
+from utils.checks import nonnegative_float, positive_float, positive_int, unit_interval
+from utils.cli import add_pretraining_split, add_run_args, run_cli
 from utils.device import autocast, fast_paths, place
 from utils.distributed import distribute, mean_over_ranks
 from utils.errors import UserError
@@ -42,8 +44,9 @@ def get_parser():
     data.add_argument("--pretraining_dataset", default="cifar10",
                       help="dataset the encoder was pre-trained on; names the normalisation (default: cifar10)")
     data.add_argument("--shadow_dataset", default=None,
-                      help="shadow data under --data_dir, all of its train split (default: the "
-                           "pre-training dataset)")
+                      help="shadow data under --data_dir: all of its train split, or the first 50,000 "
+                           "images of train_unlabeled for STL-10 (default: the pre-training dataset)")
+    add_pretraining_split(data)
     data.add_argument("--downstreamTask", "--downstream_task", dest="downstream_task", default="gtsrb",
                       help="downstream task the attacker targets; picks the default reference file "
                            "(gtsrb: priority, stl10: truck, svhn: one) (default: gtsrb)")
@@ -56,17 +59,23 @@ def get_parser():
     data.add_argument("--results_dir", default="output/cifar10/badencoder",
                       help="where checkpoints and logs go (default: output/cifar10/badencoder)")
     optim = parser.add_argument_group("optimisation")
-    optim.add_argument("--lr", type=float, default=1e-3, help="SGD learning rate (default: 1e-3)")
-    optim.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default: 0.9)")
-    optim.add_argument("--weight_decay", type=float, default=5e-4, help="SGD weight decay (default: 5e-4)")
-    optim.add_argument("--batch_size", type=int, default=256,
+    optim.add_argument("--lr", type=positive_float, default=1e-3, help="SGD learning rate (default: 1e-3)")
+    optim.add_argument("--momentum", type=unit_interval, default=0.9, help="SGD momentum (default: 0.9)")
+    optim.add_argument("--weight_decay", type=nonnegative_float, default=5e-4, help="SGD weight decay (default: 5e-4)")
+    optim.add_argument("--batch_size", type=positive_int, default=256,
                        help="shadow images per step in each process; under torchrun with N processes a "
                             "step sees N x this many (default: 256)")
-    optim.add_argument("--epochs", type=int, default=200, help="training epochs (default: 200)")
-    optim.add_argument("--lambda1", type=float, default=1.0,
+    optim.add_argument("--epochs", type=positive_int, default=200, help="training epochs (default: 200)")
+    optim.add_argument("--lambda1", type=nonnegative_float, default=1.0,
                        help="weight of the reference-preserving term loss1 (default: 1.0)")
-    optim.add_argument("--lambda2", type=float, default=1.0,
+    optim.add_argument("--lambda2", type=nonnegative_float, default=1.0,
                        help="weight of the utility term loss2 (default: 1.0)")
+    optim.add_argument("--reference_copies", type=positive_int, default=None,
+                       help="augmented copies of each reference input per step in loss1 (default: "
+                            "--batch_size, as the authors; 1 = one copy per step)")
+    optim.add_argument("--keep_last_batch", action="store_true",
+                       help="also train on the incomplete last batch of shadow data, which the authors "
+                            "drop (default: off)")
     add_run_args(parser, seed=100, save_freq=50)
     return parser
 
@@ -92,29 +101,32 @@ class AttackData:
     std: tuple
 
 
-def train_one_epoch(backbone, data, augment, optimizer, batch_size, lambdas, seed, epoch, out_dir, amp=False):
+def train_one_epoch(backbone, data, augment, optimizer, batch_size, lambdas, seed, epoch, out_dir, amp=False,
+                    copies=1, drop_last=True):
     """One epoch over the shuffled shadow data. backbone: the backdoored encoder's f (DDP-wrapped
-    under torchrun); augment: the reference inputs' augmentation; lambdas: (lambda1, lambda2).
-    Returns the mean loss terms."""
+    under torchrun); augment: the reference inputs' augmentation; lambdas: (lambda1, lambda2);
+    copies: independently augmented copies of each reference input per step (loss1 averages over
+    them); drop_last: skip the incomplete last batch. Returns the mean loss terms."""
     backbone.train()
     freeze_batchnorm(backbone)
     device = data.reference.device
     sums, steps = torch.zeros(4), 0
-    batches = index_batches(len(data.shadow), batch_size, seed, epoch, drop_last=False)
+    batches = index_batches(len(data.shadow), batch_size, seed, epoch, drop_last=drop_last)
     bar = progress(batches, desc=f"epoch {epoch}")
     ref = to_input(data.reference, data.mean, data.std, device)      # RxCxHxW
+    ref_clean = data.reference_clean.repeat_interleave(copies, dim=0)   # (R*copies)xD
     for step, idx in enumerate(bar):
         x = to_input(data.shadow[idx], data.mean, data.std, device)  # BxCxHxW
         x_t = to_input(data.triggered[idx], data.mean, data.std, device)
-        ref_aug = augment(data.reference)
+        ref_aug = augment_copies(augment, data.reference, copies)      # (R*copies)xCxHxW
         b, r = len(x), len(ref)
         # BatchNorm is frozen, so one pass over the concatenation equals four separate passes.
         # Only the backbone runs: the head g is not trained and its statistics must not move.
         with autocast(x.device, amp):
             feats = backbone(torch.cat([x_t, x, ref, ref_aug]))
         feats = F.normalize(feats.float(), dim=-1)
-        f_trig, f_x, f_ref, f_ref_aug = feats.split([b, b, r, r])
-        losses = badencoder_loss(f_trig, f_ref, f_ref_aug, data.reference_clean, f_x,
+        f_trig, f_x, f_ref, f_ref_aug = feats.split([b, b, r, len(ref_aug)])
+        losses = badencoder_loss(f_trig, f_ref, f_ref_aug, ref_clean, f_x,
                                  data.shadow_clean[idx.to(device)], *lambdas)
         values = mean_over_ranks(torch.stack(losses)).cpu()     # the global batch's, in every process
         check_finite(values[0].item(), epoch, step, out_dir)
@@ -131,7 +143,13 @@ def main(args):
     out_dir, device = start_run(args, args.resume, distributed=True)
     mean, std = normalization(args.pretraining_dataset)
     shadow = args.shadow_dataset or args.pretraining_dataset
-    x, _ = load_split(args.data_dir, shadow, "train")
+    split = pretraining_split(shadow, args.pretraining_split)
+    x, _ = load_split(args.data_dir, shadow, split)
+    if split == "train_unlabeled":
+        x = x[:UNLABELED_SHADOW_IMAGES]             # the authors' shadow data: the first 50,000
+    if len(x) < args.batch_size and not args.keep_last_batch:
+        raise UserError(f"the {len(x)} shadow images are fewer than one batch of --batch_size {args.batch_size}, "
+                        f"and the incomplete last batch is dropped: lower --batch_size or pass --keep_last_batch")
     if args.reference_file is None:
         if args.downstream_task not in DEFAULT_REFERENCE:
             raise UserError(f"no default reference file for --downstreamTask {args.downstream_task}; "
@@ -151,7 +169,7 @@ def main(args):
     freeze_batchnorm(model.f)
     params = [p for p in model.f.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
-    run = TrainingRun(out_dir, args, "badencoder", model, optimizer, usage=args.pretraining_dataset,
+    run = TrainingRun(out_dir, args, "badencoder", model, optimizer, x.shape[1:3], usage=args.pretraining_dataset,
                       target_label=target)
     start, _ = run.resume()
 
@@ -163,8 +181,10 @@ def main(args):
     augment = BatchAugment(x.shape[1], mean, std, crop=False)
     print(f"shadow data: {len(x)} images of {shadow}; {len(ref_x)} reference input(s) of label {target}")
     backbone = distribute(model.f, device)      # only the backbone runs and trains
+    copies = args.reference_copies or args.batch_size
     run.train(start, lambda epoch: train_one_epoch(backbone, data, augment, optimizer, args.batch_size,
-                                                   (args.lambda1, args.lambda2), args.seed, epoch, out_dir, amp))
+                                                   (args.lambda1, args.lambda2), args.seed, epoch, out_dir, amp,
+                                                   copies, drop_last=not args.keep_last_batch))
     encoder = run.finish(target_label=target)
     print(f"backdoored encoder: {encoder}")
 

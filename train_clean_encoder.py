@@ -6,7 +6,8 @@ The same global batch on a node with 4 GPUs (--batch_size is per process):
     torchrun --nproc_per_node=4 train_clean_encoder.py --batch_size 64 --sync_bn \
         --results_dir output/cifar10/clean_encoder
 
-Reads   <data_dir>/<pretraining_dataset>/train.npz, and test.npz for the kNN monitor
+Reads   <data_dir>/<pretraining_dataset>/train.npz (STL-10: train_unlabeled.npz), and train.npz
+        and test.npz for the kNN monitor
 Writes  <results_dir>/args.json, log.jsonl and log.csv (loss and kNN accuracy per epoch),
         checkpoint.pth (every epoch, for --resume), model_<epoch>.pth (every --save_freq
         epochs and at the last epoch), results.json
@@ -15,11 +16,12 @@ import argparse
 
 import torch
 
-from datasets import load_split, normalization
+from datasets import load_split, normalization, pretraining_split
 from datasets.loader import ViewLoader, extract_features
 from models import SimCLR, nt_xent
 from models.knn import knn_predict
-from utils.cli import add_distributed_args, add_run_args, run_cli
+from utils.checks import nonnegative_float, nonnegative_int, positive_float, positive_int
+from utils.cli import add_distributed_args, add_pretraining_split, add_run_args, run_cli
 from utils.device import autocast, fast_paths, place
 from utils.distributed import distribute, global_batch, is_main, mean_over_ranks
 from utils.errors import UserError
@@ -32,29 +34,30 @@ def get_parser():
     data = parser.add_argument_group("data")
     data.add_argument("--pretraining_dataset", default="cifar10",
                       help="dataset under --data_dir to train on; also names the normalisation (default: cifar10)")
+    add_pretraining_split(data)
     data.add_argument("--results_dir", default="output/cifar10/clean_encoder",
                       help="where checkpoints and logs go (default: output/cifar10/clean_encoder)")
     model = parser.add_argument_group("model")
     model.add_argument("--arch", default="resnet18", choices=["resnet18", "resnet34", "resnet50"],
                        help="backbone (default: resnet18, the paper's)")
-    model.add_argument("--width", type=int, default=64,
+    model.add_argument("--width", type=positive_int, default=64,
                        help="base width of the ResNet; 64 is the paper's network, 16 trains ~12x faster "
                             "on a CPU (default: 64)")
     optim = parser.add_argument_group("optimisation")
-    optim.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default: 1e-3)")
-    optim.add_argument("--weight_decay", type=float, default=1e-6, help="Adam weight decay (default: 1e-6)")
-    optim.add_argument("--batch_size", type=int, default=256,
+    optim.add_argument("--lr", type=positive_float, default=1e-3, help="Adam learning rate (default: 1e-3)")
+    optim.add_argument("--weight_decay", type=nonnegative_float, default=1e-6, help="Adam weight decay (default: 1e-6)")
+    optim.add_argument("--batch_size", type=positive_int, default=256,
                        help="images per step in each process; under torchrun with N processes a step "
                             "sees N x this many (default: 256)")
-    optim.add_argument("--epochs", type=int, default=1000, help="training epochs (default: 1000)")
-    optim.add_argument("--temperature", type=float, default=0.5, help="NT-Xent temperature (default: 0.5)")
+    optim.add_argument("--epochs", type=positive_int, default=1000, help="training epochs (default: 1000)")
+    optim.add_argument("--temperature", type=positive_float, default=0.5, help="NT-Xent temperature (default: 0.5)")
     optim.add_argument("--augment", default="batched", choices=["batched", "torchvision"],
                        help="batched: augment whole batches on --device (fast); torchvision: the per-image "
                             "PIL pipeline in --num_workers processes (default: batched)")
     monitor = parser.add_argument_group("kNN monitor")
-    monitor.add_argument("--knn_k", "--knn-k", type=int, default=200, help="neighbours (default: 200)")
-    monitor.add_argument("--knn_t", "--knn-t", type=float, default=0.5, help="temperature (default: 0.5)")
-    monitor.add_argument("--knn_freq", type=int, default=1,
+    monitor.add_argument("--knn_k", "--knn-k", type=positive_int, default=200, help="neighbours (default: 200)")
+    monitor.add_argument("--knn_t", "--knn-t", type=positive_float, default=0.5, help="temperature (default: 0.5)")
+    monitor.add_argument("--knn_freq", type=nonnegative_int, default=1,
                          help="run the monitor every this many epochs and at the last; 0 turns it off "
                               "(default: 1)")
     add_distributed_args(add_run_args(parser, seed=100, save_freq=100))
@@ -94,19 +97,22 @@ def evaluate(model, train_x, train_y, test_x, test_y, mean, std, device, k, t):
 def main(args):
     out_dir, device = start_run(args, args.resume, distributed=True)
     mean, std = normalization(args.pretraining_dataset)
-    train_x, train_y = load_split(args.data_dir, args.pretraining_dataset, "train")
+    split = pretraining_split(args.pretraining_dataset, args.pretraining_split)
+    train_x, _ = load_split(args.data_dir, args.pretraining_dataset, split)
     images_per_step, batch_text = global_batch(args.batch_size)
     if len(train_x) < images_per_step:
         raise UserError(f"{len(train_x)} training images are fewer than one batch of --batch_size "
                         f"{batch_text}; lower --batch_size")
-    test = None
+    bank = test = None           # the kNN monitor: labelled train split as memory bank, test split as queries
     if args.knn_freq > 0 and is_main():
+        bank = load_split(args.data_dir, args.pretraining_dataset, "train")
         test = load_split(args.data_dir, args.pretraining_dataset, "test")
 
     amp, channels_last = fast_paths(args, device)
     model = place(SimCLR(args.arch, args.width), device, channels_last)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    run = TrainingRun(out_dir, args, "clean_encoder", model, optimizer, usage=args.pretraining_dataset)
+    run = TrainingRun(out_dir, args, "clean_encoder", model, optimizer, train_x.shape[1:3],
+                      usage=args.pretraining_dataset)
     start, _ = run.resume()
     loader = ViewLoader(train_x, args.batch_size, mean, std, device, args.augment, args.num_workers, args.seed)
     trained = distribute(model, device, args.sync_bn)       # DDP under torchrun, else model itself
@@ -117,8 +123,7 @@ def main(args):
         loader.set_epoch(epoch)
         row = {"loss": train_one_epoch(trained, loader, optimizer, args.temperature, epoch, out_dir, amp)}
         if test is not None and (epoch % args.knn_freq == 0 or epoch == args.epochs):   # rank 0 only
-            knn_acc = row["knn_acc"] = evaluate(model, train_x, train_y, *test, mean, std, device,
-                                                args.knn_k, args.knn_t)
+            knn_acc = row["knn_acc"] = evaluate(model, *bank, *test, mean, std, device, args.knn_k, args.knn_t)
         return row
 
     run.train(start, train_epoch)

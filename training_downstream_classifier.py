@@ -24,6 +24,7 @@ from datasets import load_reference, load_split, load_trigger, normalization, st
 from datasets.loader import extract_features, index_batches
 from models import DownstreamClassifier, load_encoder
 from models.metrics import backdoor_metrics
+from utils.checks import check_finite_features, check_finite_loss, int_at_least, positive_float, positive_int
 from utils.cli import add_run_args, run_cli
 from utils.errors import UserError
 from utils.logs import RunLog
@@ -41,19 +42,22 @@ def get_parser():
     data.add_argument("--trigger_file", default="trigger/trigger_pt_white_21_10_ap_replace.npz",
                       help="trigger stamped on every test image for the ASR "
                            "(default: trigger/trigger_pt_white_21_10_ap_replace.npz)")
-    data.add_argument("--reference_label", type=int, default=-1,
+    data.add_argument("--reference_label", type=int_at_least(-1), default=-1,
                       help="attacker's target label; -1 takes it from --reference_file (default: -1)")
     data.add_argument("--reference_file", default=None,
                       help="reference inputs of the target class; only its label is used (default: none)")
     data.add_argument("--results_dir", default=None,
                       help="where logs and results go (default: <encoder folder>/downstream_<dataset>)")
     clf = parser.add_argument_group("classifier")
-    clf.add_argument("--nn_epochs", "--epochs", dest="epochs", type=int, default=1000,
+    clf.add_argument("--nn_epochs", "--epochs", dest="epochs", type=positive_int, default=1000,
                      help="classifier epochs (default: 1000)")
-    clf.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate (default: 1e-4)")
-    clf.add_argument("--batch_size", type=int, default=64, help="classifier batch size (default: 64)")
-    clf.add_argument("--hidden_size_1", type=int, default=512, help="first hidden layer (default: 512)")
-    clf.add_argument("--hidden_size_2", type=int, default=256, help="second hidden layer (default: 256)")
+    clf.add_argument("--lr", type=positive_float, default=1e-4, help="Adam learning rate (default: 1e-4)")
+    clf.add_argument("--batch_size", type=positive_int, default=64, help="classifier batch size (default: 64)")
+    clf.add_argument("--train_order", default="shuffled", choices=["shuffled", "file"],
+                     help="order of the training features in each epoch: shuffled (seeded by --seed and "
+                          "the epoch), or file order every epoch as the authors (default: shuffled)")
+    clf.add_argument("--hidden_size_1", type=positive_int, default=512, help="first hidden layer (default: 512)")
+    clf.add_argument("--hidden_size_2", type=positive_int, default=256, help="second hidden layer (default: 256)")
     add_run_args(parser, seed=100)
     return parser
 
@@ -75,10 +79,10 @@ def target_label(args, num_classes):
     return label
 
 
-def train_one_epoch(clf, feats, labels, optimizer, batch_size, seed, epoch):
+def train_one_epoch(clf, feats, labels, optimizer, batch_size, seed, epoch, shuffle=True):
     clf.train()
     total = 0.0
-    batches = index_batches(len(feats), batch_size, seed, epoch, drop_last=False)
+    batches = index_batches(len(feats), batch_size, seed, epoch, shuffle=shuffle, drop_last=False)
     for idx in batches:
         loss = F.cross_entropy(clf(feats[idx]), labels[idx])
         optimizer.zero_grad(set_to_none=True)
@@ -115,6 +119,8 @@ def main(args):
     feats = {name: extract_features(encoder, x, mean, std, device, desc=f"{name} features").to(device)
              for name, x in (("train", train_x), ("test", test_x),
                              ("triggered", stamp_trigger(test_x, t, tm)))}
+    for name, f in feats.items():
+        check_finite_features(f, f"the {name} images", args.encoder)
     train_labels = torch.as_tensor(train_y, device=device)
     print(f"{args.dataset}: {len(train_x)} train / {len(test_x)} test images, {num_classes} classes, "
           f"target label {target}; feature dim {feats['train'].shape[1]}")
@@ -125,7 +131,9 @@ def main(args):
     metrics = {}
     for epoch in tqdm(range(1, args.epochs + 1), desc="classifier", mininterval=1):
         t0 = time.time()
-        loss = train_one_epoch(clf, feats["train"], train_labels, optimizer, args.batch_size, args.seed, epoch)
+        loss = train_one_epoch(clf, feats["train"], train_labels, optimizer, args.batch_size, args.seed, epoch,
+                               shuffle=args.train_order == "shuffled")
+        check_finite_loss(loss, epoch)
         metrics = backdoor_metrics(predict(clf, feats["test"]).cpu(), predict(clf, feats["triggered"]).cpu(),
                                    test_y, target)
         log.log({"epoch": epoch, "loss": loss, **metrics, "seconds": round(time.time() - t0, 3)}, echo=False)

@@ -105,6 +105,21 @@ class ViewLoader:
         return self.transform(x, params)
 
 
+def augment_copies(augment, images, copies):
+    """`copies` independently augmented views of each image, grouped by image (R*copies rows).
+
+    Under torchrun the parameters of every process's copies are drawn in each process (identical
+    generators) and each process applies its own share, so N processes together see the views one
+    process with N x copies would.
+    """
+    world, rank = get_world_size(), get_rank()
+    params = augment.sample(len(images) * world * copies, *images.shape[1:3])
+    if world > 1:
+        rows = torch.arange(len(images) * world * copies).view(len(images), world, copies)[:, rank].reshape(-1)
+        params = {k: v[rows] for k, v in params.items()}
+    return augment(images.repeat_interleave(copies, dim=0), params)
+
+
 def to_input(images, mean, std, device):
     """uint8 BxHxWx3 (numpy or tensor) -> normalised float Bx3xHxW on device (the test transform)."""
     x = torch.as_tensor(images).to(device)

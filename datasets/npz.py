@@ -3,6 +3,7 @@ from pathlib import Path
 
 import numpy as np
 
+from utils.checks import check_reference_labels, check_split
 from utils.errors import UserError
 from utils.files import atomic_write
 
@@ -27,12 +28,29 @@ def split_path(data_dir, name, split):
 
 
 def load_split(data_dir, name, split):
-    """Return (x, y) of data/<name>/<split>.npz: x uint8 NxHxWx3, y int64 N. Checks keys and shapes."""
+    """Return (x, y) of data/<name>/<split>.npz: x uint8 NxHxWx3, y int64 N. Checks keys, shapes,
+    that the split is not empty, that the images are large enough and that labels are class
+    indices (an unlabeled split's labels, -1 in STL-10's, are not checked)."""
     path = split_path(data_dir, name, split)
     if not path.is_file():
         raise UserError(f"dataset file not found: {path} (create it with: python prepare_data.py "
                         f"--dataset {name} --out {data_dir}, or pass --data_dir)")
-    return read_images_npz(path, label_key="y")
+    x, y = read_images_npz(path, label_key="y")
+    check_split(x, y if split in LABELLED_SPLITS else np.zeros_like(y), path)
+    return x, y
+
+
+LABELLED_SPLITS = ("train", "test")
+# Pre-training datasets whose encoders the authors train on an unlabeled split (SimCLR, the
+# BadEncoder shadow data and MIMIC's distillation), and how many of its images are shadow data.
+UNLABELED_SPLIT = {"stl10": "train_unlabeled"}
+UNLABELED_SHADOW_IMAGES = 50_000
+
+
+def pretraining_split(name, choice="auto"):
+    """The split a stage trains on for --pretraining_split choice: auto = the dataset's unlabeled
+    split where the authors use one (STL-10), else train."""
+    return UNLABELED_SPLIT.get(name, "train") if choice == "auto" else choice
 
 
 def read_images_npz(path, label_key):
@@ -88,6 +106,4 @@ def load_reference(path):
     if not path.is_file():
         raise UserError(f"reference file not found: {path}")
     x, y = read_images_npz(path, label_key="y")
-    if len(x) == 0:
-        raise UserError(f"{path} holds no reference inputs")
-    return x, int(y[0])
+    return x, check_reference_labels(y, path)

@@ -70,7 +70,7 @@ PAPER_REFERENCES = (
     ("cifar10", "truck", "stl10", 9),
     ("cifar10", "one", "svhn", 1),
 )
-DEFAULT_REFERENCE_COUNT = 3
+DEFAULT_REFERENCE_COUNT = 1          # the released priority.npz, truck.npz and one.npz hold one image each
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".pgm", ".pbm", ".tif", ".tiff",
                     ".webp", ".gif")
@@ -391,8 +391,13 @@ def _write_text(path, text):
 
 # ---------------------------------------------------------------- reference inputs
 
-def reference_path(reference_dir, encoder_usage, name):
-    return Path(reference_dir) / encoder_usage / f"{name}.npz"
+def reference_path(reference_dir, pretraining_dataset, name):
+    """<reference_dir>/<pretraining_dataset>/<name>.npz; both names are plain file names, so the
+    file cannot land outside the reference folder."""
+    for what, value in (("the reference name", name), ("the pretraining dataset", pretraining_dataset)):
+        if not value or value in (".", "..") or "/" in value or "\\" in value:
+            raise UserError(f"{what} must be a plain file name without folders, got {value!r}")
+    return Path(reference_dir) / pretraining_dataset / f"{name}.npz"
 
 
 def make_reference(data_dir, dataset, label, out_path, count=DEFAULT_REFERENCE_COUNT, force=False):

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from utils.checks import check_trigger
 from utils.errors import UserError
 from utils.files import atomic_write
 
@@ -56,6 +57,7 @@ def load_trigger(path, image_size=None):
         raise UserError(f"cannot read trigger file {path}: {err}") from None
     if t.ndim == 3:
         t, tm = t[None], tm[None]
+    check_trigger(t, tm, path)
     if t.ndim != 4 or t.shape[-1] != 3 or t.shape != tm.shape:
         raise UserError(f"{path}: t and tm must both be (K, H, W, 3), got {t.shape} and {tm.shape}")
     if image_size is not None and tuple(t.shape[1:3]) != tuple(image_size):

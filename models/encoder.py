@@ -18,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
+from utils.checks import check_encoder_checkpoint
 from utils.errors import UserError
 from utils.files import load_checkpoint
 
@@ -119,15 +120,6 @@ def encoder_checkpoint(model, **extra):
     return {"state_dict": model.state_dict(), "arch": dict(model.config), **extra}
 
 
-def _infer_config(state_dict):
-    """Guess arch and width of a checkpoint without an `arch` entry (e.g. BadEncoder's releases)."""
-    width = state_dict["f.f.0.weight"].shape[0]
-    arch = "resnet50" if "f.f.3.0.conv3.weight" in state_dict else (
-        "resnet34" if "f.f.3.2.conv1.weight" in state_dict else "resnet18")
-    proj_dim = state_dict["g.3.weight"].shape[0] if "g.3.weight" in state_dict else 128
-    return {"arch": arch, "width": width, "proj_dim": proj_dim}
-
-
 def _strip_prefix(state_dict):
     """Drop the 'module.' that DataParallel/DDP checkpoints add to every key."""
     if all(k.startswith("module.") for k in state_dict):
@@ -142,13 +134,8 @@ def load_encoder(path, arch=None, width=None):
     differing keys, not a silent partial load.
     """
     ckpt = load_checkpoint(path)
-    if not isinstance(ckpt, dict):
-        raise UserError(f"{path} is not an encoder checkpoint (expected a dict with 'state_dict')")
-    state_dict = ckpt.get("state_dict", ckpt)
-    state_dict = _strip_prefix(state_dict) if isinstance(state_dict, dict) else {}
-    if "f.f.0.weight" not in state_dict:
-        raise UserError(f"{path} has no SimCLR encoder weights (expected keys f.f.0.weight, ..., g.3.bias)")
-    config = dict(ckpt.get("arch") or _infer_config(state_dict))
+    config = check_encoder_checkpoint(ckpt, path)      # types and sizes, before anything is built
+    state_dict = _strip_prefix(ckpt.get("state_dict", ckpt))
     if arch is not None:
         config["arch"] = arch
     if width is not None:

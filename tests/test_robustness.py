@@ -198,8 +198,7 @@ def test_checkpoint_of_another_architecture(tmp_path):
     path = tmp_path / "other.pth"
     sd = SimCLR(width=8).state_dict()
     torch.save({"state_dict": sd, "arch": {"arch": "resnet18", "width": 16}}, path)
-    with pytest.raises(UserError, match=r"does not match a resnet18 encoder of width 16: shape: f\.f\.0\.weight "
-                                        r"\(8, 3, 3, 3\) vs \(16, 3, 3, 3\)"):
+    with pytest.raises(UserError, match=r"arch says width 16 but f\.f\.0\.weight has 8 channels"):
         load_encoder(path)
     torch.save({"state_dict": {"visual.conv1.weight": torch.zeros(1)}}, path)
     with pytest.raises(UserError, match="has no SimCLR encoder weights"):
@@ -207,9 +206,11 @@ def test_checkpoint_of_another_architecture(tmp_path):
 
 
 @pytest.mark.parametrize("ratio", ["0", "-0.1", "1.5"])
-def test_ratio_outside_unit_interval(tiny, encoder, tmp_path, ratio):
-    with pytest.raises(UserError, match=rf"--ratio must be in \(0, 1\], got {float(ratio)}"):
-        MIMIC.main(mimic_args(tiny, encoder, tmp_path / "m", "--ratio", ratio))
+def test_ratio_outside_unit_interval(tiny, encoder, tmp_path, ratio, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        mimic_args(tiny, encoder, tmp_path / "m", "--ratio", ratio)
+    assert exit_.value.code == 2
+    assert f"argument --ratio: must be a finite number in (0, 1], got {ratio}" in capsys.readouterr().err
 
 
 def test_clean_subset_smaller_than_a_batch(tiny, encoder, tmp_path):

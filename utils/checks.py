@@ -169,7 +169,7 @@ def _bounded_int(value, name, high, path):
 
 
 def _layout_arch(state_dict):
-    """The architecture the keys belong to (as models.encoder._infer_config reads it)."""
+    """The architecture the keys belong to: bottleneck convs mean ResNet-50, a third layer1 block ResNet-34."""
     if "f.f.3.0.conv3.weight" in state_dict:
         return "resnet50"
     return "resnet34" if "f.f.3.2.conv1.weight" in state_dict else "resnet18"

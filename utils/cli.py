@@ -6,6 +6,7 @@ import traceback
 
 import torch.distributed as dist
 
+from .checks import nonnegative_int, positive_int, seed_int
 from .distributed import get_rank, get_world_size
 from .errors import UserError
 
@@ -15,20 +16,21 @@ def add_run_args(parser, seed, save_freq=None):
     group = parser.add_argument_group("run")
     group.add_argument("--device", default="auto",
                        help="auto (cuda if available, else cpu), cpu, cuda or cuda:N (default: auto)")
-    group.add_argument("--seed", type=int, default=seed, help=f"random seed (default: {seed})")
+    group.add_argument("--seed", type=seed_int, default=seed, help=f"random seed (default: {seed})")
     group.add_argument("--data_dir", default="data",
                        help="folder holding <dataset>/<split>.npz (default: data)")
-    group.add_argument("--num_workers", type=int, default=0,
+    group.add_argument("--num_workers", type=nonnegative_int, default=0,
                        help="DataLoader worker processes for the torchvision augmentation path; "
                             "the default batched augmentation runs on --device and needs none (default: 0)")
-    group.add_argument("--amp", default="auto", choices=["auto", "on", "off"],
+    group.add_argument("--amp", default="off", choices=["auto", "on", "off"],
                        help="bfloat16 autocast of the training forward passes (losses stay float32); "
-                            "auto = on for CUDA, off for CPU (default: auto)")
+                            "auto = on for CUDA, off for CPU; the authors' code runs in float32 "
+                            "(default: off)")
     group.add_argument("--channels_last", default="auto", choices=["auto", "on", "off"],
                        help="channels-last memory format for the encoders; auto = on for CUDA, off for CPU "
                             "(default: auto)")
     if save_freq is not None:
-        group.add_argument("--save_freq", type=int, default=save_freq,
+        group.add_argument("--save_freq", type=positive_int, default=save_freq,
                            help=f"also keep model_<epoch>.pth every this many epochs; the last epoch "
                                 f"is always saved (default: {save_freq})")
         group.add_argument("--resume", action="store_true",
@@ -68,3 +70,11 @@ def run_cli(main, parser, argv=None):
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def add_pretraining_split(group):
+    """--pretraining_split, for the stages that train on the pre-training data."""
+    group.add_argument("--pretraining_split", default="auto", choices=["auto", "train", "train_unlabeled"],
+                       help="split the encoder trains on: auto = train_unlabeled for STL-10 (as the "
+                            "authors; kNN monitor and MI estimation still read the labelled train.npz), "
+                            "train otherwise (default: auto)")

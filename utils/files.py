@@ -15,17 +15,26 @@ os.umask(_UMASK)
 
 
 def atomic_write(path, write):
-    """Call write(tmp_path), then rename over path: a crash leaves the old file intact."""
+    """Call write(tmp_path), then rename over path: a crash leaves the old file intact. A failed
+    write (a full disk, a read-only folder) is a UserError naming the file."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as err:
+        raise UserError(f"cannot write {path}: {err.strerror or err}") from None
     os.close(fd)
     try:
         write(tmp)
         os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         if os.path.exists(tmp):
             os.remove(tmp)
+        # torch.save reports a failed write as a RuntimeError ("... file write failed")
+        if isinstance(err, OSError) or (isinstance(err, RuntimeError) and "write" in str(err)):
+            reason = err.strerror if isinstance(err, OSError) and err.strerror else first_line(err)
+            raise UserError(f"cannot write {path}: {reason}; the previous version of the file is kept "
+                            f"(free some space and run again with --resume)") from None
         raise
 
 
@@ -46,13 +55,23 @@ def load_checkpoint(path):
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint not found: {path}")
+    if path.stat().st_size == 0:
+        raise UserError(f"cannot read checkpoint {path}: the file is empty")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        first = str(err).strip().splitlines()
-        hint = next((ln.strip() for ln in first if "GLOBAL" in ln or "Unsupported" in ln), "")
-        raise UserError(f"refusing to load {path}: it holds objects that need code execution to "
-                        f"unpickle, which a weights-only load does not run ({hint or 'not weights'})"
-                        ) from None
+        lines = str(err).strip().splitlines()
+        hint = next((ln.strip() for ln in lines if "GLOBAL" in ln or "Unsupported" in ln), "")
+        if hint:
+            raise UserError(f"refusing to load {path}: it holds objects that need code execution to "
+                            f"unpickle, which a weights-only load does not run ({hint})") from None
+        raise UserError(f"cannot read checkpoint {path}: not a PyTorch checkpoint "
+                        f"({first_line(err)})") from None
     except (RuntimeError, EOFError, OSError, ValueError) as err:
-        raise UserError(f"cannot read checkpoint {path}: {str(err).splitlines()[0]}") from None
+        raise UserError(f"cannot read checkpoint {path}: {first_line(err)}") from None
+
+
+def first_line(err):
+    """The first line of an exception's message, or its type when the message is empty."""
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else type(err).__name__

@@ -1,5 +1,6 @@
 """The opening and the epoch bookkeeping of every training stage: header, results folder,
 resume, and the checkpoint files written each epoch."""
+import atexit
 import subprocess
 import sys
 import tempfile
@@ -10,6 +11,9 @@ from .device import resolve_device
 from .distributed import barrier, init_distributed, is_main, launched_processes
 from .errors import UserError
 from .files import load_checkpoint, save_checkpoint
+from .checks import (check_finite_encoder, check_stage, refuse_resume_conflicts, remove_stale_temporaries,
+                     resume_conflicts)
+from .lock import RunLock
 from .logs import RunLog
 from .seeding import rng_state, set_rng_state, set_seed
 
@@ -27,9 +31,38 @@ def start_run(args, resume=False, distributed=False):
         device = resolve_device(args.device)
     print_run_header(args)
     out_dir = prepare_output_dir(args.results_dir, resume, args.overwrite)
+    if is_main():
+        hold_lock(out_dir)
+        remove_stale_temporaries(out_dir)
+        if args.overwrite and not resume:
+            clear_run(out_dir)
     barrier()           # every process has checked the folder before rank 0 writes into it
     set_seed(args.seed)
     return out_dir, device
+
+
+_LOCKS = []
+
+
+def hold_lock(out_dir):
+    """Take the results folder's lock for the rest of this process (one writer per folder). A
+    process that runs a stage again in the same folder (as the tests do) first lets go of its own."""
+    for lock in [lock for lock in _LOCKS if lock.folder.resolve() == Path(out_dir).resolve()]:
+        lock.release()
+        _LOCKS.remove(lock)
+    lock = RunLock(out_dir).acquire()
+    _LOCKS.append(lock)
+    atexit.register(lock.release)
+
+
+# What a run writes into its folder; --overwrite removes all of it before the new run starts, so
+# no model file of the old run is left beside the new ones.
+RUN_FILES = ("args.json", "log.jsonl", "log.csv", "checkpoint.pth", "results.json", "mi.json")
+
+
+def clear_run(out_dir):
+    for path in [*(Path(out_dir) / name for name in RUN_FILES), *Path(out_dir).glob("model_*.pth")]:
+        path.unlink(missing_ok=True)
 
 
 def print_run_header(args):
@@ -65,9 +98,21 @@ def prepare_output_dir(path, resume=False, overwrite=False):
     return path
 
 
-def resume_state(out_dir, model, optimizer):
-    """Restore model, optimiser and RNG states from <out_dir>/checkpoint.pth; return its epoch."""
-    ckpt = load_checkpoint(Path(out_dir) / "checkpoint.pth")
+def resume_state(out_dir, model, optimizer, args=None, stage=None):
+    """Restore model, optimiser and RNG states from <out_dir>/checkpoint.pth; return its epoch.
+
+    With args and stage, the checkpoint must come from that stage and from the same training
+    flags: only flags that do not change the training (utils.checks.FREE_ON_RESUME, e.g.
+    --epochs) may differ, and --epochs may not fall below the epochs already trained.
+    """
+    path = Path(out_dir) / "checkpoint.pth"
+    ckpt = load_checkpoint(path)
+    if stage is not None:
+        check_stage(ckpt, path, stage)
+        refuse_resume_conflicts(resume_conflicts(ckpt.get("args") or {}, vars(args)), out_dir)
+        if args.epochs < ckpt["epoch"]:
+            raise UserError(f"--resume: {out_dir} has trained {ckpt['epoch']} epochs already, more than "
+                            f"--epochs {args.epochs}; pass --epochs {ckpt['epoch']} or more")
     model.load_state_dict(ckpt["state_dict"])
     optimizer.load_state_dict(ckpt["optimizer"])
     set_rng_state(ckpt["rng"])
@@ -84,12 +129,13 @@ def save_epoch(out_dir, state, epoch, epochs, save_freq):
     if not is_main():
         return None
     state = {**state, "epoch": epoch, "rng": rng_state()}
-    save_checkpoint(Path(out_dir) / "checkpoint.pth", state)
+    path = None
+    # The model file first: once checkpoint.pth says an epoch is done, its model file exists.
     if epoch % save_freq == 0 or epoch == epochs:
         path = Path(out_dir) / f"model_{epoch}.pth"
         save_checkpoint(path, state)
-        return path
-    return None
+    save_checkpoint(Path(out_dir) / "checkpoint.pth", state)
+    return path
 
 
 class TrainingRun:
@@ -106,23 +152,24 @@ class TrainingRun:
     before training.
     """
 
-    def __init__(self, out_dir, args, stage, model, optimizer, **meta):
+    def __init__(self, out_dir, args, stage, model, optimizer, image_size, **meta):
         self.out_dir, self.args, self.stage = Path(out_dir), args, stage
         self.model, self.optimizer, self.meta = model, optimizer, meta
+        self.image_size, self.device = image_size, next(model.parameters()).device
         self.log = None
 
     def resume(self):
         """Restore model, optimiser and RNG states under --resume; open the log. Returns (epoch, ckpt)."""
         start, ckpt = 0, None
         if self.args.resume:
-            start, ckpt = resume_state(self.out_dir, self.model, self.optimizer)
+            start, ckpt = resume_state(self.out_dir, self.model, self.optimizer, self.args, self.stage)
         self.log = RunLog(self.out_dir, self.args, resume_epoch=start if self.args.resume else None)
         return start, ckpt
 
     def checkpoint(self):
         from models import encoder_checkpoint      # models imports utils: import it where it is used
         return encoder_checkpoint(self.model, optimizer=self.optimizer.state_dict(), args=vars(self.args),
-                                  **self.meta)
+                                  stage=self.stage, **self.meta)
 
     def train(self, start, train_epoch):
         """Epochs start+1..--epochs: train_epoch(epoch) returns the epoch's measurements; each is
@@ -134,7 +181,12 @@ class TrainingRun:
             row["seconds"] = round(time.time() - t0, 2)
             left = (time.time() - began) / (epoch - start) * (epochs - epoch)
             self.log.log(row, prefix=f"epoch {epoch}/{epochs}, {duration(left)} left: ")
+            check_finite_encoder(self.model, self.image_size, self.device, self.stage)
             save_epoch(self.out_dir, self.checkpoint(), epoch, epochs, self.args.save_freq)
+        if is_main() and not self.encoder_path.exists():
+            # Resumed from a checkpoint.pth of the last epoch whose model file was lost: rebuild it.
+            check_finite_encoder(self.model, self.image_size, self.device, self.stage)
+            save_checkpoint(self.encoder_path, {**self.checkpoint(), "epoch": epochs, "rng": rng_state()})
 
     @property
     def encoder_path(self):
@@ -143,8 +195,9 @@ class TrainingRun:
     def finish(self, **results):
         """Write results.json: the stage, the final epoch's row, the encoder file and the arguments."""
         rows = self.log.read()
+        # The encoder is named relative to this folder, so a copied results folder names its own.
         self.log.results({"stage": self.stage, "epochs": self.args.epochs, **results,
-                          "final": rows[-1] if rows else {}, "encoder": str(self.encoder_path),
+                          "final": rows[-1] if rows else {}, "encoder": self.encoder_path.name,
                           "args": vars(self.args)})
         return self.encoder_path
 
