@@ -126,8 +126,11 @@ class TrainingRun:
 
     def train(self, start, train_epoch):
         """Epochs start+1..--epochs: train_epoch(epoch) returns the epoch's measurements; each is
-        logged with its time, then saved (checkpoint.pth, and model_<epoch>.pth by --save_freq)."""
+        logged with its time, then saved (checkpoint.pth, and model_<epoch>.pth by --save_freq).
+        With --epochs 0 the untrained model is saved as epoch 0 (model_0.pth)."""
         epochs, began = self.args.epochs, time.time()
+        if epochs == start == 0:        # nothing to train (e.g. a defence that only prunes): keep the model as is
+            save_epoch(self.out_dir, self.checkpoint(), 0, 0, self.args.save_freq)
         for epoch in range(start + 1, epochs + 1):
             t0 = time.time()
             row = {"epoch": epoch, **train_epoch(epoch)}
