@@ -23,17 +23,15 @@ from dataclasses import dataclass
 import torch
 
 from datasets import load_split, normalization, pretraining_split
-from datasets.loader import ViewLoader, to_input
-from models import (BLOCKS, attention_transfer, build_encoder, clone_loss, estimate_mi, load_encoder,
-                    mi_to_weights, mi_warnings, nt_xent)
+from datasets.loader import ViewLoader, clean_subset, to_input
+from models import BLOCKS, build_encoder, estimate_mi, load_encoder, mi_to_weights, mi_warnings
+from models.distill import distill_epoch
 from utils.checks import fraction, nonnegative_float, positive_float, positive_int
 from utils.cli import add_distributed_args, add_pretraining_split, add_run_args, run_cli
-from utils.device import autocast, fast_paths, place
-from utils.distributed import (distribute, gather_objects, get_rank, get_world_size, global_batch, is_main,
-                               mean_over_ranks)
-from utils.errors import UserError
+from utils.device import fast_paths, place
+from utils.distributed import distribute, gather_objects, get_rank, get_world_size, global_batch, is_main
 from utils.files import save_json
-from utils.logs import check_finite, progress
+from utils.logs import progress
 from utils.stage import TrainingRun, start_run
 
 
@@ -148,67 +146,16 @@ def locate_knowledge(model, images, mean, std, device, batch_size, settings):
     return {"mi": mi, "history": history, "convergence": reports}
 
 
-TERMS = ("loss", "nce", "at", "clone")
-
-
-def distill_step(student, teacher, view1, view2, optimizer, weights, clone_weight, temperature, amp=False):
-    """One MIMIC step: one student pass per view, one no-grad teacher pass on view1.
-
-    Returns the loss terms {loss, nce, at, clone} as CPU scalars, averaged over the processes
-    under torchrun (the student then DDP-wrapped). With every weight at 0 the teacher is not run at all.
-    With amp the passes run under bfloat16 autocast; the losses are computed in float32.
-    """
-    use_teacher = any(w != 0 for w in weights) or clone_weight != 0
-    with autocast(view1.device, amp):
-        f1, z1, blocks_s = student(view1, return_blocks=True)    # BxD, BxP, 4 block outputs
-        _, z2 = student(view2)
-        if use_teacher:
-            with torch.no_grad():
-                f_t, blocks_t = teacher.f(view1, return_blocks=True)
-    nce = nt_xent(z1.float(), z2.float(), temperature)
-    at = clone = torch.zeros((), device=nce.device)
-    if use_teacher:
-        at = sum(w * attention_transfer(s.float(), t.float()) for w, s, t in zip(weights, blocks_s, blocks_t))
-        clone = clone_loss(f1.float(), f_t.float())
-    loss = nce + at + clone_weight * clone
-    terms = mean_over_ranks(torch.stack([loss, nce, at, clone])).cpu()
-    if torch.isfinite(terms[0]):        # the same decision in every process
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-    return dict(zip(TERMS, terms))
-
-
-def train_one_epoch(student, teacher, loader, optimizer, weights, args, epoch, out_dir, amp):
-    student.train()
-    sums, steps = dict.fromkeys(TERMS, 0.0), 0
-    bar = progress(loader, desc=f"epoch {epoch}")
-    for step, (view1, view2) in enumerate(bar):
-        terms = distill_step(student, teacher, view1, view2, optimizer, weights, args.clone_weight,
-                             args.temperature, amp)
-        check_finite(terms["loss"].item(), epoch, step, out_dir)
-        for k, v in terms.items():
-            sums[k] += v.item()
-        steps += 1
-        bar.set_postfix(loss=f"{terms['loss'].item():.4f}")
-    return {k: v / max(steps, 1) for k, v in sums.items()}
-
-
 def main(args):
     out_dir, device = start_run(args, args.resume, distributed=True)
     mean, std = normalization(args.pretraining_dataset)
     split = pretraining_split(args.pretraining_dataset, args.pretraining_split)
     x, _ = load_split(args.data_dir, args.pretraining_dataset, split)
-    subset = x[:int(args.ratio * len(x))]
+    subset = clean_subset(x, args.ratio, args.batch_size)
     mi_subset = subset              # the authors estimate MI on the labelled split (without labels)
     if split != "train":
         train_x, _ = load_split(args.data_dir, args.pretraining_dataset, "train")
         mi_subset = train_x[:int(args.ratio * len(train_x))]
-    images_per_step, batch_text = global_batch(args.batch_size)
-    if len(subset) < images_per_step:
-        raise UserError(f"the clean subset ({len(subset)} images = {args.ratio} x {len(x)}) is smaller "
-                        f"than one batch of {batch_text}, and incomplete batches are dropped: "
-                        f"raise --ratio or lower --batch_size")
 
     amp, channels_last = fast_paths(args, device)
     teacher, _ = load_encoder(args.teacher)
@@ -226,7 +173,7 @@ def main(args):
         print(f"clean subset: {len(subset)} images of {split}; locating knowledge in the {args.mi_model} "
               f"on {len(mi_subset)} images")
         located = locate_knowledge(teacher if args.mi_model == "teacher" else student, mi_subset, mean, std,
-                                   device, images_per_step, MISettings.from_args(args))
+                                   device, global_batch(args.batch_size)[0], MISettings.from_args(args))
     weights = mi_to_weights(located["mi"], base, args.mi_scale)
     if ckpt is None and is_main():
         save_json(out_dir / "mi.json", {"blocks": list(BLOCKS), "mi_model": args.mi_model, **located,
@@ -241,7 +188,8 @@ def main(args):
 
     def train_epoch(epoch):
         loader.set_epoch(epoch)
-        return train_one_epoch(trained, teacher, loader, optimizer, weights, args, epoch, out_dir, amp)
+        return distill_epoch(trained, teacher, loader, optimizer, weights, args.clone_weight, args.temperature,
+                             epoch, out_dir, amp)
 
     run.train(start, train_epoch)
     verdicts = located["convergence"] and [r["reason"] for r in located["convergence"]]

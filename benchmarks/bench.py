@@ -32,6 +32,7 @@ import MIMIC  # noqa: E402
 import training_downstream_classifier as downstream  # noqa: E402
 from datasets.loader import ViewLoader, index_batches  # noqa: E402
 from models import DownstreamClassifier, SimCLR, nt_xent  # noqa: E402
+from models.distill import distill_step  # noqa: E402
 from models.metrics import backdoor_metrics  # noqa: E402
 from models.mine import StatisticsNetwork, dv_bound, evaluate_bound  # noqa: E402
 
@@ -76,7 +77,7 @@ def bench_mimic_step(device, width, batch, repeats):
     weights = [3500.0] * 4
 
     def full():
-        MIMIC.distill_step(student, teacher, v1, v2, optimizer, weights, 1.0, 0.5)
+        distill_step(student, teacher, v1, v2, optimizer, weights, 1.0, 0.5)
 
     def minimum():
         simclr_step(student, optimizer, v1, v2)

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler
 
-from utils.distributed import get_rank, get_world_size
+from utils.distributed import get_rank, get_world_size, global_batch
 from utils.errors import UserError
 from utils.logs import progress
 
@@ -120,6 +120,20 @@ def augment_copies(augment, images, copies):
     return augment(images.repeat_interleave(copies, dim=0), params)
 
 
+def clean_subset(images, ratio, batch_size):
+    """The defender's clean data (MIMIC and the baseline defences): the first int(ratio * N) images.
+
+    Incomplete batches are dropped, so the subset must hold at least one global batch
+    (batch_size images per process)."""
+    subset = images[:int(ratio * len(images))]
+    images_per_step, batch_text = global_batch(batch_size)
+    if len(subset) < images_per_step:
+        raise UserError(f"the clean subset ({len(subset)} images = {ratio} x {len(images)}) is smaller "
+                        f"than one batch of {batch_text}, and incomplete batches are dropped: "
+                        f"raise --ratio or lower --batch_size")
+    return subset
+
+
 def to_input(images, mean, std, device):
     """uint8 BxHxWx3 (numpy or tensor) -> normalised float Bx3xHxW on device (the test transform)."""
     x = torch.as_tensor(images).to(device)
@@ -127,11 +141,15 @@ def to_input(images, mean, std, device):
 
 
 @torch.no_grad()
-def extract_features(model, images, mean, std, device, batch_size=512, desc="features"):
-    """L2-normalised backbone features (NxD, on the CPU) of uint8 images under the test transform."""
+def extract_features(model, images, mean, std, device, batch_size=512, desc="features", normalized=True):
+    """L2-normalised backbone features (NxD, on the CPU) of uint8 images under the test transform.
+
+    normalized=False gives them before the normalisation: layer4's output averaged over positions,
+    i.e. each image's mean activation per layer4 channel."""
     model.eval()
     out = []
     for s in progress(range(0, len(images), batch_size), desc=desc):
-        feature, _ = model(to_input(images[s:s + batch_size], mean, std, device))
+        x = to_input(images[s:s + batch_size], mean, std, device)
+        feature = model(x)[0] if normalized else model.f(x)
         out.append(feature.float().cpu())
     return torch.cat(out) if out else torch.empty(0, model.feature_dim)

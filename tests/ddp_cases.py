@@ -13,7 +13,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import MIMIC  # noqa: E402
+from models.distill import distill_step  # noqa: E402
 from datasets.loader import ViewLoader  # noqa: E402
 from models import SimCLR, nt_xent  # noqa: E402
 from utils.distributed import distribute, get_rank, get_world_size, init_distributed, mean_over_ranks  # noqa: E402
@@ -70,7 +70,7 @@ def mimic_step():
     student, teacher = simclr(2, train=False), simclr(3, train=False).requires_grad_(False)
     optimizer = torch.optim.SGD(student.parameters(), lr=LR)
     v1, v2 = fixed_views()
-    terms = MIMIC.distill_step(distribute(student, CPU), teacher, share(v1), share(v2), optimizer,
+    terms = distill_step(distribute(student, CPU), teacher, share(v1), share(v2), optimizer,
                                [1500.0, 2000.0, 3000.0, 3500.0], 1.0, 0.5)
     return {k: v.item() for k, v in terms.items()}, student.state_dict()
 

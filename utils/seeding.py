@@ -1,5 +1,6 @@
 """Seeding, and RNG states stored as tensors so that a weights-only load restores them."""
 import random
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -35,3 +36,14 @@ def set_rng_state(state):
 
 def _as_tuples(value):
     return tuple(_as_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+@contextmanager
+def preserved_rng():
+    """Run a block without changing the global RNG states that follow it (python, numpy, torch,
+    CUDA): what the block draws, and any seed it sets, are undone on exit."""
+    state = rng_state()
+    try:
+        yield
+    finally:
+        set_rng_state(state)

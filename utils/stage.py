@@ -173,7 +173,8 @@ class TrainingRun:
 
     def train(self, start, train_epoch):
         """Epochs start+1..--epochs: train_epoch(epoch) returns the epoch's measurements; each is
-        logged with its time, then saved (checkpoint.pth, and model_<epoch>.pth by --save_freq)."""
+        logged with its time, then saved (checkpoint.pth, and model_<epoch>.pth by --save_freq).
+        With --epochs 0 (a defence that only prunes) the model is saved as it is, as model_0.pth."""
         epochs, began = self.args.epochs, time.time()
         for epoch in range(start + 1, epochs + 1):
             t0 = time.time()
@@ -184,7 +185,7 @@ class TrainingRun:
             check_finite_encoder(self.model, self.image_size, self.device, self.stage)
             save_epoch(self.out_dir, self.checkpoint(), epoch, epochs, self.args.save_freq)
         if is_main() and not self.encoder_path.exists():
-            # Resumed from a checkpoint.pth of the last epoch whose model file was lost: rebuild it.
+            # --epochs 0, or resumed from a checkpoint.pth of the last epoch whose model file was lost.
             check_finite_encoder(self.model, self.image_size, self.device, self.stage)
             save_checkpoint(self.encoder_path, {**self.checkpoint(), "epoch": epochs, "rng": rng_state()})
 
