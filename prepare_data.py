@@ -14,7 +14,9 @@ Another reference file, e.g. GTSRB class 14 (stop) -> reference/cifar10/stop.npz
     python prepare_data.py --make_reference gtsrb 14 stop --encoder_usage cifar10
 
 Reads --root (layout in datasets/prepare.py) or --image_folder. Writes <out>/<name>/train.npz and
-test.npz (stl10 also train_unlabeled.npz): x uint8 (N, 32, 32, 3), y (N, 1); and
+test.npz (stl10 also train_unlabeled.npz): x uint8 (N, 32, 32, 3), y (N, 1); normalization.json
+beside train.npz (the per-channel mean and std of its pixels; not for cifar10 and stl10, whose
+published values are fixed); and
 <reference_dir>/<pretraining_dataset>/<name>.npz: x uint8 (R, 32, 32, 3), y (R,). Files that exist and
 validate are kept (--force rebuilds them); a summary table of what is on disk ends every run.
 """
@@ -126,6 +128,9 @@ def main(args):
 
     if rows:
         print(format_table(rows, SPLIT_COLUMNS))
+        for row in rows:
+            if row.get("normalization"):
+                print(f"{row['dataset']} normalisation: {row['normalization']}")
     if references:
         print(format_table(references, REFERENCE_COLUMNS))
     for line in size_warnings(rows):

@@ -1,8 +1,8 @@
-"""Data on disk (npz splits, triggers, reference inputs) and the augmentations applied to it."""
-from .npz import (NORMALIZATION, UNLABELED_SHADOW_IMAGES, load_reference, load_split, normalization,
-                  pretraining_split, save_reference, save_split)
+"""Data on disk (npz splits, triggers, reference inputs), its normalisation and the augmentations applied to it."""
+from .channel_stats import NORMALIZATION, normalization, normalization_record, resolve_normalization
+from .npz import UNLABELED_SHADOW_IMAGES, load_reference, load_split, pretraining_split, save_reference, save_split
 from .trigger import load_trigger, make_square_trigger, save_trigger, stamp_trigger
 
 __all__ = ["NORMALIZATION", "UNLABELED_SHADOW_IMAGES", "load_reference", "load_split", "normalization",
-           "pretraining_split", "save_reference",
-           "save_split", "load_trigger", "make_square_trigger", "save_trigger", "stamp_trigger"]
+           "normalization_record", "pretraining_split", "resolve_normalization", "save_reference", "save_split",
+           "load_trigger", "make_square_trigger", "save_trigger", "stamp_trigger"]

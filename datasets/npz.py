@@ -7,21 +7,6 @@ from utils.checks import check_reference_labels, check_split
 from utils.errors import UserError
 from utils.files import atomic_write
 
-# Per-channel mean and std of the pre-training set an encoder was trained on (its "usage info").
-# The one table of normalisation statistics; every stage looks names up here.
-NORMALIZATION = {
-    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
-    "stl10": ((0.44087798, 0.42790666, 0.38678814), (0.25507198, 0.24801506, 0.25641308)),
-    "demo_pretrain": ((0.4286, 0.4334, 0.4270), (0.2159, 0.2268, 0.2103)),  # datasets/demo.py, seed 0
-}
-
-
-def normalization(name):
-    """(mean, std) for an encoder usage name, e.g. 'cifar10'."""
-    if name not in NORMALIZATION:
-        raise UserError(f"no normalisation statistics for {name!r}; known: {', '.join(NORMALIZATION)}")
-    return NORMALIZATION[name]
-
 
 def split_path(data_dir, name, split):
     return Path(data_dir) / name / f"{split}.npz"

@@ -25,6 +25,10 @@ folder (identical to torchvision's index when all 43 folders are present, and st
 subset of folders). Image order is the source order; GTSRB's training split is therefore sorted by
 class.
 
+Normalisation: next to every train split except CIFAR-10's and STL-10's (whose published statistics
+are fixed) goes normalization.json, the exact per-channel mean and std of its pixels scaled to [0, 1]
+(datasets/channel_stats.py), which the stages read when an encoder is trained on that dataset.
+
 Checksums: torchvision verifies the md5 of the CIFAR-10, SVHN and STL-10 files and refuses altered
 ones. (The tests, which build tiny files in the real formats, switch that check off with pytest's
 monkeypatch.)
@@ -41,6 +45,7 @@ from tqdm import tqdm
 from utils.errors import UserError
 from utils.files import atomic_write
 
+from .channel_stats import CACHE_NAME, NORMALIZATION, normalization
 from .npz import read_images_npz, save_reference, save_split, split_path
 
 IMAGE_SIZE = 32
@@ -260,6 +265,8 @@ def prepare_paper_dataset(name, root, data_dir, download=False, force=False, res
             summary = _write_split(path, x, y, NUM_CLASSES[name], unlabeled)
             status = "written"
         rows.append(_split_row(name, split, summary, expected, status, path))
+        if split == "train":
+            rows[-1].update(write_normalization(data_dir, name))
     return rows
 
 
@@ -360,8 +367,10 @@ def prepare_image_folder(folder, name, data_dir, test_fraction=None, seed=0, for
         done = {split: _finished(split_path(data_dir, name, split), num_classes, False, force)
                 for split in ("train", "test")}
         if all(done.values()):
-            return [_split_row(name, split, summary, None, "kept", split_path(data_dir, name, split))
+            rows = [_split_row(name, split, summary, None, "kept", split_path(data_dir, name, split))
                     for split, summary in done.items()]
+            rows[0].update(write_normalization(data_dir, name))
+            return rows
     classes, splits = image_folder_items(folder, test_fraction, seed)
     rows = []
     for split, items in splits.items():
@@ -374,7 +383,31 @@ def prepare_image_folder(folder, name, data_dir, test_fraction=None, seed=0, for
             status = "written"
             _write_text(classes_file, "".join(f"{c}\n" for c in classes))
         rows.append(_split_row(name, split, summary, None, status, path))
+        if split == "train":
+            rows[-1].update(write_normalization(data_dir, name))
     return rows
+
+
+def write_normalization(data_dir, name):
+    """Compute the train split's normalisation statistics into <data_dir>/<name>/normalization.json.
+
+    Datasets with fixed statistics (cifar10, stl10) get no file. A split the statistics cannot be
+    computed from (a channel of one value) is only reported: the dataset still serves downstream.
+    Returns {"normalization": text} for the train split's row, or {} when there is none.
+    """
+    if name in NORMALIZATION:
+        return {}
+    try:
+        mean, std = normalization(name, data_dir)
+    except UserError as err:
+        print(f"warning: {err} (it can still be a downstream dataset, not a pre-training one)",
+              file=sys.stderr)
+        return {}
+
+    def fmt(values):
+        return ", ".join(f"{v:.4f}" for v in values)
+    cache = split_path(data_dir, name, "train").with_name(CACHE_NAME)
+    return {"normalization": f"mean ({fmt(mean)}), std ({fmt(std)}) in {cache}"}
 
 
 def _split_row(name, split, summary, expected, status, path):
