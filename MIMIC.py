@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from datasets import load_split, normalization, pretraining_split
+from datasets import encoder_normalization, load_split, normalization_record, pretraining_split
 from datasets.loader import ViewLoader, clean_subset, to_input
 from models import BLOCKS, build_encoder, estimate_mi, load_encoder, mi_to_weights, mi_warnings
 from models.distill import distill_epoch
@@ -39,8 +39,10 @@ def get_parser():
     parser = argparse.ArgumentParser(description="Stage 2: purify a suspect encoder with MIMIC.")
     data = parser.add_argument_group("data")
     data.add_argument("--teacher", required=True, help="suspect (e.g. backdoored) encoder checkpoint")
-    data.add_argument("--pretraining_dataset", default="cifar10",
-                      help="dataset the teacher was pre-trained on; names the normalisation (default: cifar10)")
+    data.add_argument("--pretraining_dataset", default=None,
+                      help="dataset the encoder was pre-trained on: the images to train on, and the "
+                           "normalisation unless the encoder carries its own (default: the encoder's own, "
+                           "else cifar10)")
     data.add_argument("--ratio", type=fraction, default=0.04,
                       help="clean subset = the first ratio*N images of the train split, 0 < ratio <= 1 "
                            "(default: 0.04, i.e. 2,000 CIFAR-10 images)")
@@ -148,7 +150,8 @@ def locate_knowledge(model, images, mean, std, device, batch_size, settings):
 
 def main(args):
     out_dir, device = start_run(args, args.resume, distributed=True)
-    mean, std = normalization(args.pretraining_dataset)
+    teacher, teacher_ckpt = load_encoder(args.teacher)
+    args.pretraining_dataset, mean, std = encoder_normalization(teacher_ckpt, args.pretraining_dataset, args.data_dir)
     split = pretraining_split(args.pretraining_dataset, args.pretraining_split)
     x, _ = load_split(args.data_dir, args.pretraining_dataset, split)
     subset = clean_subset(x, args.ratio, args.batch_size)
@@ -158,11 +161,11 @@ def main(args):
         mi_subset = train_x[:int(args.ratio * len(train_x))]
 
     amp, channels_last = fast_paths(args, device)
-    teacher, _ = load_encoder(args.teacher)
     teacher = place(teacher, device, channels_last).eval().requires_grad_(False)
     student = place(build_encoder(teacher.config), device, channels_last)     # fresh: inherits nothing
     optimizer = torch.optim.Adam(student.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    run = TrainingRun(out_dir, args, "mimic", student, optimizer, subset.shape[1:3], usage=args.pretraining_dataset)
+    run = TrainingRun(out_dir, args, "mimic", student, optimizer, subset.shape[1:3], usage=args.pretraining_dataset,
+                      normalization=normalization_record(args.pretraining_dataset, mean, std))
     start, ckpt = run.resume()
     base = [getattr(args, f"at_base_{block}") for block in BLOCKS]
     if ckpt is not None:

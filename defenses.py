@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from datasets import load_split, normalization
+from datasets import encoder_normalization, load_split, normalization_record
 from datasets.loader import ViewLoader, clean_subset, extract_features
 from models import BLOCKS, load_encoder
 from models.distill import distill_epoch
@@ -52,8 +52,10 @@ def get_parser():
     data.add_argument("--defense", required=True, choices=DEFENSES, help="which defence to run")
     data.add_argument("--suspect", "--teacher", dest="suspect", required=True,
                       help="suspect (e.g. backdoored) encoder checkpoint; --teacher as in MIMIC.py")
-    data.add_argument("--pretraining_dataset", default="cifar10",
-                      help="dataset the suspect was pre-trained on; names the normalisation (default: cifar10)")
+    data.add_argument("--pretraining_dataset", default=None,
+                      help="dataset the suspect was pre-trained on: its train split holds the clean subset, "
+                           "and it names the normalisation unless the suspect carries its own (default: the "
+                           "suspect's own, else cifar10)")
     data.add_argument("--ratio", type=fraction, default=0.04,
                       help="clean subset = the first ratio*N images of the train split, as MIMIC's "
                            "(default: 0.04, i.e. 2,000 CIFAR-10 images)")
@@ -105,10 +107,11 @@ class Context:
     channels_last: bool
 
 
-def open_run(model, args, out_dir, stage):
+def open_run(model, args, ctx, out_dir, stage):
     """The Adam optimiser and TrainingRun of a defence, resumed under --resume: (run, start, ckpt)."""
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    run = TrainingRun(out_dir, args, stage, model, optimizer, usage=args.pretraining_dataset, defense=stage)
+    run = TrainingRun(out_dir, args, stage, model, optimizer, ctx.subset.shape[1:3], usage=args.pretraining_dataset,
+                      normalization=normalization_record(args.pretraining_dataset, ctx.mean, ctx.std), defense=stage)
     start, ckpt = run.resume()
     return run, start, ckpt
 
@@ -183,7 +186,7 @@ def nad_teacher(args, ctx, out_dir, resume):
             print(f"NAD teacher: fine-tuning the suspect for {args.nad_teacher_epochs} epochs in {folder}")
             set_seed(args.seed)
             teacher = place(load_encoder(args.suspect)[0], ctx.device, ctx.channels_last)
-            run, start, _ = open_run(teacher, teacher_args, folder, "finetune")
+            run, start, _ = open_run(teacher, teacher_args, ctx, folder, "finetune")
             fine_tune(run, start, teacher_args, ctx)
             run.finish(clean_images=len(ctx.subset), role="NAD teacher")
     return place(teacher, ctx.device, ctx.channels_last).eval().requires_grad_(False)
@@ -191,9 +194,10 @@ def nad_teacher(args, ctx, out_dir, resume):
 
 def main(args):
     if args.results_dir is None:
-        args.results_dir = f"output/{args.pretraining_dataset}/{args.defense}"
+        args.results_dir = f"output/{args.pretraining_dataset or 'cifar10'}/{args.defense}"
     out_dir, device = start_run(args, args.resume, distributed=True)
-    mean, std = normalization(args.pretraining_dataset)
+    suspect, suspect_ckpt = load_encoder(args.suspect)
+    args.pretraining_dataset, mean, std = encoder_normalization(suspect_ckpt, args.pretraining_dataset, args.data_dir)
     x, y = load_split(args.data_dir, args.pretraining_dataset, "train")
     subset = clean_subset(x, args.ratio, args.batch_size)
     if args.defense == "fine_pruning" and args.prune_max_drop is not None and len(subset) == len(x):
@@ -201,8 +205,8 @@ def main(args):
                         "bank, and --ratio 1 leaves none: lower --ratio")
     amp, channels_last = fast_paths(args, device)
     ctx = Context(subset, mean, std, device, amp, channels_last)
-    model = place(load_encoder(args.suspect)[0], device, channels_last)
-    run, start, ckpt = open_run(model, args, out_dir, args.defense)
+    model = place(suspect, device, channels_last)
+    run, start, ckpt = open_run(model, args, ctx, out_dir, args.defense)
     print(f"{args.defense}: clean subset of {len(subset)} images")
 
     teacher, weights, after_step, results = None, (0.0,) * len(BLOCKS), None, {}

@@ -21,8 +21,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from datasets import (UNLABELED_SHADOW_IMAGES, load_reference, load_split, load_trigger, normalization,
-                      pretraining_split, stamp_trigger)
+from datasets import (UNLABELED_SHADOW_IMAGES, encoder_normalization, load_reference, load_split, load_trigger,
+                      normalization_record, pretraining_split, stamp_trigger)
 from datasets.augment import BatchAugment
 from datasets.loader import augment_copies, extract_features, index_batches, to_input
 from models import badencoder_loss, load_encoder
@@ -41,8 +41,10 @@ DEFAULT_REFERENCE = {"gtsrb": "priority", "stl10": "truck", "svhn": "one"}
 def get_parser():
     parser = argparse.ArgumentParser(description="Stage 1: backdoor a clean encoder with BadEncoder.")
     data = parser.add_argument_group("data")
-    data.add_argument("--pretraining_dataset", default="cifar10",
-                      help="dataset the encoder was pre-trained on; names the normalisation (default: cifar10)")
+    data.add_argument("--pretraining_dataset", default=None,
+                      help="dataset the encoder was pre-trained on: the images to train on, and the "
+                           "normalisation unless the encoder carries its own (default: the encoder's own, "
+                           "else cifar10)")
     data.add_argument("--shadow_dataset", default=None,
                       help="shadow data under --data_dir: all of its train split, or the first 50,000 "
                            "images of train_unlabeled for STL-10 (default: the pre-training dataset)")
@@ -141,7 +143,8 @@ def train_one_epoch(backbone, data, augment, optimizer, batch_size, lambdas, see
 
 def main(args):
     out_dir, device = start_run(args, args.resume, distributed=True)
-    mean, std = normalization(args.pretraining_dataset)
+    clean, clean_ckpt = load_encoder(args.pretrained_encoder)
+    args.pretraining_dataset, mean, std = encoder_normalization(clean_ckpt, args.pretraining_dataset, args.data_dir)
     shadow = args.shadow_dataset or args.pretraining_dataset
     split = pretraining_split(shadow, args.pretraining_split)
     x, _ = load_split(args.data_dir, shadow, split)
@@ -161,7 +164,6 @@ def main(args):
         raise UserError(f"reference inputs are {ref_x.shape[1]}x{ref_x.shape[2]} but the shadow images "
                         f"are {x.shape[1]}x{x.shape[2]}")
 
-    clean, _ = load_encoder(args.pretrained_encoder)
     amp, channels_last = fast_paths(args, device)
     clean = place(clean, device, channels_last).eval().requires_grad_(False)
     model = copy.deepcopy(clean).requires_grad_(True)
@@ -170,7 +172,7 @@ def main(args):
     params = [p for p in model.f.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
     run = TrainingRun(out_dir, args, "badencoder", model, optimizer, x.shape[1:3], usage=args.pretraining_dataset,
-                      target_label=target)
+                      normalization=normalization_record(args.pretraining_dataset, mean, std), target_label=target)
     start, _ = run.resume()
 
     data = AttackData(

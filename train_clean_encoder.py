@@ -16,7 +16,7 @@ import argparse
 
 import torch
 
-from datasets import load_split, normalization, pretraining_split
+from datasets import load_split, normalization, normalization_record, pretraining_split
 from datasets.loader import ViewLoader, extract_features
 from models import SimCLR, nt_xent
 from models.knn import knn_predict
@@ -96,7 +96,7 @@ def evaluate(model, train_x, train_y, test_x, test_y, mean, std, device, k, t):
 
 def main(args):
     out_dir, device = start_run(args, args.resume, distributed=True)
-    mean, std = normalization(args.pretraining_dataset)
+    mean, std = normalization(args.pretraining_dataset, args.data_dir)
     split = pretraining_split(args.pretraining_dataset, args.pretraining_split)
     train_x, _ = load_split(args.data_dir, args.pretraining_dataset, split)
     images_per_step, batch_text = global_batch(args.batch_size)
@@ -112,7 +112,8 @@ def main(args):
     model = place(SimCLR(args.arch, args.width), device, channels_last)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     run = TrainingRun(out_dir, args, "clean_encoder", model, optimizer, train_x.shape[1:3],
-                      usage=args.pretraining_dataset)
+                      usage=args.pretraining_dataset,
+                      normalization=normalization_record(args.pretraining_dataset, mean, std))
     start, _ = run.resume()
     loader = ViewLoader(train_x, args.batch_size, mean, std, device, args.augment, args.num_workers, args.seed)
     trained = distribute(model, device, args.sync_bn)       # DDP under torchrun, else model itself

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from datasets import load_reference, load_split, load_trigger, normalization, stamp_trigger
+from datasets import encoder_normalization, load_reference, load_split, load_trigger, stamp_trigger
 from datasets.loader import extract_features, index_batches
 from models import DownstreamClassifier, load_encoder
 from models.metrics import backdoor_metrics
@@ -37,8 +37,10 @@ def get_parser():
     data.add_argument("--dataset", default="gtsrb", help="downstream dataset under --data_dir (default: gtsrb)")
     data.add_argument("--encoder", required=True, help="encoder checkpoint to evaluate")
     data.add_argument("--encoder_usage_info", "--pretraining_dataset", "--encoder_usage",
-                      dest="pretraining_dataset", default="cifar10",
-                      help="dataset the encoder was pre-trained on; names the normalisation (default: cifar10)")
+                      dest="pretraining_dataset", default=None,
+                      help="dataset the encoder was pre-trained on, which names its normalisation; only "
+                           "needed for encoders that do not carry their own, such as BadEncoder's released "
+                           "ones (default: the encoder's own, else cifar10)")
     data.add_argument("--trigger_file", default="trigger/trigger_pt_white_21_10_ap_replace.npz",
                       help="trigger stamped on every test image for the ASR "
                            "(default: trigger/trigger_pt_white_21_10_ap_replace.npz)")
@@ -102,16 +104,14 @@ def main(args):
     if args.results_dir is None:
         args.results_dir = str(Path(args.encoder).resolve().parent / f"downstream_{args.dataset}")
     out_dir, device = start_run(args)
-    mean, std = normalization(args.pretraining_dataset)
+    encoder, ckpt = load_encoder(args.encoder)
+    args.pretraining_dataset, mean, std = encoder_normalization(ckpt, args.pretraining_dataset, args.data_dir,
+                                                                flag="--encoder_usage_info")
     train_x, train_y = load_split(args.data_dir, args.dataset, "train")
     test_x, test_y = load_split(args.data_dir, args.dataset, "test")
     num_classes = int(max(train_y.max(), test_y.max())) + 1
     target = target_label(args, num_classes)
     t, tm = load_trigger(args.trigger_file, image_size=test_x.shape[1:3])
-    encoder, ckpt = load_encoder(args.encoder)
-    if ckpt.get("usage") not in (None, args.pretraining_dataset):
-        print(f"warning: {args.encoder} was trained on {ckpt['usage']} data but --encoder_usage_info is "
-              f"{args.pretraining_dataset}; normalising as {args.pretraining_dataset}")
     log = RunLog(out_dir, args)
 
     # The encoder is frozen: features are extracted once and the classifier trains on them in memory.

@@ -215,3 +215,16 @@ def _npy_shape(fh):
     if fortran or dtype != np.uint8 or len(shape) != 4 or shape[-1] != 3:
         raise ValueError("not a C-order uint8 (N, H, W, 3) array")
     return shape
+
+
+def encoder_normalization(ckpt, name, data_dir, flag="--pretraining_dataset"):
+    """(dataset name, mean, std) for the encoder in `ckpt`, for a stage that reads an encoder.
+
+    name is the stage's --pretraining_dataset (None when not given): without it the encoder's own
+    statistics are used, or, for a checkpoint that carries none, cifar10's (the published default).
+    """
+    record = ckpt.get("normalization") if isinstance(ckpt, dict) else None
+    resolved = name or (record or {}).get("dataset") or "cifar10"
+    mean, std, source = resolve_normalization(ckpt, resolved, data_dir, name is not None, flag)
+    print(f"normalisation of {resolved}: mean {_fmt(mean)}, std {_fmt(std)} ({source})")
+    return resolved, mean, std
