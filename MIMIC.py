@@ -26,8 +26,8 @@ from datasets import encoder_normalization, load_split, normalization_record, pr
 from datasets.loader import ViewLoader, clean_subset, to_input
 from models import BLOCKS, build_encoder, estimate_mi, load_encoder, mi_to_weights, mi_warnings
 from models.distill import distill_epoch
-from utils.checks import fraction, nonnegative_float, positive_float, positive_int
-from utils.cli import add_distributed_args, add_pretraining_split, add_run_args, run_cli
+from utils.checks import nonnegative_float, positive_float, positive_int
+from utils.cli import add_clean_subset, add_distributed_args, add_pretraining_split, add_run_args, run_cli
 from utils.device import fast_paths, place
 from utils.distributed import distribute, gather_objects, get_rank, get_world_size, global_batch, is_main
 from utils.files import save_json
@@ -39,13 +39,7 @@ def get_parser():
     parser = argparse.ArgumentParser(description="Stage 2: purify a suspect encoder with MIMIC.")
     data = parser.add_argument_group("data")
     data.add_argument("--teacher", required=True, help="suspect (e.g. backdoored) encoder checkpoint")
-    data.add_argument("--pretraining_dataset", default=None,
-                      help="dataset the encoder was pre-trained on: the images to train on, and the "
-                           "normalisation unless the encoder carries its own (default: the encoder's own, "
-                           "else cifar10)")
-    data.add_argument("--ratio", type=fraction, default=0.04,
-                      help="clean subset = the first ratio*N images of the train split, 0 < ratio <= 1 "
-                           "(default: 0.04, i.e. 2,000 CIFAR-10 images)")
+    add_clean_subset(data)
     add_pretraining_split(data)
     data.add_argument("--results_dir", default="output/cifar10/mimic",
                       help="where checkpoints and logs go (default: output/cifar10/mimic)")

@@ -35,8 +35,8 @@ from models import BLOCKS, load_encoder
 from models.distill import distill_epoch
 from models.knn import knn_predict
 from models.pruning import channel_ranking, prune_channels, prune_until, pruned_count
-from utils.checks import fraction, nonnegative_float, nonnegative_int, positive_float, positive_int, unit_interval
-from utils.cli import add_distributed_args, add_run_args, run_cli
+from utils.checks import nonnegative_float, nonnegative_int, positive_float, positive_int, unit_interval
+from utils.cli import add_clean_subset, add_distributed_args, add_run_args, run_cli
 from utils.device import fast_paths, place
 from utils.distributed import distribute, gather_objects, is_main
 from utils.errors import UserError
@@ -52,13 +52,7 @@ def get_parser():
     data.add_argument("--defense", required=True, choices=DEFENSES, help="which defence to run")
     data.add_argument("--suspect", "--teacher", dest="suspect", required=True,
                       help="suspect (e.g. backdoored) encoder checkpoint; --teacher as in MIMIC.py")
-    data.add_argument("--pretraining_dataset", default=None,
-                      help="dataset the suspect was pre-trained on: its train split holds the clean subset, "
-                           "and it names the normalisation unless the suspect carries its own (default: the "
-                           "suspect's own, else cifar10)")
-    data.add_argument("--ratio", type=fraction, default=0.04,
-                      help="clean subset = the first ratio*N images of the train split, as MIMIC's "
-                           "(default: 0.04, i.e. 2,000 CIFAR-10 images)")
+    add_clean_subset(data)
     data.add_argument("--results_dir", default=None,
                       help="where checkpoints and logs go (default: output/<pretraining_dataset>/<defense>)")
     optim = parser.add_argument_group("fine-tuning (every defence)")

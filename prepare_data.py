@@ -9,9 +9,9 @@ One dataset:
 A folder of class folders of images (any size and common format) as a dataset named "mine":
     python prepare_data.py --image_folder DIR --name mine --test_fraction 0.2
 Only the reference files of the published commands (from already prepared train splits):
-    python prepare_data.py --references --reference_count 3
+    python prepare_data.py --references
 Another reference file, e.g. GTSRB class 14 (stop) -> reference/cifar10/stop.npz:
-    python prepare_data.py --make_reference gtsrb 14 stop --encoder_usage cifar10
+    python prepare_data.py --make_reference gtsrb 14 stop --pretraining_dataset cifar10
 
 Reads --root (layout in datasets/prepare.py) or --image_folder. Writes <out>/<name>/train.npz and
 test.npz (stl10 also train_unlabeled.npz): x uint8 (N, 32, 32, 3), y (N, 1); normalization.json
@@ -28,6 +28,7 @@ from datasets.prepare import (DEFAULT_REFERENCE_COUNT, DEFAULT_RESIZE_FILTER, DE
                               PAPER_DATASETS, PAPER_REFERENCES, RESIZE_FILTERS, format_table,
                               make_reference, prepare_image_folder, prepare_paper_dataset,
                               prepare_references, reference_path, size_warnings)
+from utils.checks import positive_int
 from utils.cli import run_cli
 from utils.errors import UserError
 
@@ -76,9 +77,9 @@ def get_parser():
     ref.add_argument("--make_reference", nargs=3, metavar=("DATASET", "LABEL", "NAME"), default=None,
                      help="write <reference_dir>/<pretraining_dataset>/NAME.npz from class LABEL of the "
                           "prepared DATASET's train split (default: none)")
-    ref.add_argument("--reference_count", type=int, default=DEFAULT_REFERENCE_COUNT,
+    ref.add_argument("--reference_count", type=positive_int, default=DEFAULT_REFERENCE_COUNT,
                      help="reference images per file: the first ones of the class in the train "
-                          f"split (default: {DEFAULT_REFERENCE_COUNT})")
+                          f"split; the released files hold one (default: {DEFAULT_REFERENCE_COUNT})")
     ref.add_argument("--pretraining_dataset", "--encoder_usage", dest="pretraining_dataset", default="cifar10",
                      help="dataset of the encoders the reference is for: the folder of --make_reference "
                           "(default: cifar10)")

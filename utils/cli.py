@@ -6,7 +6,7 @@ import traceback
 
 import torch.distributed as dist
 
-from .checks import nonnegative_int, positive_int, seed_int
+from .checks import fraction, nonnegative_int, positive_int, seed_int
 from .distributed import get_rank, get_world_size
 from .errors import UserError
 
@@ -78,3 +78,14 @@ def add_pretraining_split(group):
                        help="split the encoder trains on: auto = train_unlabeled for STL-10 (as the "
                             "authors; kNN monitor and MI estimation still read the labelled train.npz), "
                             "train otherwise (default: auto)")
+
+
+def add_clean_subset(group):
+    """--pretraining_dataset and --ratio: the defender's clean data, shared by MIMIC and the defences."""
+    group.add_argument("--pretraining_dataset", default=None,
+                       help="dataset the suspect encoder was pre-trained on: its train split holds the clean "
+                            "subset, and it names the normalisation unless the encoder carries its own "
+                            "(default: the encoder's own, else cifar10)")
+    group.add_argument("--ratio", type=fraction, default=0.04,
+                       help="clean subset = the first ratio*N images of the train split, 0 < ratio <= 1 "
+                            "(default: 0.04, i.e. 2,000 CIFAR-10 images)")
