@@ -2,6 +2,8 @@
 import json
 import os
 import pickle
+import pickletools
+import re
 import tempfile
 from pathlib import Path
 
@@ -62,13 +64,23 @@ def load_checkpoint(path):
     except pickle.UnpicklingError as err:
         lines = str(err).strip().splitlines()
         hint = next((ln.strip() for ln in lines if "GLOBAL" in ln or "Unsupported" in ln), "")
-        if hint:
+        if hint and not not_an_opcode(hint):
             raise UserError(f"refusing to load {path}: it holds objects that need code execution to "
                             f"unpickle, which a weights-only load does not run ({hint})") from None
         raise UserError(f"cannot read checkpoint {path}: not a PyTorch checkpoint "
-                        f"({first_line(err)})") from None
+                        f"({hint or first_line(err)})") from None
     except (RuntimeError, EOFError, OSError, ValueError) as err:
         raise UserError(f"cannot read checkpoint {path}: {first_line(err)}") from None
+
+
+_OPCODES = {op.code for op in pickletools.opcodes}
+
+
+def not_an_opcode(hint):
+    """True for the weights-only unpickler's "Unsupported operand N" when byte N is no pickle opcode
+    at all: the file is not a pickle (JSON, random bytes), rather than one that would run code."""
+    match = re.search(r"Unsupported operand (\d+)", hint)
+    return match is not None and chr(int(match.group(1))) not in _OPCODES
 
 
 def first_line(err):
