@@ -26,7 +26,7 @@ from datasets import encoder_normalization, load_split, normalization_record, pr
 from datasets.loader import ViewLoader, clean_subset, to_input
 from models import BLOCKS, build_encoder, estimate_mi, load_encoder, mi_to_weights, mi_warnings
 from models.distill import distill_epoch
-from utils.checks import nonnegative_float, positive_float, positive_int
+from utils.checks import learning_rate, nonnegative_float, positive_float, positive_int
 from utils.cli import add_clean_subset, add_distributed_args, add_pretraining_split, add_run_args, run_cli
 from utils.device import fast_paths, place
 from utils.distributed import distribute, gather_objects, get_rank, get_world_size, global_batch, is_main
@@ -44,7 +44,7 @@ def get_parser():
     data.add_argument("--results_dir", default="output/cifar10/mimic",
                       help="where checkpoints and logs go (default: output/cifar10/mimic)")
     optim = parser.add_argument_group("distillation")
-    optim.add_argument("--lr", type=positive_float, default=1e-2, help="Adam learning rate (default: 1e-2)")
+    optim.add_argument("--lr", type=learning_rate, default=1e-2, help="Adam learning rate (default: 1e-2)")
     optim.add_argument("--weight_decay", type=nonnegative_float, default=1e-6, help="Adam weight decay (default: 1e-6)")
     optim.add_argument("--batch_size", type=positive_int, default=128,
                        help="images per step in each process (under torchrun with N processes a step "
@@ -70,7 +70,7 @@ def get_parser():
     mi.add_argument("--mi_scale", type=nonnegative_float, default=10000.0,
                     help="weight shared among blocks in proportion to MI (default: 10000)")
     mi.add_argument("--mi_epochs", type=positive_int, default=200, help="estimator epochs per block (default: 200)")
-    mi.add_argument("--mi_lr", type=positive_float, default=1e-3, help="estimator Adam learning rate (default: 1e-3)")
+    mi.add_argument("--mi_lr", type=learning_rate, default=1e-3, help="estimator Adam learning rate (default: 1e-3)")
     mi.add_argument("--mi_weight_decay", type=nonnegative_float, default=1e-5,
                     help="estimator Adam weight decay (default: 1e-5)")
     mi.add_argument("--mi_hidden", type=positive_int, default=512, help="estimator hidden width (default: 512)")

@@ -35,7 +35,8 @@ from models import BLOCKS, load_encoder
 from models.distill import distill_epoch
 from models.knn import knn_predict
 from models.pruning import channel_ranking, prune_channels, prune_until, pruned_count
-from utils.checks import nonnegative_float, nonnegative_int, positive_float, positive_int, unit_interval
+from utils.checks import (learning_rate, nonnegative_float, nonnegative_int, positive_float, positive_int,
+                         unit_interval)
 from utils.cli import add_clean_subset, add_distributed_args, add_run_args, run_cli
 from utils.device import fast_paths, place
 from utils.distributed import distribute, gather_objects, is_main
@@ -56,7 +57,7 @@ def get_parser():
     data.add_argument("--results_dir", default=None,
                       help="where checkpoints and logs go (default: output/<pretraining_dataset>/<defense>)")
     optim = parser.add_argument_group("fine-tuning (every defence)")
-    optim.add_argument("--lr", type=positive_float, default=1e-3,
+    optim.add_argument("--lr", type=learning_rate, default=1e-3,
                        help="Adam learning rate; stage 0's, as fine-tuning continues its training (default: 1e-3)")
     optim.add_argument("--weight_decay", type=nonnegative_float, default=1e-6,
                        help="Adam weight decay (default: 1e-6)")

@@ -26,7 +26,7 @@ from datasets import (UNLABELED_SHADOW_IMAGES, encoder_normalization, load_refer
 from datasets.augment import BatchAugment
 from datasets.loader import augment_copies, extract_features, index_batches, to_input
 from models import badencoder_loss, load_encoder
-from utils.checks import nonnegative_float, positive_float, positive_int, unit_interval
+from utils.checks import learning_rate, nonnegative_float, positive_int, unit_interval
 from utils.cli import add_pretraining_split, add_run_args, run_cli
 from utils.device import autocast, fast_paths, place
 from utils.distributed import distribute, mean_over_ranks
@@ -61,7 +61,7 @@ def get_parser():
     data.add_argument("--results_dir", default="output/cifar10/badencoder",
                       help="where checkpoints and logs go (default: output/cifar10/badencoder)")
     optim = parser.add_argument_group("optimisation")
-    optim.add_argument("--lr", type=positive_float, default=1e-3, help="SGD learning rate (default: 1e-3)")
+    optim.add_argument("--lr", type=learning_rate, default=1e-3, help="SGD learning rate (default: 1e-3)")
     optim.add_argument("--momentum", type=unit_interval, default=0.9, help="SGD momentum (default: 0.9)")
     optim.add_argument("--weight_decay", type=nonnegative_float, default=5e-4, help="SGD weight decay (default: 5e-4)")
     optim.add_argument("--batch_size", type=positive_int, default=256,

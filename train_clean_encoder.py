@@ -20,7 +20,7 @@ from datasets import load_split, normalization, normalization_record, pretrainin
 from datasets.loader import ViewLoader, extract_features
 from models import SimCLR, nt_xent
 from models.knn import knn_predict
-from utils.checks import nonnegative_float, nonnegative_int, positive_float, positive_int
+from utils.checks import learning_rate, nonnegative_float, nonnegative_int, positive_float, positive_int
 from utils.cli import add_distributed_args, add_pretraining_split, add_run_args, run_cli
 from utils.device import autocast, fast_paths, place
 from utils.distributed import distribute, global_batch, is_main, mean_over_ranks
@@ -44,7 +44,7 @@ def get_parser():
                        help="base width of the ResNet; 64 is the paper's network, 16 trains ~12x faster "
                             "on a CPU (default: 64)")
     optim = parser.add_argument_group("optimisation")
-    optim.add_argument("--lr", type=positive_float, default=1e-3, help="Adam learning rate (default: 1e-3)")
+    optim.add_argument("--lr", type=learning_rate, default=1e-3, help="Adam learning rate (default: 1e-3)")
     optim.add_argument("--weight_decay", type=nonnegative_float, default=1e-6, help="Adam weight decay (default: 1e-6)")
     optim.add_argument("--batch_size", type=positive_int, default=256,
                        help="images per step in each process; under torchrun with N processes a step "

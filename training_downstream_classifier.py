@@ -24,7 +24,7 @@ from datasets import encoder_normalization, load_reference, load_split, load_tri
 from datasets.loader import extract_features, index_batches
 from models import DownstreamClassifier, load_encoder
 from models.metrics import backdoor_metrics
-from utils.checks import check_finite_features, check_finite_loss, int_at_least, positive_float, positive_int
+from utils.checks import check_finite_features, check_finite_loss, int_at_least, learning_rate, positive_int
 from utils.cli import add_run_args, run_cli
 from utils.errors import UserError
 from utils.logs import RunLog
@@ -53,7 +53,7 @@ def get_parser():
     clf = parser.add_argument_group("classifier")
     clf.add_argument("--nn_epochs", "--epochs", dest="epochs", type=positive_int, default=1000,
                      help="classifier epochs (default: 1000)")
-    clf.add_argument("--lr", type=positive_float, default=1e-4, help="Adam learning rate (default: 1e-4)")
+    clf.add_argument("--lr", type=learning_rate, default=1e-4, help="Adam learning rate (default: 1e-4)")
     clf.add_argument("--batch_size", type=positive_int, default=64, help="classifier batch size (default: 64)")
     clf.add_argument("--train_order", default="shuffled", choices=["shuffled", "file"],
                      help="order of the training features in each epoch: shuffled (seeded by --seed and "

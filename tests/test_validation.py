@@ -187,9 +187,29 @@ def test_kill_between_model_file_and_checkpoint(tiny, tmp_path, monkeypatch, cap
 
 # ---------------------------------------------------------------- 3. a broken encoder is never kept or scored
 
-def test_diverged_badencoder_is_not_saved(tiny, encoder, tmp_path, capsys):
+def test_absurd_learning_rate_is_refused_at_parse_time(tiny, encoder, tmp_path, capsys):
+    """--lr 1e38 used to train one step to finite weights with NaN features, then be scored."""
+    assert bad(tiny, encoder, tmp_path / "bad", "--lr", "1e38") == 2
+    assert "argument --lr: must be a finite number in (0, 10], got 1e38" in capsys.readouterr().err
+
+
+def test_diverged_badencoder_is_not_saved(tiny, encoder, tmp_path, capsys, monkeypatch):
+    """Finite weights whose features are NaN (here a frozen BatchNorm variance driven below 0 by
+    the step) are caught by the probe pass before anything is saved."""
+    backbones, freeze, step = [], train_badencoder.freeze_batchnorm, torch.optim.SGD.step
+
+    def remember(backbone):
+        backbones.append(backbone)
+        freeze(backbone)
+
+    def step_then_break(self, *args, **kwargs):
+        out = step(self, *args, **kwargs)
+        backbones[-1].f[1].running_var.fill_(-1.0)      # finite, but every feature becomes NaN
+        return out
+    monkeypatch.setattr(train_badencoder, "freeze_batchnorm", remember)
+    monkeypatch.setattr(torch.optim.SGD, "step", step_then_break)
     out = tmp_path / "bad"
-    assert bad(tiny, encoder, out, "--lr", "1e38", "--batch_size", "64") == 2     # one step, then the check
+    assert bad(tiny, encoder, out, "--batch_size", "64") == 2     # one step, then the check
     assert error(capsys) == ("error: the badencoder encoder has non-finite features (NaN/inf) after training; it "
                              "was not saved as a result. Lower --lr and run again")
     assert not list(out.glob("model_*.pth"))

@@ -93,6 +93,9 @@ positive_float = float_in(0, lo_open=True, name="positive_float")
 nonnegative_float = float_in(0, name="nonnegative_float")
 fraction = float_in(0, 1, lo_open=True, name="fraction")             # e.g. --ratio
 unit_interval = float_in(0, 1, hi_open=True, name="unit_interval")   # e.g. --momentum
+# Learning rates: above ~3e37 Adam's step size overflows float32 into a traceback, and no useful
+# rate is anywhere near 10, so larger values are refused at parse time.
+learning_rate = float_in(0, 10, lo_open=True, name="learning_rate")
 
 
 # ---------------------------------------------------------------- data files
