@@ -103,3 +103,29 @@ def markdown_seed_table(summary_stats, paired, reference="MIMIC"):
         flat = {f"{task}: {other}": cells for task, others in paired.items() for other, cells in others.items()}
         lines += _table("task: other encoder", flat, unit="pp") + [""]
     return "\n".join(lines)
+
+
+def mi_not_converged(mi_by_seed):
+    """{seed: {task: {block: {"mi", "weight", "convergence"}}}} -> a {"seed", "task", "block",
+    "convergence"} dict per block whose MI estimate did not converge (a verdict of None, not
+    recorded, is not counted)."""
+    return [{"seed": seed, "task": task, "block": block, "convergence": b["convergence"]}
+            for seed, tasks in mi_by_seed.items() for task, blocks in tasks.items()
+            for block, b in blocks.items() if b["convergence"] not in (None, "converged")]
+
+
+def markdown_mi_table(mi_by_seed):
+    """Markdown: MIMIC's MI and attention weight per block with the estimator's verdict, then one
+    line naming the blocks whose estimate did not converge; "" without MIMIC runs."""
+    rows = [f"| {seed} | {task} | {block} | {b['mi']:.4g} | {b['weight']:.4g} | {b['convergence'] or 'not recorded'} |"
+            for seed, tasks in mi_by_seed.items() for task, blocks in tasks.items() for block, b in blocks.items()]
+    if not rows:
+        return ""
+    lines = ["### MIMIC: MI per block, attention weight and the estimator's verdict", "",
+             "| seed | task | block | MI (nats) | weight | convergence |", "|---|---|---|---|---|---|", *rows, ""]
+    failed = mi_not_converged(mi_by_seed)
+    if failed:
+        where = "; ".join(f"seed {f['seed']}, {f['task']}, {f['block']} ({f['convergence']})" for f in failed)
+        lines += [f"**MI estimate not converged** in {len(failed)} block(s): {where}. MIMIC.py printed why; "
+                  "e.g. raise --mi_epochs.", ""]
+    return "\n".join(lines)
