@@ -242,8 +242,7 @@ def test_one_line_error_without_traceback_and_debug_shows_it(tmp_path):
            "--results_dir", str(tmp_path / "out")]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 2
-    assert proc.stderr == f"error: dataset file not found: {tmp_path}/cifar10/train.npz (create it with: " \
-                          f"python prepare_data.py --dataset cifar10 --out {tmp_path}, or pass --data_dir)\n"
+    assert proc.stderr == f"error: checkpoint not found: {tmp_path}/none.pth\n"
     proc = subprocess.run(cmd + ["--debug"], cwd=ROOT, capture_output=True, text=True)
     assert "Traceback" in proc.stderr and proc.returncode == 2
 
