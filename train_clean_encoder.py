@@ -21,7 +21,7 @@ from datasets.loader import ViewLoader, extract_features
 from models import SimCLR, nt_xent
 from models.knn import knn_predict
 from utils.checks import learning_rate, nonnegative_float, nonnegative_int, positive_float, positive_int
-from utils.cli import add_distributed_args, add_pretraining_split, add_run_args, run_cli
+from utils.cli import add_distributed_args, add_init_flag, add_pretraining_split, add_run_args, run_cli
 from utils.device import autocast, fast_paths, place
 from utils.distributed import distribute, global_batch, is_main, mean_over_ranks
 from utils.errors import UserError
@@ -43,6 +43,7 @@ def get_parser():
     model.add_argument("--width", type=positive_int, default=64,
                        help="base width of the ResNet; 64 is the paper's network, 16 trains ~12x faster "
                             "on a CPU (default: 64)")
+    add_init_flag(model, "the encoder's backbone")
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--lr", type=learning_rate, default=1e-3, help="Adam learning rate (default: 1e-3)")
     optim.add_argument("--weight_decay", type=nonnegative_float, default=1e-6, help="Adam weight decay (default: 1e-6)")
@@ -109,7 +110,7 @@ def main(args):
         test = load_split(args.data_dir, args.pretraining_dataset, "test")
 
     amp, channels_last = fast_paths(args, device)
-    model = place(SimCLR(args.arch, args.width), device, channels_last)
+    model = place(SimCLR(args.arch, args.width, init=args.init), device, channels_last)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     run = TrainingRun(out_dir, args, "clean_encoder", model, optimizer, train_x.shape[1:3],
                       usage=args.pretraining_dataset,

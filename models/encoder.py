@@ -11,7 +11,9 @@ Initialisation follows the authors, who build the backbone from torchvision's re
 weight 1 and bias 0, except conv1, which is replaced afterwards by a fresh 3x3 conv with
 PyTorch's default init; the head g is built last, with PyTorch's default init. At width 64
 the modules are created and initialised in torchvision's order, so under the same seed the
-weights equal the authors' bit for bit.
+weights equal the authors' bit for bit. init="pytorch" re-initialises every backbone conv and
+BatchNorm with PyTorch's defaults instead (this project's construction before it followed the
+authors; the flag --init of stages 0 and 2).
 """
 import torch
 import torch.nn as nn
@@ -29,6 +31,7 @@ ARCHS = {
 }
 BLOCKS = ("layer1", "layer2", "layer3", "layer4")
 BLOCK_INDEX = (3, 4, 5, 6)  # positions of layer1..4 in the backbone Sequential
+INITS = ("torchvision", "pytorch")
 
 
 class _TorchvisionResNet(ResNet):
@@ -64,8 +67,10 @@ class _TorchvisionResNet(ResNet):
 class Backbone(nn.Module):
     """ResNet without max-pool and fc; output after global average pooling."""
 
-    def __init__(self, arch="resnet18", width=64):
+    def __init__(self, arch="resnet18", width=64, init="torchvision"):
         super().__init__()
+        if init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, not {init!r}")
         block, depths = ARCHS[arch]
         net = _TorchvisionResNet(block, depths, width)
         # Created after the whole ResNet, as the authors do, so it draws from the generator last.
@@ -73,6 +78,10 @@ class Backbone(nn.Module):
         self.f = nn.Sequential(conv1, net.bn1, net.relu, net.layer1, net.layer2, net.layer3,
                                net.layer4, net.avgpool)
         self.feature_dim = 8 * width * block.expansion
+        if init == "pytorch":
+            for m in self.f.modules():
+                if isinstance(m, (nn.Conv2d, nn.BatchNorm2d)):
+                    m.reset_parameters()
 
     def forward(self, x, return_blocks=False):
         """x: Bx3xHxW -> feature BxD (and the outputs of layer1..4 when return_blocks)."""
@@ -88,12 +97,12 @@ class Backbone(nn.Module):
 class SimCLR(nn.Module):
     """Backbone f and projection head g; forward returns L2-normalised feature and projection."""
 
-    def __init__(self, arch="resnet18", width=64, proj_dim=128):
+    def __init__(self, arch="resnet18", width=64, proj_dim=128, init="torchvision"):
         super().__init__()
         if arch not in ARCHS:
             raise UserError(f"unknown architecture {arch!r}; choose from {', '.join(ARCHS)}")
-        self.config = {"arch": arch, "width": width, "proj_dim": proj_dim}
-        self.f = Backbone(arch, width)
+        self.config = {"arch": arch, "width": width, "proj_dim": proj_dim}   # init matters only when built
+        self.f = Backbone(arch, width, init)
         d = self.f.feature_dim
         self.g = nn.Sequential(nn.Linear(d, 512, bias=False), nn.BatchNorm1d(512),
                                nn.ReLU(inplace=True), nn.Linear(512, proj_dim))
@@ -110,9 +119,9 @@ class SimCLR(nn.Module):
         return result + (blocks,) if return_blocks else result
 
 
-def build_encoder(config):
-    """Rebuild an encoder from the `arch` dict stored in our checkpoints."""
-    return SimCLR(config.get("arch", "resnet18"), config.get("width", 64), config.get("proj_dim", 128))
+def build_encoder(config, init="torchvision"):
+    """Rebuild an encoder from the `arch` dict stored in our checkpoints (init: see INITS)."""
+    return SimCLR(config.get("arch", "resnet18"), config.get("width", 64), config.get("proj_dim", 128), init)
 
 
 def encoder_checkpoint(model, **extra):

@@ -131,10 +131,16 @@ def test_untrained_layer_outputs_grow_with_depth_unlike_default_init():
     ours = torch.stack([_block_stds(m, x) for m in models]).mean(0)
     assert (ours.diff() > 0.05).all(), ours
     assert 0.5 < ours[0] < 0.9 and ours[3] > 1.0, ours
-    models = models[:2]
-    for model in models:
-        for m in model.modules():
-            if isinstance(m, (nn.Conv2d, nn.BatchNorm2d)):
-                m.reset_parameters()
+    models = [SimCLR("resnet18", 16, init="pytorch") for _ in range(2)]      # the --init pytorch flag
     default = torch.stack([_block_stds(m, x) for m in models]).mean(0)
     assert (default.diff() < 0).all() and default[3] < 0.1, default
+
+
+def test_init_pytorch_gives_every_backbone_conv_the_default_uniform_init():
+    torch.manual_seed(0)
+    model = SimCLR("resnet18", 16, init="pytorch")
+    for name, conv in model.f.f.named_modules():
+        if isinstance(conv, nn.Conv2d):             # kaiming_uniform(a=sqrt(5)): U(-1/sqrt(fan_in), ...)
+            w = conv.weight
+            bound = 1 / math.sqrt(w[0].numel())
+            assert 0.9 * bound < w.abs().max() <= bound, name

@@ -89,3 +89,11 @@ def add_clean_subset(group):
     group.add_argument("--ratio", type=fraction, default=0.04,
                        help="clean subset = the first ratio*N images of the train split, 0 < ratio <= 1 "
                             "(default: 0.04, i.e. 2,000 CIFAR-10 images)")
+
+
+def add_init_flag(group, what):
+    """--init of the stages that build a fresh encoder (stage 0's encoder, MIMIC's student)."""
+    group.add_argument("--init", default="torchvision", choices=["torchvision", "pytorch"],
+                       help=f"initialisation of {what}: torchvision's (kaiming-normal fan_out convs, "
+                            "BatchNorm 1/0; the authors') or PyTorch's default for every layer "
+                            "(default: torchvision)")
