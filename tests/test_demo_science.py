@@ -1,4 +1,4 @@
-"""The demo's science (slow: the whole demo, about 14 minutes): python -m pytest -m slow"""
+"""The demo's science (slow: the whole demo, about 35 minutes; fails today, see the README): python -m pytest -m slow"""
 import json
 import subprocess
 import sys

@@ -183,10 +183,13 @@ def test_defences_get_a_row_each_beside_mimic(tiny, tmp_path, monkeypatch, capsy
 
     suspect = str(out / "badencoder_gtsrb" / "model_1.pth")
     defences = {flag(a, "--defense"): a for s, a in fake.commands if s == "defenses.py"}
+    mimic_args = next(a for s, a in fake.commands if s == "MIMIC.py")
     assert list(defences) == ["finetune", "fine_pruning", "nad"]
     for name, args in defences.items():
         assert flag(args, "--suspect") == suspect and flag(args, "--pretraining_dataset") == "cifar10"
-        assert [flag(args, f) for f in ("--epochs", "--ratio", "--lr", "--batch_size")] == ["20", "0.2", "1e-3", "128"]
+        # the demo preset's baseline budget, on MIMIC's clean subset
+        assert [flag(args, f) for f in ("--epochs", "--ratio", "--lr", "--batch_size")] == ["10", "0.2", "1e-3", "128"]
+        assert flag(args, "--ratio") == flag(mimic_args, "--ratio")
         assert flag(args, "--results_dir") == str(out / f"{name}_gtsrb")
         assert ("--nad_teacher_epochs" in args) == (name == "nad")
     evaluated = [Path(flag(a, "--results_dir")).name for s, a in fake.commands if s == "training_downstream_classifier.py"]
