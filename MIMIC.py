@@ -26,8 +26,10 @@ from datasets import encoder_normalization, load_split, normalization_record, pr
 from datasets.loader import ViewLoader, clean_subset, to_input
 from models import BLOCKS, build_encoder, estimate_mi, load_encoder, mi_to_weights, mi_warnings
 from models.distill import distill_epoch
+from models.encoder import INITS
 from utils.checks import learning_rate, nonnegative_float, positive_float, positive_int
-from utils.cli import add_clean_subset, add_distributed_args, add_init_flag, add_pretraining_split, add_run_args, run_cli
+from utils.cli import (add_clean_subset, add_distributed_args, add_init_flag, add_pretraining_split, add_run_args,
+                       run_cli)
 from utils.device import fast_paths, place
 from utils.distributed import distribute, gather_objects, get_rank, get_world_size, global_batch, is_main
 from utils.files import save_json
@@ -52,7 +54,7 @@ def get_parser():
                             "(default: 128)")
     optim.add_argument("--epochs", type=positive_int, default=1000, help="distillation epochs (default: 1000)")
     optim.add_argument("--temperature", type=positive_float, default=0.5, help="NT-Xent temperature (default: 0.5)")
-    add_init_flag(optim, "the fresh student's backbone")
+    add_init_flag(optim, "the fresh student's backbone", INITS)
     for i, block in enumerate(BLOCKS, 1):
         optim.add_argument(f"--at_base_{block}", f"--opt{i}", dest=f"at_base_{block}", type=nonnegative_float,
                            default=1000.0, help=f"base weight of attention transfer on {block}, before the "

@@ -19,6 +19,7 @@ import torch
 from datasets import load_split, normalization, normalization_record, pretraining_split
 from datasets.loader import ViewLoader, extract_features
 from models import SimCLR, nt_xent
+from models.encoder import INITS
 from models.knn import knn_predict
 from utils.checks import learning_rate, nonnegative_float, nonnegative_int, positive_float, positive_int
 from utils.cli import add_distributed_args, add_init_flag, add_pretraining_split, add_run_args, run_cli
@@ -43,7 +44,7 @@ def get_parser():
     model.add_argument("--width", type=positive_int, default=64,
                        help="base width of the ResNet; 64 is the paper's network, 16 trains ~12x faster "
                             "on a CPU (default: 64)")
-    add_init_flag(model, "the encoder's backbone")
+    add_init_flag(model, "the encoder's backbone", INITS)
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--lr", type=learning_rate, default=1e-3, help="Adam learning rate (default: 1e-3)")
     optim.add_argument("--weight_decay", type=nonnegative_float, default=1e-6, help="Adam weight decay (default: 1e-6)")

@@ -73,6 +73,42 @@ def record_calls(monkeypatch, module, name):
     return calls
 
 
+# ---------------------------------------------------------------- --init
+
+def conv_bounds_hold(model):
+    """Every backbone conv but the stem within PyTorch's default U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+    convs = [m.weight for m in model.f.f.modules() if isinstance(m, torch.nn.Conv2d)][1:]
+    return all(w.abs().max() <= 1 / w[0].numel() ** 0.5 for w in convs)
+
+
+@pytest.mark.parametrize("init", ["torchvision", "pytorch"])
+def test_init_flag_reaches_stage_0_and_the_mimic_student(stl, tmp_path, monkeypatch, init):
+    """The fresh networks are judged as built (training moves the weights afterwards)."""
+    root, _, encoder = stl
+    fresh = []
+    simclr, build_encoder = train_clean_encoder.SimCLR, MIMIC.build_encoder
+
+    def stage0_model(*args, **kwargs):
+        model = simclr(*args, **kwargs)
+        fresh.append(("stage 0", kwargs["init"], conv_bounds_hold(model)))
+        return model
+
+    def student(config, init):
+        model = build_encoder(config, init)
+        fresh.append(("student", init, conv_bounds_hold(model)))
+        return model
+
+    monkeypatch.setattr(train_clean_encoder, "SimCLR", stage0_model)
+    monkeypatch.setattr(MIMIC, "build_encoder", student)
+    clean_stl(root, tmp_path / "clean", "--init", init, "--knn_freq", "0")
+    MIMIC.main(MIMIC.get_parser().parse_args(
+        ["--data_dir", str(root / "data"), "--teacher", str(encoder), "--results_dir", str(tmp_path / "mimic"),
+         "--ratio", "0.5", "--batch_size", "16", "--epochs", "1", "--attention", "uniform", "--device", "cpu",
+         "--init", init]))
+    # kaiming-normal fan_out exceeds the default uniform bound somewhere; the default never does
+    assert fresh == [("stage 0", init, init == "pytorch"), ("student", init, init == "pytorch")]
+
+
 # ---------------------------------------------------------------- STL-10's unlabeled split
 
 def clean_stl(root, out, *extra):

@@ -91,9 +91,10 @@ def add_clean_subset(group):
                             "(default: 0.04, i.e. 2,000 CIFAR-10 images)")
 
 
-def add_init_flag(group, what):
-    """--init of the stages that build a fresh encoder (stage 0's encoder, MIMIC's student)."""
-    group.add_argument("--init", default="torchvision", choices=["torchvision", "pytorch"],
+def add_init_flag(group, what, choices):
+    """--init of the stages that build a fresh encoder (stage 0's encoder, MIMIC's student);
+    choices: models.encoder.INITS, the first the default (utils does not import models)."""
+    group.add_argument("--init", default=choices[0], choices=choices,
                        help=f"initialisation of {what}: torchvision's (kaiming-normal fan_out convs, "
                             "BatchNorm 1/0; the authors') or PyTorch's default for every layer "
                             "(default: torchvision)")
