@@ -27,7 +27,7 @@ from datasets.loader import ViewLoader, clean_subset, to_input
 from models import BLOCKS, build_encoder, estimate_mi, load_encoder, mi_to_weights, mi_warnings
 from models.distill import distill_epoch
 from models.encoder import INITS
-from utils.checks import learning_rate, nonnegative_float, positive_float, positive_int
+from utils.checks import learning_rate, nonnegative_float, positive_float, positive_int, unit_interval
 from utils.cli import (add_clean_subset, add_distributed_args, add_init_flag, add_pretraining_split, add_run_args,
                        run_cli)
 from utils.device import fast_paths, place
@@ -82,9 +82,16 @@ def get_parser():
                          "subset (MI is unchanged by it, the estimator converges), global = one scale for "
                          "all features, none = raw block outputs as the authors (default: feature)")
     mi.add_argument("--mi_evaluation", default="global", choices=["global", "per_batch"],
-                    help="after each estimator epoch, the DV bound over all images with one permutation "
-                         "(global), or per batch of --batch_size in data order, each clipped at 0 and "
+                    help="after each estimator epoch, the DV bound over all evaluated images, averaged "
+                         "over 8 fixed permutations (global), or per batch of --batch_size in data order, each clipped at 0 and "
                          "averaged, as the authors (per_batch) (default: global)")
+    mi.add_argument("--mi_holdout", type=unit_interval, default=0.2,
+                    help="fraction of the MI images the statistics networks never train on; the bound is "
+                         "evaluated on them, so memorised pairs do not count as information; 0 trains and "
+                         "evaluates on all, as the authors (default: 0.2)")
+    mi.add_argument("--mi_schedule", default="cosine", choices=["cosine", "constant"],
+                    help="estimator learning rate: annealed to 0 over --mi_epochs (cosine), so the last "
+                         "epochs measure a settled network, or constant, as the authors (default: cosine)")
     mi.add_argument("--mi_average_last", type=positive_int, default=10,
                     help="MI = mean bound of this many last estimator epochs (default: 10)")
     add_distributed_args(add_run_args(parser, seed=100, save_freq=100))
@@ -115,11 +122,13 @@ class MISettings:
     seed: int = 100
     standardize: str = "feature"
     evaluation: str = "global"
+    holdout: float = 0.2
+    schedule: str = "cosine"
 
     @classmethod
     def from_args(cls, args):
         return cls(args.mi_epochs, args.mi_lr, args.mi_weight_decay, args.mi_hidden, args.mi_average_last,
-                   args.seed, args.mi_standardize, args.mi_evaluation)
+                   args.seed, args.mi_standardize, args.mi_evaluation, args.mi_holdout, args.mi_schedule)
 
 
 def locate_knowledge(model, images, mean, std, device, batch_size, settings):
@@ -135,7 +144,7 @@ def locate_knowledge(model, images, mean, std, device, batch_size, settings):
         mine[i] = estimate_mi(blocks[i], z, settings.epochs, batch_size, settings.lr, settings.weight_decay,
                               settings.hidden, settings.average_last, seed=settings.seed, desc=f"MI {BLOCKS[i]}",
                               standardize=settings.standardize, evaluation=settings.evaluation,
-                              return_report=True)
+                              holdout=settings.holdout, schedule=settings.schedule, return_report=True)
     found = {i: result for part in gather_objects(mine) for i, result in part.items()}
     mi, history, reports = (list(column) for column in zip(*(found[i] for i in range(len(BLOCKS)))))
     for name, a, value, report in zip(BLOCKS, blocks, mi, reports):

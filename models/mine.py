@@ -14,6 +14,12 @@ from utils.logs import progress
 
 STANDARDIZATIONS = ("feature", "global", "none")
 EVALUATIONS = ("global", "per_batch")
+SCHEDULES = ("cosine", "constant")
+
+# The "global" evaluation averages the DV bound over this many permutations of the evaluated
+# samples, drawn once: fixed marginal pairs keep a fresh permutation's noise out of the
+# epoch-to-epoch history, and averaging several keeps one permutation's luck out of the level.
+EVAL_PERMUTATIONS = 8
 
 # A feature whose std over the samples is below this fraction of the largest feature std is
 # treated as constant and only centred: dividing by a (near-)zero std would blow rounding noise
@@ -102,16 +108,32 @@ def apply_standardization(x, mean, scale):
 
 
 @torch.no_grad()
-def evaluate_bound(net, a, z, generator, chunk=1024):
-    """The DV bound over all of (a, z), the marginal pairs drawn by one random permutation."""
-    perm = torch.randperm(len(a), generator=generator).to(a.device)
-    joint, marginal = [], []
-    for s in range(0, len(a), chunk):
-        idx = torch.arange(s, min(s + chunk, len(a)), device=a.device)
-        ha = net.fc_a(a[idx])
-        joint.append(net.rest(ha + net.fc_z(z[idx])).squeeze(-1))
-        marginal.append(net.rest(ha + net.fc_z(z[perm[idx]])).squeeze(-1))
-    return dv_bound(torch.cat(joint), torch.cat(marginal)).item()
+def evaluate_bound(net, a, z, perms, chunk=1024):
+    """The DV bound over all of (a, z), averaged over the marginal pairs of each permutation in perms."""
+    ha = torch.cat([net.fc_a(a[s:s + chunk]) for s in range(0, len(a), chunk)])
+    hz = torch.cat([net.fc_z(z[s:s + chunk]) for s in range(0, len(z), chunk)])
+    joint = torch.cat([net.rest(ha[s:s + chunk] + hz[s:s + chunk]).squeeze(-1) for s in range(0, len(a), chunk)])
+    values = []
+    for perm in perms:
+        marginal = torch.cat([net.rest(ha[s:s + chunk] + hz[perm[s:s + chunk]]).squeeze(-1)
+                              for s in range(0, len(a), chunk)])
+        values.append(dv_bound(joint, marginal).item())
+    return sum(values) / len(values)
+
+
+def holdout_split(n, fraction, seed):
+    """(train, held-out) index tensors: a seeded random `fraction` of range(n) held out (both in
+    increasing order); fraction 0 trains and evaluates on every sample."""
+    if not 0 <= fraction < 1:
+        raise ValueError(f"holdout must be in [0, 1), not {fraction}")
+    every = torch.arange(n)
+    held = int(round(fraction * n))
+    if held == 0:
+        return every, every
+    if n - held < 2 or held < 2:
+        raise ValueError(f"holdout {fraction} of {n} samples leaves fewer than 2 to train or to evaluate on")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return order[held:].sort().values, order[:held].sort().values
 
 
 @torch.no_grad()
@@ -197,7 +219,7 @@ def mi_warnings(blocks, mi, reports):
 
 def estimate_mi(a, z, epochs=200, batch_size=128, lr=1e-3, weight_decay=1e-5, hidden=512,
                 average_last=10, seed=0, desc="MI", standardize="feature", evaluation="global",
-                return_report=False):
+                holdout=0.2, schedule="cosine", return_report=False):
     """Estimate I(a; z) in nats from paired samples a: NxDa, z: NxDz (on any device).
 
     standardize: "feature" (default) feeds each input with every feature centred and scaled to
@@ -206,10 +228,19 @@ def estimate_mi(a, z, epochs=200, batch_size=128, lr=1e-3, weight_decay=1e-5, hi
     maps, so this only conditions the optimisation (raw activations of very different scales
     stall Adam at lr 1e-3). The statistics are computed once per input, before training.
 
-    Trains a statistics network for `epochs` passes over the samples (shuffled, incomplete last
-    batch dropped); after each epoch the bound is evaluated, negative or NaN values counting as
-    0: evaluation="global" evaluates one bound over all samples with one permutation,
-    "per_batch" averages clipped per-batch bounds as the authors do (evaluate_bound_per_batch).
+    holdout: a seeded random fraction of the samples the statistics network never trains on; the
+    bound is evaluated on them, so that memorising the training pairs (which drives the bound on
+    them towards log N however weak the dependence) does not count as information. 0 trains and
+    evaluates on every sample, as the authors do.
+    schedule: "cosine" anneals the learning rate from lr to 0 over the epochs, so that the last
+    epochs measure one settled network rather than Adam's epoch-to-epoch jitter; "constant" keeps
+    lr, as the authors do.
+
+    Trains a statistics network for `epochs` passes over the training samples (shuffled,
+    incomplete last batch dropped); after each epoch the bound is evaluated on the evaluation
+    samples, negative or NaN values counting as 0: evaluation="global" averages one bound over
+    all of them per each of EVAL_PERMUTATIONS fixed permutations, "per_batch" averages clipped
+    per-batch bounds in the data's order as the authors do (evaluate_bound_per_batch).
     Returns (mi, history), mi being the mean of the last `average_last` epochs, or with
     return_report (mi, history, convergence(history)).
     """
@@ -217,19 +248,26 @@ def estimate_mi(a, z, epochs=200, batch_size=128, lr=1e-3, weight_decay=1e-5, hi
         raise ValueError(f"standardize must be one of {STANDARDIZATIONS}, not {standardize!r}")
     if evaluation not in EVALUATIONS:
         raise ValueError(f"evaluation must be one of {EVALUATIONS}, not {evaluation!r}")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, not {schedule!r}")
     if standardize != "none":
         a = apply_standardization(a, *standardization_stats(a, standardize))
         z = apply_standardization(z, *standardization_stats(z, standardize))
+    train, held = (idx.to(a.device) for idx in holdout_split(len(a), holdout, seed))
+    a_eval, z_eval = a[held], z[held]
     generator = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         net = StatisticsNetwork(a.shape[1], z.shape[1], hidden).to(a.device)
     optimizer = torch.optim.Adam(net.parameters(), lr=lr, weight_decay=weight_decay)
-    n = len(a)
+    annealing = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs) if schedule == "cosine" else None
+    eval_perms = [torch.randperm(len(held), generator=generator).to(a.device)
+                  for _ in range(EVAL_PERMUTATIONS if evaluation == "global" else 0)]
+    n = len(train)
     batch_size = min(batch_size, n)
     history = []
     for _ in progress(range(epochs), desc=desc):
-        order = torch.randperm(n, generator=generator).to(a.device)
+        order = train[torch.randperm(n, generator=generator).to(a.device)]
         for s in range(0, n - batch_size + 1, batch_size):
             idx = order[s:s + batch_size]
             perm = torch.randperm(batch_size, generator=generator).to(a.device)
@@ -238,10 +276,12 @@ def estimate_mi(a, z, epochs=200, batch_size=128, lr=1e-3, weight_decay=1e-5, hi
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+        if annealing is not None:
+            annealing.step()
         if evaluation == "per_batch":
-            value = evaluate_bound_per_batch(net, a, z, batch_size, generator)
+            value = evaluate_bound_per_batch(net, a_eval, z_eval, batch_size, generator)
         else:
-            value = evaluate_bound(net, a, z, generator)
+            value = evaluate_bound(net, a_eval, z_eval, eval_perms)
         history.append(clip_bound(value))
     tail = history[-average_last:] if history else [0.0]
     mi = sum(tail) / len(tail)

@@ -249,10 +249,10 @@ def test_mimic_mi_options_reach_the_estimator_and_are_recorded(tiny, shadow40, t
     MIMIC.main(MIMIC.get_parser().parse_args(
         ["--data_dir", str(tiny / "data"), "--teacher", str(encoder), "--results_dir", str(out), "--ratio", "0.5",
          "--batch_size", "16", "--epochs", "1", "--mi_epochs", "2", "--device", "cpu", "--mi_standardize", "none",
-         "--mi_evaluation", "per_batch", "--mi_model", "student"]))
+         "--mi_evaluation", "per_batch", "--mi_model", "student", "--mi_holdout", "0", "--mi_schedule", "constant"]))
     assert len(estimates) == 4
     assert all(kw["standardize"] == "none" and kw["evaluation"] == "per_batch" and args[2] == 2
-               for args, kw, _ in estimates)
+               and kw["holdout"] == 0 and kw["schedule"] == "constant" for args, kw, _ in estimates)
     teacher = torch.load(encoder, weights_only=True)["state_dict"]["f.f.0.weight"]
     measured = located[0][0][0]                                  # the network whose blocks were measured
     assert not torch.equal(measured.state_dict()["f.f.0.weight"].cpu(), teacher)      # the fresh student
@@ -261,6 +261,7 @@ def test_mimic_mi_options_reach_the_estimator_and_are_recorded(tiny, shadow40, t
     assert [len(h) for h in mi["history"]] == [2] * 4
     assert [r["reason"] for r in mi["convergence"]] == ["too few epochs"] * 4
     args = read(out / "args.json")
-    assert (args["mi_standardize"], args["mi_evaluation"], args["mi_model"]) == ("none", "per_batch", "student")
+    assert (args["mi_standardize"], args["mi_evaluation"], args["mi_model"], args["mi_holdout"],
+            args["mi_schedule"]) == ("none", "per_batch", "student", 0.0, "constant")
     assert read(out / "results.json")["mi_converged"] == dict.fromkeys(("layer1", "layer2", "layer3", "layer4"),
                                                                         "too few epochs")

@@ -1,14 +1,15 @@
 """The DV estimator recovers a known mutual information (also from badly scaled inputs, once
-standardised); the authors' per-batch evaluation, the convergence verdict and its warnings on
-hand cases; MI becomes layer weights by the paper's rule."""
+standardised); the authors' per-batch evaluation, the held-out split, the fixed evaluation
+permutations, the learning-rate schedule, the convergence verdict and its warnings on hand cases;
+MI becomes layer weights by the paper's rule."""
 import math
 
 import torch
 
 from models import convergence, estimate_mi, mi_to_weights, mi_warnings
 from models import mine
-from models.mine import (StatisticsNetwork, apply_standardization, dv_bound, evaluate_bound_per_batch,
-                         standardization_stats)
+from models.mine import (EVAL_PERMUTATIONS, StatisticsNetwork, apply_standardization, dv_bound, evaluate_bound,
+                         evaluate_bound_per_batch, holdout_split, standardization_stats)
 
 
 def gaussian_pair(n, d, rho, seed):
@@ -171,3 +172,73 @@ def test_mi_warnings_text():
         "every block's MI is 0: the attention weights fall back to uniform shares (MIMIC then equals "
         "--attention uniform); raise --mi_epochs or --mi_lr, or check the teacher"]
     assert mi_warnings(blocks[:2], [0.5, 0.5], [reports[1], reports[1]]) == []
+
+
+def test_holdout_split():
+    train, held = holdout_split(100, 0.2, seed=7)
+    assert len(held) == 20 and len(train) == 80
+    assert sorted(set(train.tolist()) | set(held.tolist())) == list(range(100))     # disjoint, complete
+    assert train.tolist() == sorted(train.tolist()) and held.tolist() == sorted(held.tolist())
+    assert torch.equal(held, holdout_split(100, 0.2, seed=7)[1])                       # seeded
+    assert not torch.equal(held, holdout_split(100, 0.2, seed=8)[1])
+    every, same = holdout_split(10, 0.0, seed=7)
+    assert every.tolist() == same.tolist() == list(range(10))                          # the authors' way
+
+
+class RecordingNetwork(StatisticsNetwork):
+    """Remembers the first input rows of every training batch (by their value: row i holds i)."""
+    seen = []
+
+    def forward(self, a, z, perm):
+        if torch.is_grad_enabled():
+            RecordingNetwork.seen.extend(a[:, 0].round().long().tolist())
+        return super().forward(a, z, perm)
+
+
+def test_statistics_network_never_trains_on_held_out_samples_which_are_evaluated(monkeypatch):
+    n = 50
+    a = torch.cat([torch.arange(n, dtype=torch.float32).unsqueeze(1), torch.randn(n, 2)], dim=1)
+    z = torch.randn(n, 2)
+    RecordingNetwork.seen = []
+    evaluated = []
+    monkeypatch.setattr(mine, "StatisticsNetwork", RecordingNetwork)
+    monkeypatch.setattr(mine, "evaluate_bound", lambda net, a_e, z_e, perms: evaluated.append(
+        (a_e[:, 0].round().long().tolist(), len(perms))) or 0.5)
+    estimate_mi(a, z, epochs=3, batch_size=8, hidden=8, seed=3, standardize="none", holdout=0.2)
+    train, held = holdout_split(n, 0.2, seed=3)
+    assert set(RecordingNetwork.seen) == set(train.tolist())                   # 40 = 5 full batches of 8
+    assert evaluated == [(held.tolist(), EVAL_PERMUTATIONS)] * 3               # every epoch, held-out only
+
+
+def test_global_evaluation_averages_fixed_permutations():
+    a = torch.tensor([1.0, 3.0, 0.0]).unsqueeze(1)
+    z = torch.tensor([0.0, 1.0, 2.0]).unsqueeze(1)
+    net = StatisticsNetwork(1, 1, hidden=4)
+    perms = [torch.tensor([1, 2, 0]), torch.tensor([2, 0, 1])]
+    with torch.no_grad():
+        joint, first = net(a, z, perms[0])
+        _, second = net(a, z, perms[1])
+        expected = (dv_bound(joint, first).item() + dv_bound(joint, second).item()) / 2
+    assert math.isclose(evaluate_bound(net, a, z, perms), expected, rel_tol=1e-6)
+
+
+class RecordingAdam(torch.optim.Adam):
+    lrs = []
+
+    def step(self, closure=None):
+        RecordingAdam.lrs.append(self.param_groups[0]["lr"])
+        return super().step(closure)
+
+
+def test_learning_rate_schedules(monkeypatch):
+    monkeypatch.setattr(mine.torch.optim, "Adam", RecordingAdam)
+    x, y = gaussian_pair(64, 2, 0.5, seed=5)
+    epochs, lr = 4, 1e-3
+    RecordingAdam.lrs = []
+    estimate_mi(x, y, epochs=epochs, batch_size=32, hidden=8, lr=lr, holdout=0.0, schedule="constant")
+    assert RecordingAdam.lrs == [lr] * 2 * epochs
+    RecordingAdam.lrs = []
+    estimate_mi(x, y, epochs=epochs, batch_size=32, hidden=8, lr=lr, holdout=0.0, schedule="cosine")
+    per_epoch = RecordingAdam.lrs[::2]                 # two steps per epoch, one rate per epoch
+    expected = [lr * (1 + math.cos(math.pi * e / epochs)) / 2 for e in range(epochs)]   # 1e-3 ... 1.5e-4
+    assert all(math.isclose(got, want, rel_tol=1e-9) for got, want in zip(per_epoch, expected))
