@@ -6,7 +6,8 @@ Regenerate with:
 Writes, in the BadEncoder npz layout (x uint8 Nx32x32x3, y Nx1):
     data/demo_pretrain/{train,test}.npz     10 shape/texture classes, for SimCLR and BadEncoder
     data/demo_downstream/{train,test}.npz   10 different but related classes, for the downstream task
-    reference/demo/<class>.npz              the first R downstream training images of the target class
+    reference/demo/<class>.npz              one reference input of the target class: its prototype
+                                            (or, with --n_reference R, its first R training images)
 and a generator.json next to each dataset recording how it was made.
 
 Each image is one object on a cluttered background. The class is carried by the object's
@@ -50,8 +51,8 @@ DEFAULTS = {
     "n_pretrain_test": 1000,
     "n_down_train": 3000,
     "n_down_test": 1000,
-    "target_class": DOWNSTREAM_CLASSES.index("bullseye"),
-    "n_reference": 3,
+    "target_class": DOWNSTREAM_CLASSES.index("hexagon"),
+    "n_reference": 0,
     "seed": 0,
 }
 
@@ -331,7 +332,35 @@ def make_split(name, split, n, seed):
     return render(shapes, labels, rng), labels
 
 
-def make_reference(x, y, target_class, n_reference):
+# The prototype reference: the class's shape centred, upright, unstretched, near the largest size
+# the generator draws, in red on a plain blue background, without clutter or noise -- the
+# clean, typical picture of the class an attacker would pick (the authors' references are single
+# clear images: a priority sign, a truck, a digit one).
+PROTOTYPE = {"scale": 12.0, "background": (40, 60, 180), "object": (210, 60, 40)}
+
+
+def prototype_reference(target_class, seed):
+    """One image (1 x H x W x 3 uint8) of DOWNSTREAM_CLASSES[target_class] as PROTOTYPE describes;
+    shape parameters that the class draws at random (ring widths, periods) come from `seed`."""
+    rng = np.random.default_rng([seed, len(CLASSES), target_class])
+    pix = np.arange(IMAGE_SIZE) + 0.5 - IMAGE_SIZE / 2
+    x, y = np.broadcast_to(pix[None, None, :], (1, IMAGE_SIZE, IMAGE_SIZE)), \
+        np.broadcast_to(pix[None, :, None], (1, IMAGE_SIZE, IMAGE_SIZE))
+    distance = SHAPES[DOWNSTREAM_CLASSES[target_class]](x, y, np.full((1, 1, 1), PROTOTYPE["scale"]), rng)
+    coverage = np.clip(0.5 - distance, 0, 1)[..., None]
+    image = (np.asarray(PROTOTYPE["background"]) * (1 - coverage) + np.asarray(PROTOTYPE["object"]) * coverage)
+    return np.clip(np.rint(image), 0, MAX_VALUE).astype(np.uint8)
+
+
+def make_reference(x, y, target_class, n_reference, seed=0):
+    """The reference inputs: the prototype of target_class when n_reference is 0, else the first
+    n_reference training images of that class. Returns x (R x H x W x 3), y (R,) all target_class."""
+    if n_reference == 0:
+        return prototype_reference(target_class, seed), np.full(1, target_class, dtype=np.int64)
+    return first_of_class(x, y, target_class, n_reference)
+
+
+def first_of_class(x, y, target_class, n_reference):
     """The first n_reference images of target_class: x (R x H x W x 3), y (R,) all target_class."""
     idx = np.flatnonzero(y == target_class)[:n_reference]
     if len(idx) < n_reference:
@@ -388,8 +417,8 @@ def make_demo_data(data_dir, reference_dir, n_pretrain_train, n_pretrain_test, n
     if not 0 <= target_class < len(DOWNSTREAM_CLASSES):
         raise UserError(f"target class {target_class} is not a downstream class "
                         f"(0..{len(DOWNSTREAM_CLASSES) - 1}: {', '.join(DOWNSTREAM_CLASSES)})")
-    if n_reference < 1:
-        raise UserError(f"n_reference must be at least 1, got {n_reference}")
+    if n_reference < 0:
+        raise UserError(f"n_reference must be 0 (the prototype) or more, got {n_reference}")
 
     paths = {}
     for name, splits in sizes.items():
@@ -405,7 +434,7 @@ def make_demo_data(data_dir, reference_dir, n_pretrain_train, n_pretrain_test, n
             atomic_write(meta_path, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2) + "\n"))
 
     x_down, y_down = load_split(data_dir, DOWNSTREAM_NAME, "train")
-    x_ref, y_ref = make_reference(x_down, y_down, target_class, n_reference)
+    x_ref, y_ref = make_reference(x_down, y_down, target_class, n_reference, seed)
     reference_name = reference_name or DOWNSTREAM_CLASSES[target_class]
     reference_path = Path(reference_dir) / USAGE / f"{reference_name}.npz"
     if force or not _reference_is_current(reference_path, x_ref, y_ref):
@@ -443,7 +472,9 @@ def build_parser():
                              + ", ".join(f"{i} {c}" for i, c in enumerate(DOWNSTREAM_CLASSES))
                              + f" (default: {d['target_class']})")
     parser.add_argument("--n_reference", type=int, default=d["n_reference"],
-                        help=f"reference inputs to store (default: {d['n_reference']})")
+                        help="reference inputs to store: 0 for one prototype image of the class (its "
+                             "shape centred, in plain colours, without clutter), R > 0 for its first R "
+                             f"training images (default: {d['n_reference']})")
     parser.add_argument("--seed", type=int, default=d["seed"], help=f"generator seed (default: {d['seed']})")
     parser.add_argument("--force", action="store_true",
                         help="rewrite the files even when they already match these settings")

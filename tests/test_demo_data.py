@@ -1,10 +1,11 @@
 """The synthetic demo data: reproducible, balanced, class carried by shape rather than colour,
-no trigger-like white corner, and a reference file holding target-class training images."""
+no trigger-like white corner, and a reference file holding a prototype or target-class training images."""
 import numpy as np
 import pytest
 
-from datasets.demo import (DOWNSTREAM_CLASSES, DOWNSTREAM_NAME, MAX_VALUE, PRETRAIN_CLASSES,
-                           PRETRAIN_NAME, build_parser, main, make_demo_data, make_split)
+from datasets.demo import (DOWNSTREAM_CLASSES, DOWNSTREAM_NAME, MAX_VALUE, PRETRAIN_CLASSES, PROTOTYPE,
+                           PRETRAIN_NAME, build_parser, main, make_demo_data, make_split,
+                           prototype_reference)
 from datasets.npz import load_reference, load_split
 from utils.errors import UserError
 
@@ -139,3 +140,24 @@ def test_command_line(tmp_path, capsys):
     assert (tmp_path / "ref" / "demo" / f"{DOWNSTREAM_CLASSES[1]}.npz").is_file()
     assert len(load_split(tmp_path / "data", DOWNSTREAM_NAME, "train")[0]) == 30
     assert "reference" in capsys.readouterr().out
+
+
+def test_default_reference_is_one_prototype_of_the_target_class(tmp_path):
+    paths = make_demo_data(tmp_path / "data", tmp_path / "reference", **SIZES,
+                           target_class=1, n_reference=0, seed=3)
+    with np.load(paths["reference"]) as npz:
+        x, y = npz["x"], npz["y"]
+    assert paths["reference"].name == "hexagon.npz"
+    assert x.shape == (1, 32, 32, 3) and y.tolist() == [1]         # one image, as the released files
+    image = x[0].astype(int)
+    background, colour = np.array(PROTOTYPE["background"]), np.array(PROTOTYPE["object"])
+    assert (image[0, 0] == background).all() and (image[16, 16] == colour).all()   # plain, centred
+    # no noise: every pixel is a blend of the two colours (anti-aliased edges only)
+    t = ((image - background) @ (colour - background)) / ((colour - background) @ (colour - background))
+    blend = background + t[..., None] * (colour - background)
+    assert np.abs(image - blend).max() <= 1
+    inside = t > 0.5
+    assert 0.3 < inside.mean() < 0.6                                  # a large shape, scale 12 of 32
+    rows, cols = np.nonzero(inside)
+    assert abs(rows.mean() - 15.5) < 0.5 and abs(cols.mean() - 15.5) < 0.5
+    assert np.array_equal(x, prototype_reference(1, seed=3))
