@@ -27,11 +27,13 @@ from datasets.loader import ViewLoader, clean_subset, to_input
 from models import BLOCKS, build_encoder, estimate_mi, load_encoder, mi_to_weights, mi_warnings
 from models.distill import distill_epoch
 from models.encoder import INITS
+from models.mine import holdout_split
 from utils.checks import learning_rate, nonnegative_float, positive_float, positive_int, unit_interval
 from utils.cli import (add_clean_subset, add_distributed_args, add_init_flag, add_pretraining_split, add_run_args,
                        run_cli)
 from utils.device import fast_paths, place
 from utils.distributed import distribute, gather_objects, get_rank, get_world_size, global_batch, is_main
+from utils.errors import UserError
 from utils.files import save_json
 from utils.logs import progress
 from utils.stage import TrainingRun, start_run
@@ -83,8 +85,8 @@ def get_parser():
                          "all features, none = raw block outputs as the authors (default: feature)")
     mi.add_argument("--mi_evaluation", default="global", choices=["global", "per_batch"],
                     help="after each estimator epoch, the DV bound over all evaluated images, averaged "
-                         "over 8 fixed permutations (global), or per batch of --batch_size in data order, each clipped at 0 and "
-                         "averaged, as the authors (per_batch) (default: global)")
+                         "over 8 fixed permutations (global), or per batch of --batch_size in data order, "
+                         "each clipped at 0 and averaged, as the authors (per_batch) (default: global)")
     mi.add_argument("--mi_holdout", type=unit_interval, default=0.2,
                     help="fraction of the MI images the statistics networks never train on; the bound is "
                          "evaluated on them, so memorised pairs do not count as information; 0 trains and "
@@ -165,6 +167,12 @@ def main(args):
     if split != "train":
         train_x, _ = load_split(args.data_dir, args.pretraining_dataset, "train")
         mi_subset = train_x[:int(args.ratio * len(train_x))]
+    if args.attention == "mi":
+        try:
+            holdout_split(len(mi_subset), args.mi_holdout, args.seed)
+        except ValueError as err:
+            raise UserError(f"--mi_holdout: {err}: the MI images are {len(mi_subset)} ({args.ratio} of "
+                            f"{args.pretraining_dataset}); raise --ratio or pass --mi_holdout 0") from None
 
     amp, channels_last = fast_paths(args, device)
     teacher = place(teacher, device, channels_last).eval().requires_grad_(False)
