@@ -296,7 +296,6 @@ def test_negative_label_empty_shadow_nan_trigger_and_tiny_images(tiny, encoder, 
     assert error(capsys) == f"error: {data / 'empty/train.npz'} holds no images; a split needs at least one"
 
 
-
 def test_mi_holdout_too_large_for_a_tiny_subset(tiny, encoder, tmp_path, capsys):
     """4 MI images with 20% held out leave 1 to evaluate on: one line, before any training."""
     out = tmp_path / "mimic"
@@ -306,6 +305,7 @@ def test_mi_holdout_too_large_for_a_tiny_subset(tiny, encoder, tmp_path, capsys)
                              "evaluate on: the MI images are 4 (0.0625 of cifar10); raise --ratio or pass "
                              "--mi_holdout 0")
     assert not (out / "checkpoint.pth").exists() and not (out / "mi.json").exists()
+
 
 REQUIRED = {train_clean_encoder: [], train_badencoder: ["--pretrained_encoder", "e.pth"],
             MIMIC: ["--teacher", "e.pth"], downstream: ["--encoder", "e.pth"]}
