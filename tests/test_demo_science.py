@@ -1,4 +1,4 @@
-"""The demo's science over seeds 100, 1 and 2, with margins (slow: about 2 hours 15 minutes on 2 CPU cores):
+"""The demo's science over seeds 100, 1 and 2, with margins (slow: about 2 hours 20 minutes on 2 CPU cores):
 python -m pytest -m slow"""
 import json
 import subprocess
