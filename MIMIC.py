@@ -18,24 +18,24 @@ Writes  <results_dir>/args.json, mi.json (MI per block, its history and the weig
         log.csv, checkpoint.pth, model_<epoch>.pth, results.json
 """
 import argparse
-from dataclasses import dataclass
 
 import torch
 
 from datasets import encoder_normalization, load_split, normalization_record, pretraining_split
 from datasets.loader import ViewLoader, clean_subset, to_input
-from models import BLOCKS, build_encoder, estimate_mi, load_encoder, mi_to_weights, mi_warnings
+from models import BLOCKS, build_encoder, encoder_checkpoint, estimate_mi, load_encoder, mi_to_weights, mi_warnings
 from models.distill import distill_epoch
 from models.encoder import INITS
-from models.mine import holdout_split
-from utils.checks import learning_rate, nonnegative_float, positive_float, positive_int, unit_interval
+from models.health import check_finite_encoder
+from models.mine import (EVAL_PERMUTATIONS, EVALUATIONS, FIRST_LAYERS, ORDERS, SCHEDULES, STANDARDIZATIONS,
+                         MISettings, holdout_split)
 from utils.cli import (add_clean_subset, add_distributed_args, add_init_flag, add_pretraining_split, add_run_args,
-                       run_cli)
+                       learning_rate, nonnegative_float, positive_float, positive_int, run_cli, unit_interval)
 from utils.device import fast_paths, place
 from utils.distributed import distribute, gather_objects, get_rank, get_world_size, global_batch, is_main
 from utils.errors import UserError
-from utils.files import save_json
 from utils.logs import progress
+from utils.records import MI, MIRecord
 from utils.stage import TrainingRun, start_run
 
 
@@ -74,28 +74,40 @@ def get_parser():
                          "reproduces the authors' code (default: teacher, as in the paper)")
     mi.add_argument("--mi_scale", type=nonnegative_float, default=10000.0,
                     help="weight shared among blocks in proportion to MI (default: 10000)")
-    mi.add_argument("--mi_epochs", type=positive_int, default=200, help="estimator epochs per block (default: 200)")
-    mi.add_argument("--mi_lr", type=learning_rate, default=1e-3, help="estimator Adam learning rate (default: 1e-3)")
-    mi.add_argument("--mi_weight_decay", type=nonnegative_float, default=1e-5,
-                    help="estimator Adam weight decay (default: 1e-5)")
-    mi.add_argument("--mi_hidden", type=positive_int, default=512, help="estimator hidden width (default: 512)")
-    mi.add_argument("--mi_standardize", default="feature", choices=["feature", "global", "none"],
+    d = MISettings()            # the estimator's defaults, defined once in models.mine
+    mi.add_argument("--mi_epochs", type=positive_int, default=d.epochs,
+                    help=f"estimator epochs per block (default: {d.epochs})")
+    mi.add_argument("--mi_lr", type=learning_rate, default=d.lr, help=f"estimator Adam learning rate (default: {d.lr:g})")
+    mi.add_argument("--mi_weight_decay", type=nonnegative_float, default=d.weight_decay,
+                    help=f"estimator Adam weight decay (default: {d.weight_decay:g})")
+    mi.add_argument("--mi_hidden", type=positive_int, default=d.hidden,
+                    help=f"estimator hidden width (default: {d.hidden})")
+    mi.add_argument("--mi_standardize", default=d.standardize, choices=STANDARDIZATIONS,
                     help="inputs of the statistics network: feature = each feature standardised over the "
                          "subset (MI is unchanged by it, the estimator converges), global = one scale for "
-                         "all features, none = raw block outputs as the authors (default: feature)")
-    mi.add_argument("--mi_evaluation", default="global", choices=["global", "per_batch"],
+                         f"all features, none = raw block outputs as the authors (default: {d.standardize})")
+    mi.add_argument("--mi_evaluation", default=d.evaluation, choices=EVALUATIONS,
                     help="after each estimator epoch, the DV bound over all evaluated images, averaged "
-                         "over 8 fixed permutations (global), or per batch of --batch_size in data order, "
-                         "each clipped at 0 and averaged, as the authors (per_batch) (default: global)")
-    mi.add_argument("--mi_holdout", type=unit_interval, default=0.2,
+                         f"over {EVAL_PERMUTATIONS} fixed permutations (global), or per batch of --batch_size "
+                         f"in data order, each clipped at 0 and averaged, as the authors (per_batch) "
+                         f"(default: {d.evaluation})")
+    mi.add_argument("--mi_holdout", type=unit_interval, default=d.holdout,
                     help="fraction of the MI images the statistics networks never train on; the bound is "
                          "evaluated on them, so memorised pairs do not count as information; 0 trains and "
-                         "evaluates on all, as the authors (default: 0.2)")
-    mi.add_argument("--mi_schedule", default="cosine", choices=["cosine", "constant"],
+                         f"evaluates on all, as the authors (default: {d.holdout:g})")
+    mi.add_argument("--mi_schedule", default=d.schedule, choices=SCHEDULES,
                     help="estimator learning rate: annealed to 0 over --mi_epochs (cosine), so the last "
-                         "epochs measure a settled network, or constant, as the authors (default: cosine)")
-    mi.add_argument("--mi_average_last", type=positive_int, default=10,
-                    help="MI = mean bound of this many last estimator epochs (default: 10)")
+                         f"epochs measure a settled network, or constant, as the authors (default: {d.schedule})")
+    mi.add_argument("--mi_order", default=d.order, choices=ORDERS,
+                    help="estimator training batches: reshuffled every epoch with the incomplete last batch "
+                         "dropped (shuffled), or in the data's order with the last partial batch kept, as the "
+                         f"authors (ordered) (default: {d.order})")
+    mi.add_argument("--mi_first_layer", default=d.first_layer, choices=FIRST_LAYERS,
+                    help="statistics network's first layer: two Linears on the block output and on z, each "
+                         "initialised over its own fan-in (split), or one Linear on their concatenation, as "
+                         f"the authors (joint) (default: {d.first_layer})")
+    mi.add_argument("--mi_average_last", type=positive_int, default=d.average_last,
+                    help=f"MI = mean bound of this many last estimator epochs (default: {d.average_last})")
     add_distributed_args(add_run_args(parser, seed=100, save_freq=100))
     return parser
 
@@ -113,24 +125,12 @@ def block_activations(model, images, mean, std, device, batch_size):
     return [torch.cat(b) for b in blocks], torch.cat(feats)
 
 
-@dataclass
-class MISettings:
-    """How the estimator is trained on each block (the --mi_* flags)."""
-    epochs: int = 200
-    lr: float = 1e-3
-    weight_decay: float = 1e-5
-    hidden: int = 512
-    average_last: int = 10
-    seed: int = 100
-    standardize: str = "feature"
-    evaluation: str = "global"
-    holdout: float = 0.2
-    schedule: str = "cosine"
-
-    @classmethod
-    def from_args(cls, args):
-        return cls(args.mi_epochs, args.mi_lr, args.mi_weight_decay, args.mi_hidden, args.mi_average_last,
-                   args.seed, args.mi_standardize, args.mi_evaluation, args.mi_holdout, args.mi_schedule)
+def mi_settings(args):
+    """The estimator's options from the --mi_* flags (and --seed)."""
+    return MISettings(epochs=args.mi_epochs, lr=args.mi_lr, weight_decay=args.mi_weight_decay, hidden=args.mi_hidden,
+                      average_last=args.mi_average_last, standardize=args.mi_standardize,
+                      evaluation=args.mi_evaluation, holdout=args.mi_holdout, schedule=args.mi_schedule,
+                      order=args.mi_order, first_layer=args.mi_first_layer, seed=args.seed)
 
 
 def locate_knowledge(model, images, mean, std, device, batch_size, settings):
@@ -143,10 +143,7 @@ def locate_knowledge(model, images, mean, std, device, batch_size, settings):
     blocks, z = block_activations(model, images, mean, std, device, batch_size)
     mine = {}
     for i in range(get_rank(), len(BLOCKS), get_world_size()):
-        mine[i] = estimate_mi(blocks[i], z, settings.epochs, batch_size, settings.lr, settings.weight_decay,
-                              settings.hidden, settings.average_last, seed=settings.seed, desc=f"MI {BLOCKS[i]}",
-                              standardize=settings.standardize, evaluation=settings.evaluation,
-                              holdout=settings.holdout, schedule=settings.schedule, return_report=True)
+        mine[i] = estimate_mi(blocks[i], z, settings, batch_size, desc=f"MI {BLOCKS[i]}", return_report=True)
     found = {i: result for part in gather_objects(mine) for i, result in part.items()}
     mi, history, reports = (list(column) for column in zip(*(found[i] for i in range(len(BLOCKS)))))
     for name, a, value, report in zip(BLOCKS, blocks, mi, reports):
@@ -178,9 +175,15 @@ def main(args):
     teacher = place(teacher, device, channels_last).eval().requires_grad_(False)
     student = place(build_encoder(teacher.config, args.init), device, channels_last)     # fresh: inherits nothing
     optimizer = torch.optim.Adam(student.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    run = TrainingRun(out_dir, args, "mimic", student, optimizer, subset.shape[1:3], usage=args.pretraining_dataset,
-                      normalization=normalization_record(args.pretraining_dataset, mean, std))
-    start, ckpt = run.resume()
+    meta = {"stage": "mimic", "usage": args.pretraining_dataset,
+            "normalization": normalization_record(args.pretraining_dataset, mean, std)}
+
+    def checkpoint():
+        return encoder_checkpoint(student, optimizer=optimizer.state_dict(), args=vars(args), **meta)
+
+    run = TrainingRun(out_dir, args, meta["stage"],
+                      guard=lambda: check_finite_encoder(student, subset.shape[1:3], device, meta["stage"]))
+    start, ckpt = run.resume(student, optimizer)
     base = [getattr(args, f"at_base_{block}") for block in BLOCKS]
     if ckpt is not None:
         located = {"mi": ckpt["mi"], "history": [], "convergence": ckpt.get("mi_convergence")}
@@ -190,29 +193,29 @@ def main(args):
         print(f"clean subset: {len(subset)} images of {split}; locating knowledge in the {args.mi_model} "
               f"on {len(mi_subset)} images")
         located = locate_knowledge(teacher if args.mi_model == "teacher" else student, mi_subset, mean, std,
-                                   device, global_batch(args.batch_size)[0], MISettings.from_args(args))
+                                   device, global_batch(args.batch_size)[0], mi_settings(args))
     weights = mi_to_weights(located["mi"], base, args.mi_scale)
+    record = MIRecord(blocks=list(BLOCKS), mi=located["mi"], weights=weights, mi_model=args.mi_model,
+                      history=located["history"], convergence=located["convergence"])
     if ckpt is None and is_main():
-        save_json(out_dir / "mi.json", {"blocks": list(BLOCKS), "mi_model": args.mi_model, **located,
-                                        "weights": weights})
-    run.meta.update(mi=located["mi"], mi_convergence=located["convergence"], attention_weights=weights)
+        record.save(out_dir / MI)
+    meta.update(mi=located["mi"], mi_convergence=located["convergence"], attention_weights=weights)
     print("block    MI (nats)   AT weight")
     for name, m, w in zip(BLOCKS, located["mi"], weights):
         print(f"{name:8s} {m:9.4g}   {w:9.1f}")
 
     loader = ViewLoader(subset, args.batch_size, mean, std, device, args.augment, args.num_workers, args.seed)
     trained = distribute(student, device, args.sync_bn)     # DDP under torchrun, else the student itself
-
-    def train_epoch(epoch):
+    for epoch in range(start + 1, args.epochs + 1):
         loader.set_epoch(epoch)
-        return distill_epoch(trained, teacher, loader, optimizer, weights, args.clone_weight, args.temperature,
-                             epoch, out_dir, amp)
-
-    run.train(start, train_epoch)
-    verdicts = located["convergence"] and [r["reason"] for r in located["convergence"]]
-    encoder = run.finish(clean_images=len(subset), mi=dict(zip(BLOCKS, located["mi"])),
+        row = distill_epoch(trained, teacher, loader, optimizer, weights, args.clone_weight, args.temperature,
+                            epoch, out_dir, amp)
+        run.log_epoch(epoch, row)
+        run.save(epoch, checkpoint())
+    verdicts = record.verdicts()
+    encoder = run.finish(checkpoint(), clean_images=len(subset), mi=dict(zip(BLOCKS, located["mi"])),
                          attention_weights=dict(zip(BLOCKS, weights)),
-                         mi_converged=verdicts and dict(zip(BLOCKS, verdicts)))
+                         mi_converged=dict(zip(BLOCKS, verdicts)) if located["convergence"] else None)
     print(f"purified encoder: {encoder}")
 
 

@@ -31,13 +31,13 @@ import torch.nn.functional as F
 
 from datasets import encoder_normalization, load_split, normalization_record
 from datasets.loader import ViewLoader, clean_subset, extract_features
-from models import BLOCKS, load_encoder
+from models import BLOCKS, encoder_checkpoint, load_encoder
 from models.distill import distill_epoch
+from models.health import check_finite_encoder
 from models.knn import knn_predict
 from models.pruning import channel_ranking, prune_channels, prune_until, pruned_count
-from utils.checks import (learning_rate, nonnegative_float, nonnegative_int, positive_float, positive_int,
-                         unit_interval)
-from utils.cli import add_clean_subset, add_distributed_args, add_run_args, run_cli
+from utils.cli import (add_clean_subset, add_distributed_args, add_run_args, learning_rate, nonnegative_float,
+                       nonnegative_int, positive_float, positive_int, run_cli, unit_interval)
 from utils.device import fast_paths, place
 from utils.distributed import distribute, gather_objects, is_main
 from utils.errors import UserError
@@ -102,30 +102,44 @@ class Context:
     channels_last: bool
 
 
+@dataclass
+class Training:
+    """One training run of a defence: the model, its Adam optimiser, the TrainingRun that saves
+    them, and what its checkpoints carry besides the weights."""
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    run: TrainingRun
+    meta: dict
+
+    def checkpoint(self):
+        return encoder_checkpoint(self.model, optimizer=self.optimizer.state_dict(), args=vars(self.run.args),
+                                  **self.meta)
+
+
 def open_run(model, args, ctx, out_dir, stage):
-    """The Adam optimiser and TrainingRun of a defence, resumed under --resume: (run, start, ckpt)."""
+    """The Adam optimiser and TrainingRun of a defence, resumed under --resume: (training, start, ckpt)."""
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    run = TrainingRun(out_dir, args, stage, model, optimizer, ctx.subset.shape[1:3], usage=args.pretraining_dataset,
-                      normalization=normalization_record(args.pretraining_dataset, ctx.mean, ctx.std), defense=stage)
-    start, ckpt = run.resume()
-    return run, start, ckpt
+    meta = {"stage": stage, "usage": args.pretraining_dataset, "defense": stage,
+            "normalization": normalization_record(args.pretraining_dataset, ctx.mean, ctx.std)}
+    run = TrainingRun(out_dir, args, stage,
+                      guard=lambda: check_finite_encoder(model, ctx.subset.shape[1:3], ctx.device, stage))
+    start, ckpt = run.resume(model, optimizer)
+    return Training(model, optimizer, run, meta), start, ckpt
 
 
-def fine_tune(run, start, args, ctx, teacher=None, weights=(0.0,) * len(BLOCKS), after_step=None):
-    """Train run.model on the clean subset, epochs start+1..args.epochs: NT-Xent on two views, plus
+def fine_tune(training, start, args, ctx, teacher=None, weights=(0.0,) * len(BLOCKS), after_step=None):
+    """Train the model on the clean subset, epochs start+1..args.epochs: NT-Xent on two views, plus
     sum_l weights[l] * attention transfer from the frozen teacher on block l (NAD)."""
     loader = ViewLoader(ctx.subset, args.batch_size, ctx.mean, ctx.std, ctx.device, args.augment,
                         args.num_workers, args.seed)
-    trained = distribute(run.model, ctx.device, args.sync_bn)     # DDP under torchrun, else the model itself
+    trained = distribute(training.model, ctx.device, args.sync_bn)   # DDP under torchrun, else the model itself
     columns = ("loss", "nce", "at") if teacher is not None else ("loss",)
-
-    def train_epoch(epoch):
+    for epoch in range(start + 1, args.epochs + 1):
         loader.set_epoch(epoch)
-        terms = distill_epoch(trained, teacher, loader, run.optimizer, weights, 0.0, args.temperature, epoch,
-                              run.out_dir, ctx.amp, after_step)
-        return {k: terms[k] for k in columns}
-
-    run.train(start, train_epoch)
+        terms = distill_epoch(trained, teacher, loader, training.optimizer, weights, 0.0, args.temperature, epoch,
+                              training.run.out_dir, ctx.amp, after_step)
+        training.run.log_epoch(epoch, {k: terms[k] for k in columns})
+        training.run.save(epoch, training.checkpoint())
 
 
 def knn_accuracy(model, bank_x, bank_y, test_x, test_y, ctx, k, t):
@@ -181,9 +195,9 @@ def nad_teacher(args, ctx, out_dir, resume):
             print(f"NAD teacher: fine-tuning the suspect for {args.nad_teacher_epochs} epochs in {folder}")
             set_seed(args.seed)
             teacher = place(load_encoder(args.suspect)[0], ctx.device, ctx.channels_last)
-            run, start, _ = open_run(teacher, teacher_args, ctx, folder, "finetune")
-            fine_tune(run, start, teacher_args, ctx)
-            run.finish(clean_images=len(ctx.subset), role="NAD teacher")
+            training, start, _ = open_run(teacher, teacher_args, ctx, folder, "finetune")
+            fine_tune(training, start, teacher_args, ctx)
+            training.run.finish(training.checkpoint(), clean_images=len(ctx.subset), role="NAD teacher")
     return place(teacher, ctx.device, ctx.channels_last).eval().requires_grad_(False)
 
 
@@ -201,7 +215,7 @@ def main(args):
     amp, channels_last = fast_paths(args, device)
     ctx = Context(subset, mean, std, device, amp, channels_last)
     model = place(suspect, device, channels_last)
-    run, start, ckpt = open_run(model, args, ctx, out_dir, args.defense)
+    training, start, ckpt = open_run(model, args, ctx, out_dir, args.defense)
     print(f"{args.defense}: clean subset of {len(subset)} images")
 
     teacher, weights, after_step, results = None, (0.0,) * len(BLOCKS), None, {}
@@ -215,16 +229,16 @@ def main(args):
         print(f"pruned {len(pruned)} of {model.feature_dim} layer4 channels, the least active on the clean "
               f"subset (rule: {choice['pruning']['rule']})")
         after_step = functools.partial(prune_channels, model, pruned)       # keep them at 0 while training
-        run.meta.update(choice)
+        training.meta.update(choice)
         results.update(choice)
     elif args.defense == "nad":
         teacher, weights = nad_teacher(args, ctx, out_dir, resume=ckpt is not None), tuple(args.nad_weights)
-        run.meta["nad_weights"] = list(weights)
+        training.meta["nad_weights"] = list(weights)
         results.update(nad_weights=dict(zip(BLOCKS, weights)),
                        teacher=str(out_dir / "teacher" / f"model_{args.nad_teacher_epochs}.pth"))
 
-    fine_tune(run, start, args, ctx, teacher, weights, after_step)
-    encoder = run.finish(clean_images=len(subset), **results)
+    fine_tune(training, start, args, ctx, teacher, weights, after_step)
+    encoder = training.run.finish(training.checkpoint(), clean_images=len(subset), **results)
     print(f"{args.defense} encoder: {encoder}")
 
 

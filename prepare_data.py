@@ -28,8 +28,7 @@ from datasets.prepare import (DEFAULT_REFERENCE_COUNT, DEFAULT_RESIZE_FILTER, DE
                               PAPER_DATASETS, PAPER_REFERENCES, RESIZE_FILTERS, format_table,
                               make_reference, prepare_image_folder, prepare_paper_dataset,
                               prepare_references, reference_path, size_warnings)
-from utils.checks import positive_int
-from utils.cli import run_cli
+from utils.cli import positive_int, run_cli
 from utils.errors import UserError
 
 SPLIT_COLUMNS = ["dataset", "split", "images", "expected", "shape", "dtype", "labels", "status"]

@@ -29,7 +29,6 @@ import signal
 import subprocess
 import sys
 import time
-import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -38,13 +37,12 @@ import torch
 
 from datasets import demo, load_reference, load_split, load_trigger, pretraining_split, stamp_trigger
 from datasets.augment import BatchAugment
-from datasets.npz import split_path
+from datasets.npz import npz_shape, split_path
 from datasets.prepare import PAPER_DATASETS, PAPER_REFERENCES, make_reference, reference_path
 from report.figures import plot_results, sample_grid
 from report.stats import (BASELINES, markdown_mi_table, markdown_seed_table, mi_not_converged, paired_differences,
                           summarize_seeds)
-from utils.checks import seed_int
-from utils.cli import run_cli
+from utils.cli import run_cli, seed_int
 from utils.errors import UserError
 from utils.files import save_json
 from utils.seeding import preserved_rng
@@ -300,17 +298,6 @@ def select_data(args, preset):
         raise UserError(f"--task names {twice[0]} more than once; one target label per downstream dataset "
                         f"and results folder (use another --results_dir for the other label)")
     return args.pretraining_dataset or preset["pretraining_dataset"], [dict(t) for t in tasks]
-
-
-def npz_shape(path, key):
-    """Shape of one array of an .npz, read from its .npy header without loading the array."""
-    try:
-        with zipfile.ZipFile(path) as archive, archive.open(f"{key}.npy") as fh:
-            version = np.lib.format.read_magic(fh)
-            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-            return read(fh)[0]
-    except (OSError, KeyError, ValueError, zipfile.BadZipFile) as err:
-        raise UserError(f"cannot read {key} of {path}: {err}") from None
 
 
 def npz_labels(path):

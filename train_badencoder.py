@@ -25,18 +25,16 @@ from datasets import (UNLABELED_SHADOW_IMAGES, encoder_normalization, load_refer
                       normalization_record, pretraining_split, stamp_trigger)
 from datasets.augment import BatchAugment
 from datasets.loader import augment_copies, extract_features, index_batches, to_input
-from models import badencoder_loss, load_encoder
-from utils.checks import learning_rate, nonnegative_float, positive_int, unit_interval
-from utils.cli import add_pretraining_split, add_run_args, run_cli
+from models import badencoder_loss, encoder_checkpoint, load_encoder
+from models.health import check_finite_encoder
+from paper import TASKS, TRIGGER, paper_task
+from utils.cli import (add_pretraining_split, add_run_args, learning_rate, nonnegative_float, positive_int,
+                       run_cli, unit_interval)
 from utils.device import autocast, fast_paths, place
 from utils.distributed import distribute, mean_over_ranks
 from utils.errors import UserError
 from utils.logs import check_finite, progress
 from utils.stage import TrainingRun, start_run
-
-# Reference file the attack uses for each downstream task, when --reference_file is not given.
-DEFAULT_REFERENCE = {"gtsrb": "priority", "stl10": "truck", "svhn": "one"}
-
 
 def get_parser():
     parser = argparse.ArgumentParser(description="Stage 1: backdoor a clean encoder with BadEncoder.")
@@ -50,13 +48,14 @@ def get_parser():
                            "images of train_unlabeled for STL-10 (default: the pre-training dataset)")
     add_pretraining_split(data)
     data.add_argument("--downstreamTask", "--downstream_task", dest="downstream_task", default="gtsrb",
-                      help="downstream task the attacker targets; picks the default reference file "
-                           "(gtsrb: priority, stl10: truck, svhn: one) (default: gtsrb)")
-    data.add_argument("--trigger_file", default="trigger/trigger_pt_white_21_10_ap_replace.npz",
-                      help="trigger npz (t, tm) (default: trigger/trigger_pt_white_21_10_ap_replace.npz)")
+                      help="downstream task the attacker targets; picks the default reference file, the "
+                           "authors' released one: " + "; ".join(
+                               f"{t.pretraining} encoders: {t.dataset} -> {t.reference}"
+                               for tasks in TASKS.values() for t in tasks) + " (default: gtsrb)")
+    data.add_argument("--trigger_file", default=TRIGGER, help=f"trigger npz (t, tm) (default: {TRIGGER})")
     data.add_argument("--reference_file", default=None,
-                      help="npz of reference inputs of the target class (default: "
-                           "reference/<pretraining_dataset>/<name for --downstreamTask>.npz)")
+                      help="npz of reference inputs of the target class (default: the paper's file for "
+                           "--pretraining_dataset and --downstreamTask, see --downstreamTask)")
     data.add_argument("--pretrained_encoder", required=True, help="clean encoder checkpoint (stage 0)")
     data.add_argument("--results_dir", default="output/cifar10/badencoder",
                       help="where checkpoints and logs go (default: output/cifar10/badencoder)")
@@ -154,10 +153,11 @@ def main(args):
         raise UserError(f"the {len(x)} shadow images are fewer than one batch of --batch_size {args.batch_size}, "
                         f"and the incomplete last batch is dropped: lower --batch_size or pass --keep_last_batch")
     if args.reference_file is None:
-        if args.downstream_task not in DEFAULT_REFERENCE:
-            raise UserError(f"no default reference file for --downstreamTask {args.downstream_task}; "
-                            f"pass --reference_file")
-        args.reference_file = f"reference/{args.pretraining_dataset}/{DEFAULT_REFERENCE[args.downstream_task]}.npz"
+        task = paper_task(args.pretraining_dataset, args.downstream_task)
+        if task is None:
+            raise UserError(f"no default reference file for --downstreamTask {args.downstream_task} with "
+                            f"{args.pretraining_dataset} encoders; pass --reference_file")
+        args.reference_file = task.reference
     ref_x, target = load_reference(args.reference_file)
     t, tm = load_trigger(args.trigger_file, image_size=x.shape[1:3])
     if ref_x.shape[1:] != x.shape[1:]:
@@ -171,9 +171,15 @@ def main(args):
     freeze_batchnorm(model.f)
     params = [p for p in model.f.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
-    run = TrainingRun(out_dir, args, "badencoder", model, optimizer, x.shape[1:3], usage=args.pretraining_dataset,
-                      normalization=normalization_record(args.pretraining_dataset, mean, std), target_label=target)
-    start, _ = run.resume()
+    meta = {"stage": "badencoder", "usage": args.pretraining_dataset, "target_label": target,
+            "normalization": normalization_record(args.pretraining_dataset, mean, std)}
+
+    def checkpoint():
+        return encoder_checkpoint(model, optimizer=optimizer.state_dict(), args=vars(args), **meta)
+
+    run = TrainingRun(out_dir, args, meta["stage"],
+                      guard=lambda: check_finite_encoder(model, x.shape[1:3], device, meta["stage"]))
+    start, _ = run.resume(model, optimizer)
 
     data = AttackData(
         shadow=torch.from_numpy(x), triggered=torch.from_numpy(stamp_trigger(x, t, tm)),
@@ -184,10 +190,12 @@ def main(args):
     print(f"shadow data: {len(x)} images of {shadow}; {len(ref_x)} reference input(s) of label {target}")
     backbone = distribute(model.f, device)      # only the backbone runs and trains
     copies = args.reference_copies or args.batch_size
-    run.train(start, lambda epoch: train_one_epoch(backbone, data, augment, optimizer, args.batch_size,
-                                                   (args.lambda1, args.lambda2), args.seed, epoch, out_dir, amp,
-                                                   copies, drop_last=not args.keep_last_batch))
-    encoder = run.finish(target_label=target)
+    for epoch in range(start + 1, args.epochs + 1):
+        row = train_one_epoch(backbone, data, augment, optimizer, args.batch_size, (args.lambda1, args.lambda2),
+                              args.seed, epoch, out_dir, amp, copies, drop_last=not args.keep_last_batch)
+        run.log_epoch(epoch, row)
+        run.save(epoch, checkpoint())
+    encoder = run.finish(checkpoint(), target_label=target)
     print(f"backdoored encoder: {encoder}")
 
 

@@ -18,11 +18,12 @@ import torch
 
 from datasets import load_split, normalization, normalization_record, pretraining_split
 from datasets.loader import ViewLoader, extract_features
-from models import SimCLR, nt_xent
+from models import SimCLR, encoder_checkpoint, nt_xent
 from models.encoder import INITS
+from models.health import check_finite_encoder
 from models.knn import knn_predict
-from utils.checks import learning_rate, nonnegative_float, nonnegative_int, positive_float, positive_int
-from utils.cli import add_distributed_args, add_init_flag, add_pretraining_split, add_run_args, run_cli
+from utils.cli import (add_distributed_args, add_init_flag, add_pretraining_split, add_run_args, learning_rate,
+                       nonnegative_float, nonnegative_int, positive_float, positive_int, run_cli)
 from utils.device import autocast, fast_paths, place
 from utils.distributed import distribute, global_batch, is_main, mean_over_ranks
 from utils.errors import UserError
@@ -113,24 +114,26 @@ def main(args):
     amp, channels_last = fast_paths(args, device)
     model = place(SimCLR(args.arch, args.width, init=args.init), device, channels_last)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    run = TrainingRun(out_dir, args, "clean_encoder", model, optimizer, train_x.shape[1:3],
-                      usage=args.pretraining_dataset,
-                      normalization=normalization_record(args.pretraining_dataset, mean, std))
-    start, _ = run.resume()
+    meta = {"stage": "clean_encoder", "usage": args.pretraining_dataset,
+            "normalization": normalization_record(args.pretraining_dataset, mean, std)}
+
+    def checkpoint():
+        return encoder_checkpoint(model, optimizer=optimizer.state_dict(), args=vars(args), **meta)
+
+    run = TrainingRun(out_dir, args, meta["stage"],
+                      guard=lambda: check_finite_encoder(model, train_x.shape[1:3], device, meta["stage"]))
+    start, _ = run.resume(model, optimizer)
     loader = ViewLoader(train_x, args.batch_size, mean, std, device, args.augment, args.num_workers, args.seed)
     trained = distribute(model, device, args.sync_bn)       # DDP under torchrun, else model itself
     knn_acc = None
-
-    def train_epoch(epoch):
-        nonlocal knn_acc
+    for epoch in range(start + 1, args.epochs + 1):
         loader.set_epoch(epoch)
         row = {"loss": train_one_epoch(trained, loader, optimizer, args.temperature, epoch, out_dir, amp)}
         if test is not None and (epoch % args.knn_freq == 0 or epoch == args.epochs):   # rank 0 only
             knn_acc = row["knn_acc"] = evaluate(model, *bank, *test, mean, std, device, args.knn_k, args.knn_t)
-        return row
-
-    run.train(start, train_epoch)
-    encoder = run.finish(knn_acc=knn_acc)
+        run.log_epoch(epoch, row)
+        run.save(epoch, checkpoint())
+    encoder = run.finish(checkpoint(), knn_acc=knn_acc)
     print(f"clean encoder: {encoder}  kNN accuracy: {knn_acc}")
 
 

@@ -18,16 +18,17 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from datasets import encoder_normalization, load_reference, load_split, load_trigger, stamp_trigger
 from datasets.loader import extract_features, index_batches
 from models import DownstreamClassifier, load_encoder
+from models.health import check_finite_features
 from models.metrics import backdoor_metrics
-from utils.checks import check_finite_features, check_finite_loss, int_at_least, learning_rate, positive_int
-from utils.cli import add_run_args, run_cli
+from paper import TRIGGER
+from utils.cli import add_run_args, int_at_least, learning_rate, positive_int, run_cli
 from utils.errors import UserError
-from utils.logs import RunLog
+from utils.logs import RunLog, check_finite, progress
+from utils.records import RESULTS, Results
 from utils.stage import start_run
 
 
@@ -41,9 +42,8 @@ def get_parser():
                       help="dataset the encoder was pre-trained on, which names its normalisation; only "
                            "needed for encoders that do not carry their own, such as BadEncoder's released "
                            "ones (default: the encoder's own, else cifar10)")
-    data.add_argument("--trigger_file", default="trigger/trigger_pt_white_21_10_ap_replace.npz",
-                      help="trigger stamped on every test image for the ASR "
-                           "(default: trigger/trigger_pt_white_21_10_ap_replace.npz)")
+    data.add_argument("--trigger_file", default=TRIGGER,
+                      help=f"trigger stamped on every test image for the ASR (default: {TRIGGER})")
     data.add_argument("--reference_label", type=int_at_least(-1), default=-1,
                       help="attacker's target label; -1 takes it from --reference_file (default: -1)")
     data.add_argument("--reference_file", default=None,
@@ -129,11 +129,11 @@ def main(args):
                                args.hidden_size_2).to(device)
     optimizer = torch.optim.Adam(clf.parameters(), lr=args.lr)
     metrics = {}
-    for epoch in tqdm(range(1, args.epochs + 1), desc="classifier", mininterval=1):
+    for epoch in progress(range(1, args.epochs + 1), desc="classifier"):
         t0 = time.time()
         loss = train_one_epoch(clf, feats["train"], train_labels, optimizer, args.batch_size, args.seed, epoch,
                                shuffle=args.train_order == "shuffled")
-        check_finite_loss(loss, epoch)
+        check_finite(loss, epoch, what="downstream classifier's loss")
         metrics = backdoor_metrics(predict(clf, feats["test"]).cpu(), predict(clf, feats["triggered"]).cpu(),
                                    test_y, target)
         log.log({"epoch": epoch, "loss": loss, **metrics, "seconds": round(time.time() - t0, 3)}, echo=False)
@@ -141,9 +141,8 @@ def main(args):
     print(f"ACC (clean test accuracy)            {metrics['acc']:.2f}%")
     print(f"ASR (all triggered test images)      {metrics['asr']:.2f}%")
     print(f"ASR excluding target-class images    {metrics['asr_excluding_target']:.2f}%")
-    log.results({"stage": "downstream", "dataset": args.dataset, "encoder": str(args.encoder),
-                 "target_label": target, "epochs": args.epochs, **metrics,
-                 "curve": log.read(), "args": vars(args)})
+    Results(stage="downstream", args=vars(args), epochs=args.epochs, encoder=str(args.encoder), dataset=args.dataset,
+            target_label=target, curve=log.read(), **metrics).save(out_dir / RESULTS)
     print(f"results: {out_dir / 'results.json'}")
 
 

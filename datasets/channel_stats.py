@@ -19,7 +19,7 @@ import numpy as np
 from utils.errors import UserError
 from utils.files import save_json
 
-from .npz import load_split, read_images_npz, split_path
+from .npz import load_split, npy_image_shape, read_images_npz, split_path
 
 # Per-channel mean and std of the pre-training set an encoder was trained on (its "usage info").
 NORMALIZATION = {
@@ -184,7 +184,7 @@ def _image_chunks(path):
             if "y.npy" not in archive.namelist():
                 raise KeyError("y.npy")
             fh = stack.enter_context(archive.open("x.npy"))
-            shape = _npy_shape(fh)
+            shape = npy_image_shape(fh)
         except (zipfile.BadZipFile, KeyError, ValueError, EOFError, OSError):
             shape = None
         if shape is None:
@@ -201,20 +201,6 @@ def _image_chunks(path):
             if len(data) != k * per_image:
                 raise UserError(f"cannot read {path}: x ends after {start} of {shape[0]} images")
             yield np.frombuffer(data, dtype=np.uint8).reshape(k, *shape[1:])
-
-
-def _npy_shape(fh):
-    """Shape of the uint8 (N, H, W, 3) C-order array whose .npy header fh starts with; else ValueError."""
-    version = np.lib.format.read_magic(fh)
-    if version == (1, 0):
-        shape, fortran, dtype = np.lib.format.read_array_header_1_0(fh)
-    elif version == (2, 0):
-        shape, fortran, dtype = np.lib.format.read_array_header_2_0(fh)
-    else:
-        raise ValueError(f"npy format version {version}")
-    if fortran or dtype != np.uint8 or len(shape) != 4 or shape[-1] != 3:
-        raise ValueError("not a C-order uint8 (N, H, W, 3) array")
-    return shape
 
 
 def encoder_normalization(ckpt, name, data_dir, flag="--pretraining_dataset"):

@@ -352,7 +352,7 @@ def prototype_reference(target_class, seed):
     return np.clip(np.rint(image), 0, MAX_VALUE).astype(np.uint8)
 
 
-def make_reference(x, y, target_class, n_reference, seed=0):
+def demo_reference(x, y, target_class, n_reference, seed=0):
     """The reference inputs: the prototype of target_class when n_reference is 0, else the first
     n_reference training images of that class. Returns x (R x H x W x 3), y (R,) all target_class."""
     if n_reference == 0:
@@ -434,7 +434,7 @@ def make_demo_data(data_dir, reference_dir, n_pretrain_train, n_pretrain_test, n
             atomic_write(meta_path, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2) + "\n"))
 
     x_down, y_down = load_split(data_dir, DOWNSTREAM_NAME, "train")
-    x_ref, y_ref = make_reference(x_down, y_down, target_class, n_reference, seed)
+    x_ref, y_ref = demo_reference(x_down, y_down, target_class, n_reference, seed)
     reference_name = reference_name or DOWNSTREAM_CLASSES[target_class]
     reference_path = Path(reference_dir) / USAGE / f"{reference_name}.npz"
     if force or not _reference_is_current(reference_path, x_ref, y_ref):

@@ -1,15 +1,61 @@
 """Dataset splits in the BadEncoder npz layout: x uint8 (N, H, W, 3), y integer (N, 1) or (N,)."""
+import zipfile
 from pathlib import Path
 
 import numpy as np
 
-from utils.checks import check_reference_labels, check_split
 from utils.errors import UserError
 from utils.files import atomic_write
 
 
 def split_path(data_dir, name, split):
     return Path(data_dir) / name / f"{split}.npz"
+
+
+def check_labels(y, path, max_classes=100_000):
+    """Labels are class indices: integers in 0..max_classes-1."""
+    y = np.asarray(y)
+    if not np.issubdtype(y.dtype, np.integer):
+        raise UserError(f"{path}: labels must be integers, got {y.dtype}")
+    if y.size == 0:
+        return
+    low, high = int(y.min()), int(y.max())
+    if low < 0:
+        raise UserError(f"{path}: labels must be non-negative class indices, found {low}")
+    if high >= max_classes:
+        raise UserError(f"{path}: label {high} is not a class index (more than {max_classes} classes); "
+                        f"labels must be 0..C-1")
+
+
+def check_split(x, y, path, min_size=8, max_classes=100_000):
+    """A split the encoder can use: at least one image, images at least min_size pixels each way
+    (the ResNet downsamples 8x), one valid label per image. x: NxHxWx3."""
+    if len(x) == 0:
+        raise UserError(f"{path} holds no images; a split needs at least one")
+    if len(y) != len(x):
+        raise UserError(f"{path}: {len(x)} images but {len(y)} labels")
+    height, width = x.shape[1], x.shape[2]
+    if height < min_size or width < min_size:
+        raise UserError(f"{path}: images are {height}x{width} pixels; the encoder needs at least "
+                        f"{min_size}x{min_size} (it downsamples them 8 times)")
+    check_labels(y, path, max_classes)
+
+
+def check_reference_labels(y, path):
+    """All reference inputs carry the one target label; returns it."""
+    labels = np.unique(np.asarray(y))
+    if labels.size == 0:
+        raise UserError(f"reference file {path} holds no reference inputs")
+    if labels.size > 1:
+        shown = [str(v) for v in labels[:5]]
+        listed = ", ".join(shown[:-1]) + f" and {shown[-1]}" + (" ..." if labels.size > 5 else "")
+        raise UserError(f"reference file {path} holds labels {listed}; every reference input must have "
+                        f"the target label")
+    label = int(labels[0])
+    if label < 0:
+        raise UserError(f"reference file {path} holds label {label}; the target label must be a "
+                        f"non-negative class index")
+    return label
 
 
 def load_split(data_dir, name, split):
@@ -92,3 +138,30 @@ def load_reference(path):
         raise UserError(f"reference file not found: {path}")
     x, y = read_images_npz(path, label_key="y")
     return x, check_reference_labels(y, path)
+
+
+def read_npy_header(fh):
+    """(shape, fortran_order, dtype) from the .npy header fh starts with; fh is left after it."""
+    version = np.lib.format.read_magic(fh)
+    if version == (1, 0):
+        return np.lib.format.read_array_header_1_0(fh)
+    if version == (2, 0):
+        return np.lib.format.read_array_header_2_0(fh)
+    raise ValueError(f"npy format version {version}")
+
+
+def npy_image_shape(fh):
+    """Shape of the uint8 (N, H, W, 3) C-order array whose .npy header fh starts with; else ValueError."""
+    shape, fortran, dtype = read_npy_header(fh)
+    if fortran or dtype != np.uint8 or len(shape) != 4 or shape[-1] != 3:
+        raise ValueError("not a C-order uint8 (N, H, W, 3) array")
+    return shape
+
+
+def npz_shape(path, key):
+    """Shape of one array of an .npz, read from its .npy header without loading the array."""
+    try:
+        with zipfile.ZipFile(path) as archive, archive.open(f"{key}.npy") as fh:
+            return read_npy_header(fh)[0]
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile) as err:
+        raise UserError(f"cannot read {key} of {path}: {err}") from None

@@ -224,7 +224,7 @@ def check_arrays(x, y, num_classes, where, size=IMAGE_SIZE, unlabeled=False):
             "labels": f"{y.min()}..{y.max()} ({len(np.unique(y))} values)"}
 
 
-def check_split(path, num_classes, unlabeled=False):
+def verify_split(path, num_classes, unlabeled=False):
     """Read a written split back and check it (count, shape, dtype, label range)."""
     x, y = read_images_npz(path, label_key="y")
     return check_arrays(x, y, num_classes, path, unlabeled=unlabeled)
@@ -235,7 +235,7 @@ def _finished(path, num_classes, unlabeled, force):
     if force or not path.is_file():
         return None
     try:
-        return check_split(path, num_classes, unlabeled)
+        return verify_split(path, num_classes, unlabeled)
     except UserError as err:
         print(f"rebuilding {path}: {err}", file=sys.stderr)
         return None
@@ -244,7 +244,7 @@ def _finished(path, num_classes, unlabeled, force):
 def _write_split(path, x, y, num_classes, unlabeled):
     check_arrays(x, y, num_classes, path, unlabeled=unlabeled)
     save_split(path, x, y)
-    summary = check_split(path, num_classes, unlabeled)
+    summary = verify_split(path, num_classes, unlabeled)
     if summary["images"] != len(x):
         raise UserError(f"{path}: wrote {len(x)} images but read back {summary['images']}")
     return summary

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 
-from utils.checks import check_trigger
 from utils.errors import UserError
 from utils.files import atomic_write
 
@@ -37,6 +36,23 @@ def save_trigger(path, t, tm, info=""):
         with open(tmp, "wb") as fh:
             np.savez_compressed(fh, t=t, tm=tm, info=np.array(info))
     atomic_write(path, write)
+
+
+def check_trigger(t, tm, path):
+    """Triggers t (K,H,W,3) in [0, 255] and masks tm of exactly 0 and 1, K >= 1, all finite."""
+    t, tm = np.asarray(t), np.asarray(tm)
+    if t.shape != tm.shape:
+        raise UserError(f"{path}: t and tm must have the same shape, got {t.shape} and {tm.shape}")
+    if t.ndim == 4 and t.shape[0] == 0:
+        raise UserError(f"{path} holds no trigger (K = 0); regenerate it with python -m datasets.make_triggers")
+    for name, arr in (("t", t), ("tm", tm)):
+        if not np.issubdtype(arr.dtype, np.number) or not np.isfinite(arr).all():
+            raise UserError(f"{path}: {name} holds NaN or infinite values")
+    if t.min() < 0 or t.max() > 255:
+        raise UserError(f"{path}: t must lie in [0, 255], found values from {t.min():g} to {t.max():g}")
+    bad = tm[(tm != 0) & (tm != 1)]
+    if bad.size:
+        raise UserError(f"{path}: tm must hold only 0 and 1 (1 keeps the pixel), found {bad.flat[0]:g}")
 
 
 def load_trigger(path, image_size=None):

@@ -15,12 +15,13 @@ weights equal the authors' bit for bit. init="pytorch" re-initialises every back
 BatchNorm with PyTorch's defaults instead (this project's construction before it followed the
 authors; the flag --init of stages 0 and 2).
 """
+import numbers
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
-from utils.checks import check_encoder_checkpoint
 from utils.errors import UserError
 from utils.files import load_checkpoint
 
@@ -131,9 +132,75 @@ def encoder_checkpoint(model, **extra):
 
 def _strip_prefix(state_dict):
     """Drop the 'module.' that DataParallel/DDP checkpoints add to every key."""
-    if all(k.startswith("module.") for k in state_dict):
+    if state_dict and all(isinstance(k, str) and k.startswith("module.") for k in state_dict):
         return {k[len("module."):]: v for k, v in state_dict.items()}
     return state_dict
+
+
+def _bounded_int(value, name, high, path):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 1 <= value <= high:
+        raise UserError(f"{path}: {name} must be an integer from 1 to {high}, got {value!r}")
+    return int(value)
+
+
+def _layout_arch(state_dict):
+    """The architecture the keys belong to: bottleneck convs mean ResNet-50, a third layer1 block ResNet-34."""
+    if "f.f.3.0.conv3.weight" in state_dict:
+        return "resnet50"
+    return "resnet34" if "f.f.3.2.conv1.weight" in state_dict else "resnet18"
+
+
+def check_encoder_checkpoint(ckpt, path, max_width=1024, max_proj_dim=65536):
+    """Validate a loaded encoder checkpoint before any model is built; return its config
+    {'arch', 'width', 'proj_dim'}.
+
+    ckpt: what utils.files.load_checkpoint returned: our dict (state_dict + arch), or BadEncoder's
+    release (weights at the top level or under 'state_dict', no 'arch', keys maybe 'module.'-prefixed).
+    Width and projection size are bounded, so a file that claims a huge network is refused at once
+    instead of allocating it.
+    """
+    if not isinstance(ckpt, dict):
+        raise UserError(f"{path} is not an encoder checkpoint (expected a dict with 'state_dict', "
+                        f"got a {type(ckpt).__name__})")
+    state_dict = ckpt.get("state_dict", ckpt)
+    if not isinstance(state_dict, dict):
+        raise UserError(f"{path}: its 'state_dict' is a {type(state_dict).__name__}, not a dict of tensors")
+    state_dict = _strip_prefix(state_dict)
+    if "f.f.0.weight" not in state_dict:
+        raise UserError(f"{path} has no SimCLR encoder weights (expected keys f.f.0.weight, ..., g.3.bias)")
+    for key, value in state_dict.items():
+        if not isinstance(value, torch.Tensor):
+            raise UserError(f"{path}: state_dict entry {key!r} is a {type(value).__name__}, not a "
+                            f"tensor; this is not an encoder checkpoint")
+    stem = state_dict["f.f.0.weight"]
+    if stem.ndim != 4 or stem.shape[1] != 3:
+        raise UserError(f"{path}: f.f.0.weight has shape {tuple(stem.shape)}; expected (width, 3, 3, 3)")
+    head = state_dict.get("g.3.weight")
+    layout = _layout_arch(state_dict)
+
+    arch = ckpt.get("arch")
+    if arch is None:
+        config = {"arch": layout, "width": stem.shape[0],
+                  "proj_dim": head.shape[0] if head is not None else 128}
+    elif isinstance(arch, dict):
+        config = {"arch": arch.get("arch", "resnet18"), "width": arch.get("width", 64),
+                  "proj_dim": arch.get("proj_dim", 128)}
+    else:
+        raise UserError(f"{path}: its 'arch' entry must be a dict such as {{'arch': 'resnet18', "
+                        f"'width': 64, 'proj_dim': 128}}, got a {type(arch).__name__}")
+    if not isinstance(config["arch"], str) or config["arch"] not in ARCHS:
+        raise UserError(f"{path}: arch {config['arch']!r} is not one of {', '.join(ARCHS)}")
+    config["width"] = _bounded_int(config["width"], "width", max_width, path)
+    config["proj_dim"] = _bounded_int(config["proj_dim"], "proj_dim", max_proj_dim, path)
+    if config["arch"] != layout:
+        raise UserError(f"{path}: arch says {config['arch']} but the weights have the layout of {layout}")
+    if config["width"] != stem.shape[0]:
+        raise UserError(f"{path}: arch says width {config['width']} but f.f.0.weight has "
+                        f"{stem.shape[0]} channels")
+    if head is not None and config["proj_dim"] != head.shape[0]:
+        raise UserError(f"{path}: arch says proj_dim {config['proj_dim']} but g.3.weight has "
+                        f"{head.shape[0]} rows")
+    return config
 
 
 def load_encoder(path, arch=None, width=None):

@@ -1,20 +1,26 @@
 """Mutual information by the Donsker-Varadhan lower bound (MINE), and MI-guided layer weights.
 
 MIMIC trains one statistics network per encoder block on activations computed once: the
-encoder is frozen, so the estimator never runs it again. Besides the estimate, this module
-judges whether the estimator's per-epoch history has settled (`convergence`) and turns those
-verdicts into one-line warnings for the log (`mi_warnings`).
+encoder is frozen, so the estimator never runs it again. Every option of the estimator and its
+default is defined once, in `MISettings` (MIMIC.py's --mi_* flags take their defaults from it);
+`AUTHORS` is the authors' setting. Besides the estimate, this module judges whether the
+estimator's per-epoch history has settled (`convergence`) and turns those verdicts into one-line
+warnings for the log (`mi_warnings`).
 """
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from utils.logs import progress
 
 STANDARDIZATIONS = ("feature", "global", "none")
 EVALUATIONS = ("global", "per_batch")
 SCHEDULES = ("cosine", "constant")
+ORDERS = ("shuffled", "ordered")
+FIRST_LAYERS = ("split", "joint")
 
 # The "global" evaluation averages the DV bound over this many permutations of the evaluated
 # samples, drawn once: fixed marginal pairs keep a fresh permutation's noise out of the
@@ -26,14 +32,25 @@ EVAL_PERMUTATIONS = 8
 # up to unit variance. Relative, so that the rule does not depend on the inputs' units.
 CONSTANT_FEATURE_TOL = 1e-6
 
-# Convergence verdict on the last CONVERGENCE_WINDOW epochs (the same count MI is averaged over
-# by default). Both measures are relative to the window's mean MI, floored at MI_FLOOR nats so
-# that an estimate hovering near 0 is judged by absolute noise rather than by a ratio that
-# explodes. SLOPE_TOL: the fitted line may move by at most 10% of the level across the window,
-# i.e. the average is not still drifting by more than its own precision. SPREAD_TOL: the
-# residual std around that line may be at most 25% of the level; over 10 epochs that puts the
-# standard error of the average near 8%, small beside the shares MIMIC turns it into.
+# Convergence verdict (see `convergence`). Every measure is relative to the level, the mean MI of
+# the last CONVERGENCE_WINDOW epochs (the same count MI is averaged over by default), floored at
+# MI_FLOOR nats so that an estimate hovering near 0 is judged by absolute changes rather than by
+# a ratio that explodes.
+# CHANGE_TOL: the mean of the last window may differ from the mean of the window that ends at the
+# half-way epoch by at most 10% of the level. The learning-rate schedule cannot fake this one: at
+# the half-way epoch the cosine schedule still runs at half the initial rate, so an estimate that
+# has settled has settled by then, while one still climbing shows the climb. 10% is well above
+# what a settled estimator moves over its second half (0.00-0.07 on correlated Gaussians, 2-32
+# dims, 60-200 epochs, where the annealing only takes the epoch-to-epoch jitter out), and well
+# below the climb of an estimator stopped early (+0.2 to +1.4 at 20-30 epochs of the same runs).
+# It is also the precision MIMIC can use: a block's weight is its share of the summed MI, so an
+# estimate still 10% short moves that block's weight by at most 10% of its MI part.
+# SLOPE_TOL: the line fitted to the last window may move by at most 10% of the level across it
+# (under a constant rate the end of the curve must be flat too). SPREAD_TOL: the residual std
+# around that line may be at most 25% of the level; over 10 epochs that puts the standard error
+# of the average near 8%, small beside the shares MIMIC turns it into.
 CONVERGENCE_WINDOW = 10
+CHANGE_TOL = 0.1
 SLOPE_TOL = 0.1
 SPREAD_TOL = 0.25
 MI_FLOOR = 0.05
@@ -48,23 +65,98 @@ ADVICE = {
 }
 
 
+@dataclass(frozen=True)
+class MISettings:
+    """How a statistics network is trained and evaluated: every estimator option and its default.
+
+    epochs, lr, weight_decay, hidden, average_last: passes over the training samples, Adam's rate
+    and weight decay, the hidden width, and how many last epochs' bounds MI averages.
+    standardize: "feature" feeds each input with every feature centred and scaled to unit std over
+    the N samples, "global" centres each feature and divides by one scale per input, "none" feeds
+    the raw inputs as the authors do. MI is invariant under these invertible maps, so this only
+    conditions the optimisation (raw activations of very different scales stall Adam at lr 1e-3).
+    evaluation: after each epoch, "global" averages one bound over all evaluated samples per each
+    of EVAL_PERMUTATIONS fixed permutations; "per_batch" averages clipped per-batch bounds in the
+    data's order as the authors do (evaluate_bound_per_batch).
+    holdout: a seeded random fraction of the samples the statistics network never trains on; the
+    bound is evaluated on them, so that memorising the training pairs (which drives the bound on
+    them towards log N however weak the dependence) does not count as information. 0 trains and
+    evaluates on every sample, as the authors do.
+    schedule: "cosine" anneals the rate from lr to 0 over the epochs, so that the last epochs
+    measure one settled network rather than Adam's epoch-to-epoch jitter; "constant" keeps lr, as
+    the authors do.
+    order: "shuffled" reshuffles the training samples every epoch and drops the incomplete last
+    batch; "ordered" takes them in the data's order every epoch, the last partial batch kept, as
+    the authors do (training_batches).
+    first_layer: "split" builds the first layer as Linear(da, h) + Linear(dz, h, no bias), each
+    with PyTorch's default init over its own fan-in (so the z-weights start up to 1/sqrt(dz)
+    rather than 1/sqrt(da + dz)); "joint" is one Linear(da + dz, h), as the authors.
+    seed: seeds the network's init, the holdout split, the batches and the permutations (MIMIC
+    passes --seed).
+    """
+    epochs: int = 200
+    lr: float = 1e-3
+    weight_decay: float = 1e-5
+    hidden: int = 512
+    average_last: int = 10
+    standardize: str = "feature"
+    evaluation: str = "global"
+    holdout: float = 0.2
+    schedule: str = "cosine"
+    order: str = "shuffled"
+    first_layer: str = "split"
+    seed: int = 0
+
+    def __post_init__(self):
+        for name, choices in (("standardize", STANDARDIZATIONS), ("evaluation", EVALUATIONS),
+                              ("schedule", SCHEDULES), ("order", ORDERS), ("first_layer", FIRST_LAYERS)):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name} must be one of {choices}, not {getattr(self, name)!r}")
+
+
+# The authors' estimator (SPEC section 10): raw inputs, every sample trained on and evaluated,
+# per-batch evaluation, a constant rate, batches in the data's order, one joint first layer.
+AUTHORS = MISettings(standardize="none", evaluation="per_batch", holdout=0.0, schedule="constant",
+                     order="ordered", first_layer="joint")
+
+
 class StatisticsNetwork(nn.Module):
     """T(a, z) = Linear(da+dz, h) -> ReLU -> Linear(h, h) -> ReLU -> Linear(h, 1).
 
-    The first layer is stored as two blocks (one on a, one on z); their sum is exactly a Linear
-    on the concatenation, and it lets the joint and the shuffled (marginal) pairs share the
-    product with the large a-block.
+    first_layer "split": the first layer is two modules, fc_a = Linear(da, h) and
+    fc_z = Linear(dz, h, bias=False), each initialised over its own fan-in. "joint": one module
+    fc = Linear(da + dz, h), initialised as PyTorch initialises that Linear. Either way the layer
+    is applied as (a-part + bias) + z-part, which equals the Linear on the concatenation [a; z]
+    and lets the joint and the shuffled (marginal) pairs share the product with the large a-block.
     """
 
-    def __init__(self, dim_a, dim_z, hidden=512):
+    def __init__(self, dim_a, dim_z, hidden=512, first_layer="split"):
         super().__init__()
-        self.fc_a = nn.Linear(dim_a, hidden)
-        self.fc_z = nn.Linear(dim_z, hidden, bias=False)
+        if first_layer == "split":
+            self.fc_a = nn.Linear(dim_a, hidden)
+            self.fc_z = nn.Linear(dim_z, hidden, bias=False)
+        elif first_layer == "joint":
+            self.fc = nn.Linear(dim_a + dim_z, hidden)
+        else:
+            raise ValueError(f"first_layer must be one of {FIRST_LAYERS}, not {first_layer!r}")
+        self.dim_a, self.first_layer = dim_a, first_layer
         self.rest = nn.Sequential(nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 1))
+
+    def first_a(self, a):
+        """a: BxDa -> BxH, the first layer's a-columns applied to a, plus its bias."""
+        if self.first_layer == "split":
+            return self.fc_a(a)
+        return F.linear(a, self.fc.weight[:, :self.dim_a], self.fc.bias)
+
+    def first_z(self, z):
+        """z: BxDz -> BxH, the first layer's z-columns applied to z."""
+        if self.first_layer == "split":
+            return self.fc_z(z)
+        return F.linear(z, self.fc.weight[:, self.dim_a:])
 
     def forward(self, a, z, perm):
         """a: BxDa, z: BxDz, perm: B indices -> (T(a_i, z_i), T(a_i, z_perm(i))), each B."""
-        ha, hz = self.fc_a(a), self.fc_z(z)
+        ha, hz = self.first_a(a), self.first_z(z)
         joint = self.rest(ha + hz).squeeze(-1)
         marginal = self.rest(ha + hz[perm]).squeeze(-1)
         return joint, marginal
@@ -110,8 +202,8 @@ def apply_standardization(x, mean, scale):
 @torch.no_grad()
 def evaluate_bound(net, a, z, perms, chunk=1024):
     """The DV bound over all of (a, z), averaged over the marginal pairs of each permutation in perms."""
-    ha = torch.cat([net.fc_a(a[s:s + chunk]) for s in range(0, len(a), chunk)])
-    hz = torch.cat([net.fc_z(z[s:s + chunk]) for s in range(0, len(z), chunk)])
+    ha = torch.cat([net.first_a(a[s:s + chunk]) for s in range(0, len(a), chunk)])
+    hz = torch.cat([net.first_z(z[s:s + chunk]) for s in range(0, len(z), chunk)])
     joint = torch.cat([net.rest(ha[s:s + chunk] + hz[s:s + chunk]).squeeze(-1) for s in range(0, len(a), chunk)])
     values = []
     for perm in perms:
@@ -136,6 +228,20 @@ def holdout_split(n, fraction, seed):
     return order[held:].sort().values, order[:held].sort().values
 
 
+def training_batches(train, batch_size, order, generator):
+    """One estimator epoch's batches: a list of index tensors into the samples.
+
+    train: the training indices in the data's order. "shuffled": a fresh permutation of them
+    (drawn from `generator`), cut into full batches, the incomplete last one dropped; "ordered":
+    `train` itself cut into batches, the last partial batch kept, as the authors do.
+    """
+    n = len(train)
+    if order == "ordered":
+        return [train[s:s + batch_size] for s in range(0, n, batch_size)]
+    shuffled = train[torch.randperm(n, generator=generator).to(train.device)]
+    return [shuffled[s:s + batch_size] for s in range(0, n - batch_size + 1, batch_size)]
+
+
 @torch.no_grad()
 def evaluate_bound_per_batch(net, a, z, batch_size, generator):
     """The authors' evaluation: a: NxDa, z: NxDz -> mean over batches of the clipped DV bound.
@@ -153,43 +259,56 @@ def evaluate_bound_per_batch(net, a, z, batch_size, generator):
     return sum(values) / len(values)
 
 
-def convergence(history, window=CONVERGENCE_WINDOW, slope_tol=SLOPE_TOL, spread_tol=SPREAD_TOL,
-                floor=MI_FLOOR):
-    """Has the per-epoch MI history settled? -> dict(converged, slope, spread, reason, window).
+def _mean(values):
+    return sum(values) / len(values)
 
-    Over the last `window` values (window >= 3) a least-squares line is fitted; with
-    level = max(mean of the window, floor):
-      slope  = fitted change across the window (slope per epoch * (window - 1)) / level, signed;
-      spread = std of the residuals around the line / level (the noise once the trend is out,
+
+def convergence(history, window=CONVERGENCE_WINDOW, change_tol=CHANGE_TOL, slope_tol=SLOPE_TOL,
+                spread_tol=SPREAD_TOL, floor=MI_FLOOR):
+    """Has the per-epoch MI history settled? -> dict(converged, reason, change, slope, spread,
+    window, halfway).
+
+    With N = len(history), h = N // 2 and level = max(mean of the last `window` values, floor):
+      change = (mean of the last window - mean of the window ending at epoch h, i.e. epochs
+               h-window+1..h) / level, signed: how far the estimate moved over the second half
+               of training, while the rate was still high (the schedule cannot flatten this);
+      slope  = the least-squares line's change across the last window / level, signed;
+      spread = std of the residuals around that line / level (the noise once the trend is out,
                so a steady rise is not counted twice).
-    Verdicts, first match wins: fewer than `window` values -> "too few epochs" (slope and spread
-    None); every value in the window 0 -> "zero" (the estimator found no dependence; MI 0 is
-    not a measurement); |slope| > slope_tol -> "rising" or "falling"; spread > spread_tol ->
-    "noisy"; else "converged".
+    Verdicts, first match wins: N < 2 * window (the two windows would overlap) -> "too few
+    epochs" (change, slope, spread None); every value in the last window 0 -> "zero" (the
+    estimator found no dependence; MI 0 is not a measurement); |change| > change_tol, else
+    |slope| > slope_tol -> "rising" or "falling" by the sign of that measure; spread > spread_tol
+    -> "noisy"; else "converged".
     """
     if window < 3:
         raise ValueError(f"window must be at least 3 epochs to fit a line and its noise, not {window}")
-    if len(history) < window:
-        return {"converged": False, "slope": None, "spread": None, "reason": "too few epochs",
-                "window": window}
+    halfway = len(history) // 2
+    report = {"converged": False, "reason": "too few epochs", "change": None, "slope": None, "spread": None,
+              "window": window, "halfway": halfway}
+    if len(history) < 2 * window:
+        return report
     ys = [float(v) for v in history[-window:]]
-    mean = sum(ys) / window
+    mean = _mean(ys)
     centre = (window - 1) / 2
     xs = [i - centre for i in range(window)]
     per_epoch = sum(x * y for x, y in zip(xs, ys)) / sum(x * x for x in xs)
     residual = math.sqrt(sum((y - mean - per_epoch * x) ** 2 for x, y in zip(xs, ys)) / window)
     level = max(mean, floor)
+    change = (mean - _mean([float(v) for v in history[halfway - window:halfway]])) / level
     slope, spread = per_epoch * (window - 1) / level, residual / level
     if all(y == 0 for y in ys):
         reason = "zero"
+    elif abs(change) > change_tol:
+        reason = "rising" if change > 0 else "falling"
     elif abs(slope) > slope_tol:
         reason = "rising" if slope > 0 else "falling"
     elif spread > spread_tol:
         reason = "noisy"
     else:
         reason = "converged"
-    return {"converged": reason == "converged", "slope": slope, "spread": spread, "reason": reason,
-            "window": window}
+    report.update(converged=reason == "converged", reason=reason, change=change, slope=slope, spread=spread)
+    return report
 
 
 def mi_warnings(blocks, mi, reports):
@@ -203,12 +322,15 @@ def mi_warnings(blocks, mi, reports):
             continue
         reason, window = report["reason"], report["window"]
         if reason == "too few epochs":
-            detail = f"too few epochs: fewer than {window}"
+            detail = (f"too few epochs: fewer than {2 * window}, the last {window} are compared with "
+                      f"the {window} up to the half-way epoch")
         elif reason == "zero":
             detail = f"zero: the bound was 0 in each of the last {window} epochs"
         else:
-            detail = (f"{reason}: change {report['slope']:+.2f} and spread {report['spread']:.2f} "
-                      f"of the level over the last {window} epochs")
+            halfway = report["halfway"]
+            detail = (f"{reason}: the mean of the last {window} epochs differs from that of epochs "
+                      f"{halfway - window + 1}-{halfway} by {report['change']:+.2f} of the level; over the last "
+                      f"{window} epochs change {report['slope']:+.2f}, spread {report['spread']:.2f}")
         lines.append(f"MI of {block} ({value:.4g} nats) has not converged ({detail}); {ADVICE[reason]}")
     if mi and all(v == 0 for v in mi):
         lines.append("every block's MI is 0: the attention weights fall back to uniform shares "
@@ -217,60 +339,36 @@ def mi_warnings(blocks, mi, reports):
     return lines
 
 
-def estimate_mi(a, z, epochs=200, batch_size=128, lr=1e-3, weight_decay=1e-5, hidden=512,
-                average_last=10, seed=0, desc="MI", standardize="feature", evaluation="global",
-                holdout=0.2, schedule="cosine", return_report=False):
+def estimate_mi(a, z, settings=MISettings(), batch_size=128, desc="MI", return_report=False):
     """Estimate I(a; z) in nats from paired samples a: NxDa, z: NxDz (on any device).
 
-    standardize: "feature" (default) feeds each input with every feature centred and scaled to
-    unit std over the N samples, "global" centres each feature and divides by one scale per
-    input, "none" feeds the raw inputs as the authors do. MI is invariant under these invertible
-    maps, so this only conditions the optimisation (raw activations of very different scales
-    stall Adam at lr 1e-3). The statistics are computed once per input, before training.
-
-    holdout: a seeded random fraction of the samples the statistics network never trains on; the
-    bound is evaluated on them, so that memorising the training pairs (which drives the bound on
-    them towards log N however weak the dependence) does not count as information. 0 trains and
-    evaluates on every sample, as the authors do.
-    schedule: "cosine" anneals the learning rate from lr to 0 over the epochs, so that the last
-    epochs measure one settled network rather than Adam's epoch-to-epoch jitter; "constant" keeps
-    lr, as the authors do.
-
-    Trains a statistics network for `epochs` passes over the training samples (shuffled,
-    incomplete last batch dropped); after each epoch the bound is evaluated on the evaluation
-    samples, negative or NaN values counting as 0: evaluation="global" averages one bound over
-    all of them per each of EVAL_PERMUTATIONS fixed permutations, "per_batch" averages clipped
-    per-batch bounds in the data's order as the authors do (evaluate_bound_per_batch).
-    Returns (mi, history), mi being the mean of the last `average_last` epochs, or with
+    settings: the estimator's options (MISettings); batch_size: samples per training step (and
+    per evaluated batch with evaluation "per_batch"). The inputs are standardised once, before
+    training; a statistics network is trained for settings.epochs passes over the training
+    samples (batches by settings.order); after each epoch the bound is evaluated on the evaluation
+    samples, negative or NaN values counting as 0.
+    Returns (mi, history), mi being the mean of the last settings.average_last epochs, or with
     return_report (mi, history, convergence(history)).
     """
-    if standardize not in STANDARDIZATIONS:
-        raise ValueError(f"standardize must be one of {STANDARDIZATIONS}, not {standardize!r}")
-    if evaluation not in EVALUATIONS:
-        raise ValueError(f"evaluation must be one of {EVALUATIONS}, not {evaluation!r}")
-    if schedule not in SCHEDULES:
-        raise ValueError(f"schedule must be one of {SCHEDULES}, not {schedule!r}")
-    if standardize != "none":
-        a = apply_standardization(a, *standardization_stats(a, standardize))
-        z = apply_standardization(z, *standardization_stats(z, standardize))
-    train, held = (idx.to(a.device) for idx in holdout_split(len(a), holdout, seed))
+    s = settings
+    if s.standardize != "none":
+        a = apply_standardization(a, *standardization_stats(a, s.standardize))
+        z = apply_standardization(z, *standardization_stats(z, s.standardize))
+    train, held = (idx.to(a.device) for idx in holdout_split(len(a), s.holdout, s.seed))
     a_eval, z_eval = a[held], z[held]
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(s.seed)
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        net = StatisticsNetwork(a.shape[1], z.shape[1], hidden).to(a.device)
-    optimizer = torch.optim.Adam(net.parameters(), lr=lr, weight_decay=weight_decay)
-    annealing = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs) if schedule == "cosine" else None
+        torch.manual_seed(s.seed)
+        net = StatisticsNetwork(a.shape[1], z.shape[1], s.hidden, s.first_layer).to(a.device)
+    optimizer = torch.optim.Adam(net.parameters(), lr=s.lr, weight_decay=s.weight_decay)
+    annealing = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, s.epochs) if s.schedule == "cosine" else None
     eval_perms = [torch.randperm(len(held), generator=generator).to(a.device)
-                  for _ in range(EVAL_PERMUTATIONS if evaluation == "global" else 0)]
-    n = len(train)
-    batch_size = min(batch_size, n)
+                  for _ in range(EVAL_PERMUTATIONS if s.evaluation == "global" else 0)]
+    batch_size = min(batch_size, len(train))
     history = []
-    for _ in progress(range(epochs), desc=desc):
-        order = train[torch.randperm(n, generator=generator).to(a.device)]
-        for s in range(0, n - batch_size + 1, batch_size):
-            idx = order[s:s + batch_size]
-            perm = torch.randperm(batch_size, generator=generator).to(a.device)
+    for _ in progress(range(s.epochs), desc=desc):
+        for idx in training_batches(train, batch_size, s.order, generator):
+            perm = torch.randperm(len(idx), generator=generator).to(a.device)
             joint, marginal = net(a[idx], z[idx], perm)
             loss = -dv_bound(joint, marginal)
             optimizer.zero_grad(set_to_none=True)
@@ -278,12 +376,12 @@ def estimate_mi(a, z, epochs=200, batch_size=128, lr=1e-3, weight_decay=1e-5, hi
             optimizer.step()
         if annealing is not None:
             annealing.step()
-        if evaluation == "per_batch":
+        if s.evaluation == "per_batch":
             value = evaluate_bound_per_batch(net, a_eval, z_eval, batch_size, generator)
         else:
             value = evaluate_bound(net, a_eval, z_eval, eval_perms)
         history.append(clip_bound(value))
-    tail = history[-average_last:] if history else [0.0]
+    tail = history[-s.average_last:] if history else [0.0]
     mi = sum(tail) / len(tail)
     return (mi, history, convergence(history)) if return_report else (mi, history)
 

@@ -6,8 +6,11 @@ import torch
 import torch.nn as nn
 import torchvision
 
-from models import SimCLR, load_encoder
+import models.encoder
+from models import SimCLR, encoder_checkpoint, load_encoder
+from models.encoder import check_encoder_checkpoint
 from utils.errors import UserError
+from utils.files import load_checkpoint, save_checkpoint
 
 
 def test_state_dict_keys_and_shapes_match_published_layout():
@@ -144,3 +147,78 @@ def test_init_pytorch_gives_every_backbone_conv_the_default_uniform_init():
             w = conv.weight
             bound = 1 / math.sqrt(w[0].numel())
             assert 0.9 * bound < w.abs().max() <= bound, name
+
+
+@pytest.fixture
+def no_build(monkeypatch):
+    """Any attempt to build an encoder fails the test: the checks must refuse before that."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was built")
+    monkeypatch.setattr(models.encoder, "build_encoder", refuse)
+    monkeypatch.setattr(models.encoder, "SimCLR", refuse)
+
+
+def small_ckpt(**arch):
+    ckpt = encoder_checkpoint(SimCLR(width=4))
+    ckpt["arch"].update(arch)
+    return ckpt
+
+
+def test_valid_checkpoints_give_their_config():
+    ours = small_ckpt()
+    assert check_encoder_checkpoint(ours, "a.pth") == {"arch": "resnet18", "width": 4, "proj_dim": 128}
+    # BadEncoder's release layout: weights at the top level, DataParallel prefix, no arch entry
+    released = {f"module.{k}": v for k, v in SimCLR("resnet34", width=2, proj_dim=16).state_dict().items()}
+    assert check_encoder_checkpoint(released, "r.pth") == {"arch": "resnet34", "width": 2, "proj_dim": 16}
+    wide50 = {"state_dict": SimCLR("resnet50", width=2).state_dict()}
+    assert check_encoder_checkpoint(wide50, "r50.pth") == {"arch": "resnet50", "width": 2, "proj_dim": 128}
+
+
+def test_huge_claimed_width_is_refused_fast_without_building(tmp_path, no_build):
+    path = tmp_path / "huge.pth"
+    save_checkpoint(path, small_ckpt(width=20000))
+    with pytest.raises(UserError) as err:         # no_build: refused before any model exists
+        check_encoder_checkpoint(load_checkpoint(path), path)
+    assert str(err.value) == f"{path}: width must be an integer from 1 to 1024, got 20000"
+    with pytest.raises(UserError, match=r"proj_dim must be an integer from 1 to 65536, got 1000000000$"):
+        check_encoder_checkpoint(small_ckpt(proj_dim=10 ** 9), "p.pth")
+    # no arch entry: the width read from the weights is bounded the same way
+    stem = {"f.f.0.weight": torch.zeros(20000, 3, 3, 3)}
+    with pytest.raises(UserError, match=r"^s.pth: width must be an integer from 1 to 1024, got 20000$"):
+        check_encoder_checkpoint(stem, "s.pth")
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda c: c.update(arch="resnet18"), "c.pth: its 'arch' entry must be a dict such as {'arch': 'resnet18', "
+                                          "'width': 64, 'proj_dim': 128}, got a str"),
+    (lambda c: c["arch"].update(arch="vit"), "c.pth: arch 'vit' is not one of resnet18, resnet34, resnet50"),
+    (lambda c: c["arch"].update(arch=["resnet18"]), "c.pth: arch ['resnet18'] is not one of resnet18, resnet34, "
+                                                    "resnet50"),
+    (lambda c: c["arch"].update(width=-4), "c.pth: width must be an integer from 1 to 1024, got -4"),
+    (lambda c: c["arch"].update(width=8.5), "c.pth: width must be an integer from 1 to 1024, got 8.5"),
+    (lambda c: c["arch"].update(width="8"), "c.pth: width must be an integer from 1 to 1024, got '8'"),
+    (lambda c: c["arch"].update(width=True), "c.pth: width must be an integer from 1 to 1024, got True"),
+    (lambda c: c["arch"].update(width=8), "c.pth: arch says width 8 but f.f.0.weight has 4 channels"),
+    (lambda c: c["arch"].update(proj_dim=64), "c.pth: arch says proj_dim 64 but g.3.weight has 128 rows"),
+    (lambda c: c["arch"].update(arch="resnet50"), "c.pth: arch says resnet50 but the weights have the layout "
+                                                  "of resnet18"),
+    (lambda c: c["state_dict"].update({"g.3.bias": [0.0] * 128}),
+     "c.pth: state_dict entry 'g.3.bias' is a list, not a tensor; this is not an encoder checkpoint"),
+    (lambda c: c["state_dict"].pop("f.f.0.weight"),
+     "c.pth has no SimCLR encoder weights (expected keys f.f.0.weight, ..., g.3.bias)"),
+    (lambda c: c.update(state_dict=[1, 2]), "c.pth: its 'state_dict' is a list, not a dict of tensors"),
+    (lambda c: c["state_dict"].update({"f.f.0.weight": torch.zeros(4, 3)}),
+     "c.pth: f.f.0.weight has shape (4, 3); expected (width, 3, 3, 3)"),
+])
+def test_bad_checkpoints_are_refused_before_building(change, message, no_build):
+    ckpt = small_ckpt()
+    change(ckpt)
+    with pytest.raises(UserError) as err:
+        check_encoder_checkpoint(ckpt, "c.pth")
+    assert str(err.value) == message
+
+
+def test_non_dict_checkpoint(no_build):
+    with pytest.raises(UserError) as err:
+        check_encoder_checkpoint([1, 2], "l.pth")
+    assert str(err.value) == "l.pth is not an encoder checkpoint (expected a dict with 'state_dict', got a list)"

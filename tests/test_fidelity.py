@@ -16,6 +16,7 @@ import training_downstream_classifier as downstream
 from datasets import NORMALIZATION, normalization_record, save_split
 from datasets.loader import ViewLoader, index_batches
 from models import SimCLR, encoder_checkpoint
+from models.mine import MISettings
 from utils.cli import add_run_args
 from utils.errors import UserError
 
@@ -249,10 +250,12 @@ def test_mimic_mi_options_reach_the_estimator_and_are_recorded(tiny, shadow40, t
     MIMIC.main(MIMIC.get_parser().parse_args(
         ["--data_dir", str(tiny / "data"), "--teacher", str(encoder), "--results_dir", str(out), "--ratio", "0.5",
          "--batch_size", "16", "--epochs", "1", "--mi_epochs", "2", "--device", "cpu", "--mi_standardize", "none",
-         "--mi_evaluation", "per_batch", "--mi_model", "student", "--mi_holdout", "0", "--mi_schedule", "constant"]))
+         "--mi_evaluation", "per_batch", "--mi_model", "student", "--mi_holdout", "0", "--mi_schedule", "constant",
+         "--mi_order", "ordered", "--mi_first_layer", "joint"]))
     assert len(estimates) == 4
-    assert all(kw["standardize"] == "none" and kw["evaluation"] == "per_batch" and args[2] == 2
-               and kw["holdout"] == 0 and kw["schedule"] == "constant" for args, kw, _ in estimates)
+    assert all(args[2] == MISettings(epochs=2, standardize="none", evaluation="per_batch", holdout=0.0,
+                                     schedule="constant", order="ordered", first_layer="joint", seed=100)
+               for args, kw, _ in estimates)
     teacher = torch.load(encoder, weights_only=True)["state_dict"]["f.f.0.weight"]
     measured = located[0][0][0]                                  # the network whose blocks were measured
     assert not torch.equal(measured.state_dict()["f.f.0.weight"].cpu(), teacher)      # the fresh student
@@ -262,6 +265,7 @@ def test_mimic_mi_options_reach_the_estimator_and_are_recorded(tiny, shadow40, t
     assert [r["reason"] for r in mi["convergence"]] == ["too few epochs"] * 4
     args = read(out / "args.json")
     assert (args["mi_standardize"], args["mi_evaluation"], args["mi_model"], args["mi_holdout"],
-            args["mi_schedule"]) == ("none", "per_batch", "student", 0.0, "constant")
+            args["mi_schedule"], args["mi_order"], args["mi_first_layer"]) == (
+        "none", "per_batch", "student", 0.0, "constant", "ordered", "joint")
     assert read(out / "results.json")["mi_converged"] == dict.fromkeys(("layer1", "layer2", "layer3", "layer4"),
                                                                         "too few epochs")

@@ -8,8 +8,13 @@ import torch
 
 from models import convergence, estimate_mi, mi_to_weights, mi_warnings
 from models import mine
-from models.mine import (EVAL_PERMUTATIONS, StatisticsNetwork, apply_standardization, dv_bound, evaluate_bound,
+from models.mine import (AUTHORS, EVAL_PERMUTATIONS, MISettings, StatisticsNetwork, apply_standardization, dv_bound, evaluate_bound,
                          evaluate_bound_per_batch, holdout_split, standardization_stats)
+
+
+def estimate(a, z, batch_size=128, return_report=False, **options):
+    """estimate_mi with the MISettings given as keywords."""
+    return estimate_mi(a, z, MISettings(**options), batch_size, return_report=return_report)
 
 
 def gaussian_pair(n, d, rho, seed):
@@ -23,7 +28,7 @@ def test_recovers_mi_of_correlated_gaussians():
     """I(X;Y) = -d/2 log(1 - rho^2) for d independent pairs of correlation rho; within 0.15 nats."""
     for d, rho in ((2, 0.8), (4, 0.6)):
         x, y = gaussian_pair(4000, d, rho, seed=1)
-        mi, history = estimate_mi(x, y, epochs=40, batch_size=128, hidden=128, seed=0)
+        mi, history = estimate(x, y, epochs=40, batch_size=128, hidden=128, seed=0)
         truth = -d / 2 * math.log(1 - rho ** 2)
         assert abs(mi - truth) < 0.15, (d, rho, mi, truth)
         assert len(history) == 40 and all(v >= 0 for v in history)
@@ -32,7 +37,7 @@ def test_recovers_mi_of_correlated_gaussians():
 def test_independent_variables_give_near_zero():
     x, _ = gaussian_pair(4000, 3, 0.0, seed=2)
     _, y = gaussian_pair(4000, 3, 0.0, seed=3)
-    mi, _ = estimate_mi(x, y, epochs=20, batch_size=128, hidden=128, seed=0)
+    mi, _ = estimate(x, y, epochs=20, batch_size=128, hidden=128, seed=0)
     assert 0 <= mi < 0.08
 
 
@@ -97,7 +102,7 @@ def test_per_batch_option_is_used_once_per_epoch(monkeypatch):
                         lambda net, a, z, batch_size, generator: calls.append(batch_size) or real(
                             net, a, z, batch_size, generator))
     x, y = gaussian_pair(100, 2, 0.8, seed=4)
-    _, history = estimate_mi(x, y, epochs=3, batch_size=32, hidden=16, evaluation="per_batch")
+    _, history = estimate(x, y, epochs=3, batch_size=32, hidden=16, evaluation="per_batch")
     assert calls == [32, 32, 32] and len(history) == 3
 
 
@@ -117,9 +122,9 @@ def test_standardization_recovers_mi_of_scaled_inputs():
     x, y = gaussian_pair(4000, d, rho, seed=1)
     x, y = 1000 * x + 500, 1000 * y + 500
     truth = -d / 2 * math.log(1 - rho ** 2)
-    mi, _, report = estimate_mi(x, y, epochs=40, batch_size=128, hidden=128, seed=0, return_report=True)
+    mi, _, report = estimate(x, y, epochs=40, batch_size=128, hidden=128, seed=0, return_report=True)
     assert abs(mi - truth) < 0.15 and report["converged"], (mi, truth, report)
-    raw, _, report = estimate_mi(x, y, epochs=40, batch_size=128, hidden=128, seed=0, standardize="none",
+    raw, _, report = estimate(x, y, epochs=40, batch_size=128, hidden=128, seed=0, standardize="none",
                                  return_report=True)
     assert abs(raw - truth) > 0.15 and not report["converged"], (raw, truth, report)
 
@@ -130,39 +135,62 @@ def test_standardization_statistics_computed_once(monkeypatch):
     monkeypatch.setattr(mine, "standardization_stats",
                         lambda x, mode: shapes.append(tuple(x.shape)) or real(x, mode))
     x, y = gaussian_pair(100, 3, 0.5, seed=4)
-    estimate_mi(x, y[:, :2], epochs=4, batch_size=32, hidden=16)
+    estimate(x, y[:, :2], epochs=4, batch_size=32, hidden=16)
     assert shapes == [(100, 3), (100, 2)]                      # once per input over 4 epochs
     shapes.clear()
-    estimate_mi(x, y, epochs=2, batch_size=32, hidden=16, standardize="none")
+    estimate(x, y, epochs=2, batch_size=32, hidden=16, standardize="none")
     assert shapes == []
 
 
 def test_convergence_verdicts():
-    rising = convergence([0.1 * i for i in range(1, 11)])
-    # slope 0.1 per epoch, change 0.9 across the window, level = mean 0.55, no residual
-    assert rising["reason"] == "rising" and not rising["converged"]
-    assert math.isclose(rising["slope"], 0.9 / 0.55) and math.isclose(rising["spread"], 0.0, abs_tol=1e-9)
-    flat = convergence([0.1, 0.3] + [0.5] * 10)               # only the last 10 epochs count
-    assert flat == {"converged": True, "slope": 0.0, "spread": 0.0, "reason": "converged", "window": 10}
-    noisy = convergence([0.2, 0.8, 0.2, 0.8, 0.5, 0.5, 0.8, 0.2, 0.8, 0.2])
-    # symmetric: slope 0; residuals +-0.3 on 8 of 10 epochs -> std sqrt(0.072), level 0.5
+    """The last 10 epochs against the 10 up to the half-way epoch, then the line and the noise of the last 10."""
+    rising = convergence([0.1 * i for i in range(1, 21)])
+    # last window 1.1..2.0 (mean 1.55), window ending at epoch 10: 0.1..1.0 (mean 0.55)
+    assert rising["reason"] == "rising" and not rising["converged"] and rising["halfway"] == 10
+    assert math.isclose(rising["change"], 1.0 / 1.55) and math.isclose(rising["slope"], 0.9 / 1.55)
+    assert math.isclose(rising["spread"], 0.0, abs_tol=1e-9)
+    settled = convergence([0.1] + [0.5] * 19)                 # earlier window mean 0.46: change 0.08
+    assert settled["reason"] == "converged" and math.isclose(settled["change"], 0.08)
+    assert settled["slope"] == 0.0 and settled["spread"] == 0.0
+    assert convergence([0.1, 0.3] + [0.5] * 18)["reason"] == "rising"     # earlier mean 0.44: change 0.12
+    noisy = convergence([0.5] * 10 + [0.2, 0.8, 0.2, 0.8, 0.5, 0.5, 0.8, 0.2, 0.8, 0.2])
+    # same mean as before, symmetric: slope 0; residuals +-0.3 on 8 of 10 epochs -> std sqrt(0.072), level 0.5
     assert noisy["reason"] == "noisy" and math.isclose(noisy["spread"], math.sqrt(0.072) / 0.5)
-    near_zero = convergence([0.0, 0.01] * 5)
+    near_zero = convergence([0.0, 0.01] * 10)
     # mean 0.005 < floor 0.05: judged against 0.05 nats, the small wobble passes
     assert near_zero["converged"] and near_zero["spread"] < 0.11
-    assert convergence([0.0] * 30) == {"converged": False, "slope": 0.0, "spread": 0.0, "reason": "zero",
-                                       "window": 10}
-    assert convergence([1.0] * 9) == {"converged": False, "slope": None, "spread": None,
-                                      "reason": "too few epochs", "window": 10}
+    zero = convergence([0.0] * 30)
+    assert zero["reason"] == "zero" and not zero["converged"] and zero["change"] == 0.0
+    assert convergence([1.0] * 19) == {"converged": False, "reason": "too few epochs", "change": None,
+                                       "slope": None, "spread": None, "window": 10, "halfway": 9}
+
+
+def test_a_curve_flattened_by_the_schedule_is_not_converged():
+    """A bound that climbs until the rate vanishes and is flat over the last 10 epochs (slope 0) still
+    moved between the half-way window and the end: rising, not converged."""
+    history = [0.2 * e for e in range(1, 21)] + [4.0] * 10     # 30 epochs, halfway 15
+    report = convergence(history)
+    assert report["slope"] == 0.0 and report["spread"] == 0.0
+    assert report["reason"] == "rising" and math.isclose(report["change"], (4.0 - 2.1) / 4.0)
+
+
+def test_an_estimator_stopped_while_rising_is_not_converged():
+    """A few epochs, annealed to 0: the last epochs are flat only because the rate is 0."""
+    x, y = gaussian_pair(4000, 4, 0.6, seed=1)
+    _, history, report = estimate(x, y, epochs=20, hidden=128, lr=2e-4, seed=0, return_report=True)
+    assert history[-1] > history[9], history
+    assert report["reason"] == "rising" and not report["converged"], report
 
 
 def test_mi_warnings_text():
     blocks = ["layer1", "layer2", "layer3"]
-    reports = [convergence([0.1 * i for i in range(1, 11)]), convergence([0.5] * 10), convergence([0.5] * 4)]
-    assert mi_warnings(blocks, [0.55, 0.5, 0.5], reports) == [
-        "MI of layer1 (0.55 nats) has not converged (rising: change +1.64 and spread 0.00 of the level "
-        "over the last 10 epochs); raise --mi_epochs",
-        "MI of layer3 (0.5 nats) has not converged (too few epochs: fewer than 10); raise --mi_epochs"]
+    reports = [convergence([0.1 * i for i in range(1, 21)]), convergence([0.5] * 20), convergence([0.5] * 4)]
+    assert mi_warnings(blocks, [1.55, 0.5, 0.5], reports) == [
+        "MI of layer1 (1.55 nats) has not converged (rising: the mean of the last 10 epochs differs from that "
+        "of epochs 1-10 by +0.65 of the level; over the last 10 epochs change +0.58, spread 0.00); raise "
+        "--mi_epochs",
+        "MI of layer3 (0.5 nats) has not converged (too few epochs: fewer than 20, the last 10 are compared "
+        "with the 10 up to the half-way epoch); raise --mi_epochs"]
     zero = convergence([0.0] * 20)
     assert mi_warnings(blocks[:2], [0.0, 0.0], [zero, zero]) == [
         "MI of layer1 (0 nats) has not converged (zero: the bound was 0 in each of the last 10 epochs); "
@@ -204,7 +232,7 @@ def test_statistics_network_never_trains_on_held_out_samples_which_are_evaluated
     monkeypatch.setattr(mine, "StatisticsNetwork", RecordingNetwork)
     monkeypatch.setattr(mine, "evaluate_bound", lambda net, a_e, z_e, perms: evaluated.append(
         (a_e[:, 0].round().long().tolist(), len(perms))) or 0.5)
-    estimate_mi(a, z, epochs=3, batch_size=8, hidden=8, seed=3, standardize="none", holdout=0.2)
+    estimate(a, z, epochs=3, batch_size=8, hidden=8, seed=3, standardize="none", holdout=0.2)
     train, held = holdout_split(n, 0.2, seed=3)
     assert set(RecordingNetwork.seen) == set(train.tolist())                   # 40 = 5 full batches of 8
     assert evaluated == [(held.tolist(), EVAL_PERMUTATIONS)] * 3               # every epoch, held-out only
@@ -235,10 +263,10 @@ def test_learning_rate_schedules(monkeypatch):
     x, y = gaussian_pair(64, 2, 0.5, seed=5)
     epochs, lr = 4, 1e-3
     RecordingAdam.lrs = []
-    estimate_mi(x, y, epochs=epochs, batch_size=32, hidden=8, lr=lr, holdout=0.0, schedule="constant")
+    estimate(x, y, epochs=epochs, batch_size=32, hidden=8, lr=lr, holdout=0.0, schedule="constant")
     assert RecordingAdam.lrs == [lr] * 2 * epochs
     RecordingAdam.lrs = []
-    estimate_mi(x, y, epochs=epochs, batch_size=32, hidden=8, lr=lr, holdout=0.0, schedule="cosine")
+    estimate(x, y, epochs=epochs, batch_size=32, hidden=8, lr=lr, holdout=0.0, schedule="cosine")
     per_epoch = RecordingAdam.lrs[::2]                 # two steps per epoch, one rate per epoch
     expected = [lr * (1 + math.cos(math.pi * e / epochs)) / 2 for e in range(epochs)]   # 1e-3 ... 1.5e-4
     assert all(math.isclose(got, want, rel_tol=1e-9) for got, want in zip(per_epoch, expected))

@@ -252,9 +252,10 @@ def test_paper_preset_runs_a_subset_of_its_tasks(tmp_path):
     with pytest.raises(UserError) as refused:
         run_pipeline.main(args)
     message = str(refused.value)
-    assert "svhn/train.npz" in message and "cifar10/train.npz" in message and "reference/cifar10/one.npz" in message
+    assert "svhn/train.npz" in message and "cifar10/train.npz" in message
+    assert "reference/" not in message                 # the released reference files are shipped
     assert "gtsrb" not in message and "stl10" not in message
-    assert f"python prepare_data.py --dataset cifar10 svhn --download --references --out {tmp_path}" in message
+    assert f"python prepare_data.py --dataset cifar10 svhn --download --out {tmp_path}" in message
     args.tasks = ["gtsrb", "mnist"]
     with pytest.raises(UserError, match=r"^--tasks: the paper preset has no task mnist \(its tasks: gtsrb, svhn, stl10\)$"):
         run_pipeline.main(args)

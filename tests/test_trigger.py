@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from datasets import load_trigger, make_square_trigger, stamp_trigger
+from datasets.trigger import check_trigger
 from utils.errors import UserError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -40,3 +41,23 @@ def test_trigger_of_the_wrong_size_is_refused():
 def test_missing_trigger_says_how_to_regenerate(tmp_path):
     with pytest.raises(UserError, match="python -m datasets.make_triggers"):
         load_trigger(tmp_path / "nope.npz")
+
+
+def test_trigger():
+    t, tm = make_square_trigger(32, 21, 10)
+    check_trigger(t, tm, "trigger/x.npz")
+    with np.load(ROOT / "trigger/trigger_pt_white_21_10_ap_replace.npz") as npz:
+        check_trigger(npz["t"], npz["tm"], "shipped")
+    cases = [
+        (np.where(tm == 0, np.nan, t), tm, "trigger/x.npz: t holds NaN or infinite values"),
+        (t, np.where(tm == 0, np.inf, tm), "trigger/x.npz: tm holds NaN or infinite values"),
+        (np.where(tm == 0, 300.0, t), tm, "trigger/x.npz: t must lie in [0, 255], found values from 0 to 300"),
+        (t - 1, tm, "trigger/x.npz: t must lie in [0, 255], found values from -1 to 254"),
+        (t, np.where(tm == 0, 0.5, tm), "trigger/x.npz: tm must hold only 0 and 1 (1 keeps the pixel), found 0.5"),
+        (t[:0], tm[:0], "trigger/x.npz holds no trigger (K = 0); regenerate it with python -m datasets.make_triggers"),
+        (t, tm[..., :2], "trigger/x.npz: t and tm must have the same shape, got (1, 32, 32, 3) and (1, 32, 32, 2)"),
+    ]
+    for bad_t, bad_tm, message in cases:
+        with pytest.raises(UserError) as err:
+            check_trigger(bad_t, bad_tm, "trigger/x.npz")
+        assert str(err.value) == message

@@ -1,14 +1,89 @@
-"""The command line every stage shares: common flags, and the wrapper that turns expected
-failures into one `error: ...` line and exit code 2."""
+"""The command line every stage shares: flag types, common flags, and the wrapper that turns
+expected failures into one `error: ...` line and exit code 2.
+
+Flags are checked when they are parsed (the `type=` callables below): argparse prints one usage
+line and `error: argument --lr: must be ...` and exits 2.
+"""
+import argparse
+import math
 import os
 import sys
 import traceback
 
 import torch.distributed as dist
 
-from .checks import fraction, nonnegative_int, positive_int, seed_int
 from .distributed import get_rank, get_world_size
 from .errors import UserError
+
+SEED_LIMIT = 2 ** 32            # numpy's seeds are below 2**32
+
+
+# ---------------------------------------------------------------- argparse types
+
+def _named(fn, name):
+    fn.__name__ = fn.__qualname__ = name
+    return fn
+
+
+def _int_type(lo, hi, desc, name):
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {desc}, got {text}") from None
+        if (lo is not None and value < lo) or (hi is not None and value > hi):
+            raise argparse.ArgumentTypeError(f"must be {desc}, got {text}")
+        return value
+    return _named(parse, name)
+
+
+def int_at_least(n):
+    """argparse type: an integer >= n."""
+    return _int_type(n, None, f"an integer >= {n}", f"int_at_least_{n}")
+
+
+positive_int = _int_type(1, None, "a positive integer", "positive_int")
+nonnegative_int = _int_type(0, None, "a non-negative integer", "nonnegative_int")
+seed_int = _int_type(0, SEED_LIMIT - 1, f"an integer from 0 to {SEED_LIMIT - 1}", "seed_int")
+
+
+def _float_desc(lo, hi, lo_open, hi_open):
+    if lo is None and hi is None:
+        return "a finite number"
+    if hi is None:
+        return f"a finite number {'>' if lo_open else '>='} {lo:g}"
+    if lo is None:
+        return f"a finite number {'<' if hi_open else '<='} {hi:g}"
+    return f"a finite number in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+
+
+def float_in(lo=None, hi=None, lo_open=False, hi_open=False, name=None):
+    """argparse type: a finite float within [lo, hi] (None = unbounded; *_open excludes the end)."""
+    desc = _float_desc(lo, hi, lo_open, hi_open)
+
+    def parse(text):
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {desc}, got {text}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be {desc}, got {text}")
+        below = lo is not None and (value <= lo if lo_open else value < lo)
+        above = hi is not None and (value >= hi if hi_open else value > hi)
+        if below or above:
+            raise argparse.ArgumentTypeError(f"must be {desc}, got {text}")
+        return value
+    return _named(parse, name or "float_in")
+
+
+finite_float = float_in(name="finite_float")
+positive_float = float_in(0, lo_open=True, name="positive_float")
+nonnegative_float = float_in(0, name="nonnegative_float")
+fraction = float_in(0, 1, lo_open=True, name="fraction")             # e.g. --ratio
+unit_interval = float_in(0, 1, hi_open=True, name="unit_interval")   # e.g. --momentum
+# Learning rates: above ~3e37 Adam's step size overflows float32 into a traceback, and no useful
+# rate is anywhere near 10, so larger values are refused at parse time.
+learning_rate = float_in(0, 10, lo_open=True, name="learning_rate")
 
 
 def add_run_args(parser, seed, save_freq=None):

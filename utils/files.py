@@ -87,3 +87,15 @@ def first_line(err):
     """The first line of an exception's message, or its type when the message is empty."""
     lines = str(err).strip().splitlines()
     return lines[0] if lines else type(err).__name__
+
+
+def remove_stale_temporaries(folder):
+    """Delete the .<name>.XXXXXXXX.tmp files that utils.files.atomic_write leaves when killed;
+    return their names. Call it while holding the folder's RunLock."""
+    pattern = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")
+    removed = []
+    for path in sorted(Path(folder).iterdir()):
+        if path.is_file() and pattern.fullmatch(path.name):
+            path.unlink(missing_ok=True)
+            removed.append(path.name)
+    return removed

@@ -8,6 +8,7 @@ from tqdm import tqdm
 
 from .distributed import is_main
 from .files import atomic_write, save_json
+from .records import LOG, read_log
 from .errors import UserError
 
 
@@ -19,11 +20,11 @@ def progress(iterable, desc, **kwargs):
 
 
 class RunLog:
-    """args.json at start, one JSON line and one CSV row per epoch, results.json at the end."""
+    """args.json at start, then one JSON line (log.jsonl) and one CSV row (log.csv) per epoch."""
 
     def __init__(self, out_dir, args, resume_epoch=None):
         self.dir = Path(out_dir)
-        self.jsonl = self.dir / "log.jsonl"
+        self.jsonl = self.dir / LOG
         self.csv = self.dir / "log.csv"
         self.writes = is_main()             # under torchrun only rank 0 writes
         if not self.writes:
@@ -45,16 +46,7 @@ class RunLog:
 
     def read(self):
         """The logged rows; a line cut short by a kill (the last one) is dropped."""
-        if not self.jsonl.exists():
-            return []
-        rows = []
-        with open(self.jsonl) as fh:
-            for line in fh:
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError:
-                    continue
-        return rows
+        return read_log(self.jsonl)
 
     def log(self, row, echo=True, prefix=""):
         """Append one epoch's row to log.jsonl and log.csv (and print it, after prefix)."""
@@ -88,13 +80,14 @@ class RunLog:
                 writer.writerows(rows)
         atomic_write(self.csv, write)
 
-    def results(self, results):
-        if self.writes:
-            save_json(self.dir / "results.json", results)
-
-
-def check_finite(value, epoch, step, out_dir):
-    """Stop on a NaN or infinite loss; the checkpoint of the previous epoch is left as it was."""
-    if not math.isfinite(value):
-        raise UserError(f"loss became {value} at epoch {epoch}, step {step}; stopped. The last good "
-                        f"checkpoint is {Path(out_dir) / 'checkpoint.pth'} (lower --lr and --resume)")
+def check_finite(value, epoch, step=None, out_dir=None, what="loss"):
+    """Stop on a NaN or infinite loss. A training stage passes its step and folder: the checkpoint
+    of the previous epoch there is left as it was, ready for --resume. Without a folder (stage 3,
+    which keeps no checkpoint) the message names `what` and advises a new run."""
+    value = float(value)
+    if math.isfinite(value):
+        return
+    if out_dir is None:
+        raise UserError(f"the {what} became {value} at epoch {epoch}; stopped. Lower --lr and run again")
+    raise UserError(f"loss became {value} at epoch {epoch}, step {step}; stopped. The last good "
+                    f"checkpoint is {Path(out_dir) / 'checkpoint.pth'} (lower --lr and --resume)")

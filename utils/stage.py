@@ -1,6 +1,7 @@
 """The opening and the epoch bookkeeping of every training stage: header, results folder,
 resume, and the checkpoint files written each epoch."""
 import atexit
+import json
 import subprocess
 import sys
 import tempfile
@@ -10,11 +11,10 @@ from pathlib import Path
 from .device import resolve_device
 from .distributed import barrier, init_distributed, is_main, launched_processes
 from .errors import UserError
-from .files import load_checkpoint, save_checkpoint
-from .checks import (check_finite_encoder, check_stage, refuse_resume_conflicts, remove_stale_temporaries,
-                     resume_conflicts)
+from .files import load_checkpoint, remove_stale_temporaries, save_checkpoint
 from .lock import RunLock
 from .logs import RunLog
+from .records import RESULTS, Results
 from .seeding import rng_state, set_rng_state, set_seed
 
 
@@ -98,26 +98,56 @@ def prepare_output_dir(path, resume=False, overwrite=False):
     return path
 
 
-def resume_state(out_dir, model, optimizer, args=None, stage=None):
-    """Restore model, optimiser and RNG states from <out_dir>/checkpoint.pth; return its epoch.
+def infer_stage(ckpt):
+    """The stage that wrote one of our checkpoints: its 'stage' key, else guessed from its keys."""
+    if "stage" in ckpt:
+        return ckpt["stage"]
+    if "mi" in ckpt:
+        return "mimic"
+    return "badencoder" if "target_label" in ckpt else "clean_encoder"
 
-    With args and stage, the checkpoint must come from that stage and from the same training
-    flags: only flags that do not change the training (utils.checks.FREE_ON_RESUME, e.g.
-    --epochs) may differ, and --epochs may not fall below the epochs already trained.
-    """
-    path = Path(out_dir) / "checkpoint.pth"
-    ckpt = load_checkpoint(path)
-    if stage is not None:
-        check_stage(ckpt, path, stage)
-        refuse_resume_conflicts(resume_conflicts(ckpt.get("args") or {}, vars(args)), out_dir)
-        if args.epochs < ckpt["epoch"]:
-            raise UserError(f"--resume: {out_dir} has trained {ckpt['epoch']} epochs already, more than "
-                            f"--epochs {args.epochs}; pass --epochs {ckpt['epoch']} or more")
-    model.load_state_dict(ckpt["state_dict"])
-    optimizer.load_state_dict(ckpt["optimizer"])
-    set_rng_state(ckpt["rng"])
-    print(f"resumed from {Path(out_dir) / 'checkpoint.pth'} at epoch {ckpt['epoch']}")
-    return ckpt["epoch"], ckpt
+
+def check_stage(ckpt, path, expected_stage):
+    """--resume continues only a run of the same stage; returns the stage."""
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise UserError(f"--resume: {path} is not a checkpoint written by this project; use a new "
+                        f"--results_dir")
+    stage = infer_stage(ckpt)
+    if stage != expected_stage:
+        raise UserError(f"--resume: {path} was written by stage {stage!r}, not {expected_stage!r}; "
+                        f"use a new --results_dir")
+    return stage
+
+
+# Flags that may change between a run and its --resume because they do not change what is
+# trained: how long, where, how often to save or monitor, and how the tensors are laid out.
+FREE_ON_RESUME = ("epochs", "save_freq", "resume", "overwrite", "debug", "device", "num_workers",
+                  "data_dir", "results_dir", "knn_freq", "channels_last")
+
+
+def _plain(value):
+    """A value as it reads back from args.json (Paths become strings, tuples lists)."""
+    return json.loads(json.dumps(value, default=str))
+
+
+def resume_conflicts(stored_args, new_args, free=FREE_ON_RESUME):
+    """Flags whose value differs between the stored run and the new command, as
+    ['--lr 0.001 -> 0.05', ...] in the order of new_args; flags in `free`, and flags only one side
+    knows (an args.json older than a flag), are ignored."""
+    conflicts = []
+    for key in new_args:
+        if key in free or key not in stored_args:
+            continue
+        old, new = _plain(stored_args[key]), _plain(new_args[key])
+        if old != new:
+            conflicts.append(f"--{key} {old} -> {new}")
+    return conflicts
+
+
+def refuse_resume_conflicts(conflicts, out_dir):
+    if conflicts:
+        raise UserError(f"--resume: these flags differ from the run in {out_dir}: {', '.join(conflicts)}; "
+                        f"pass the original values, or start a new --results_dir")
 
 
 def save_epoch(out_dir, state, epoch, epochs, save_freq):
@@ -139,67 +169,81 @@ def save_epoch(out_dir, state, epoch, epochs, save_freq):
 
 
 class TrainingRun:
-    """What every training stage does around its own epochs: resume, one logged row and the
+    """What every training stage does around its own epoch loop: resume, one logged row and the
     checkpoint files per epoch, and results.json at the end.
 
-        run = TrainingRun(out_dir, args, "mimic", model, optimizer, usage="cifar10")
-        start, ckpt = run.resume()          # (0, None) unless --resume
-        run.train(start, lambda epoch: {"loss": ...})
-        run.finish(mi=...)
+        run = TrainingRun(out_dir, args, "mimic")
+        start, ckpt = run.resume(model, optimizer)      # (0, None) unless --resume
+        for epoch in range(start + 1, args.epochs + 1):
+            row = train_one_epoch(...)
+            run.log_epoch(epoch, row)
+            run.save(epoch, checkpoint())               # the stage's checkpoint dict
+        run.finish(checkpoint(), knn_acc=...)
 
-    The checkpoints hold the model's weights and constructor arguments (models.encoder_checkpoint),
-    the optimiser, the arguments, and `meta` (e.g. the target label), which a stage may extend
-    before training.
+    A checkpoint dict holds the weights and the model's constructor arguments
+    (models.encoder_checkpoint), the optimiser, the arguments and whatever the stage adds.
+    guard(), when given, runs before every model file is written and stops the run (UserError)
+    if the model must not be kept, e.g. models.health.check_finite_encoder.
     """
 
-    def __init__(self, out_dir, args, stage, model, optimizer, image_size, **meta):
-        self.out_dir, self.args, self.stage = Path(out_dir), args, stage
-        self.model, self.optimizer, self.meta = model, optimizer, meta
-        self.image_size, self.device = image_size, next(model.parameters()).device
-        self.log = None
+    def __init__(self, out_dir, args, stage, guard=None):
+        self.out_dir, self.args, self.stage, self.guard = Path(out_dir), args, stage, guard
+        self.log, self.start, self.began = None, 0, None
 
-    def resume(self):
-        """Restore model, optimiser and RNG states under --resume; open the log. Returns (epoch, ckpt)."""
-        start, ckpt = 0, None
+    def resume(self, model, optimizer):
+        """Under --resume restore model, optimiser and RNG states from checkpoint.pth, which must
+        come from this stage and from the same training flags (only FREE_ON_RESUME may differ,
+        and --epochs may not fall below the epochs already trained). Opens the log either way.
+        Returns (epoch reached, checkpoint dict or None)."""
+        ckpt = None
         if self.args.resume:
-            start, ckpt = resume_state(self.out_dir, self.model, self.optimizer, self.args, self.stage)
-        self.log = RunLog(self.out_dir, self.args, resume_epoch=start if self.args.resume else None)
-        return start, ckpt
+            path = self.out_dir / "checkpoint.pth"
+            ckpt = load_checkpoint(path)
+            check_stage(ckpt, path, self.stage)
+            refuse_resume_conflicts(resume_conflicts(ckpt.get("args") or {}, vars(self.args)), self.out_dir)
+            if self.args.epochs < ckpt["epoch"]:
+                raise UserError(f"--resume: {self.out_dir} has trained {ckpt['epoch']} epochs already, more "
+                                f"than --epochs {self.args.epochs}; pass --epochs {ckpt['epoch']} or more")
+            model.load_state_dict(ckpt["state_dict"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            set_rng_state(ckpt["rng"])
+            self.start = ckpt["epoch"]
+            print(f"resumed from {path} at epoch {self.start}")
+        self.log = RunLog(self.out_dir, self.args, resume_epoch=self.start if self.args.resume else None)
+        self.began = self.epoch_began = time.time()
+        return self.start, ckpt
 
-    def checkpoint(self):
-        from models import encoder_checkpoint      # models imports utils: import it where it is used
-        return encoder_checkpoint(self.model, optimizer=self.optimizer.state_dict(), args=vars(self.args),
-                                  stage=self.stage, **self.meta)
+    def log_epoch(self, epoch, row):
+        """Log one epoch's measurements (with the seconds since the last epoch was saved) and print
+        them with the time left."""
+        row = {"epoch": epoch, **row, "seconds": round(time.time() - self.epoch_began, 2)}
+        epochs = self.args.epochs
+        left = (time.time() - self.began) / (epoch - self.start) * (epochs - epoch)
+        self.log.log(row, prefix=f"epoch {epoch}/{epochs}, {duration(left)} left: ")
 
-    def train(self, start, train_epoch):
-        """Epochs start+1..--epochs: train_epoch(epoch) returns the epoch's measurements; each is
-        logged with its time, then saved (checkpoint.pth, and model_<epoch>.pth by --save_freq).
-        With --epochs 0 (a defence that only prunes) the model is saved as it is, as model_0.pth."""
-        epochs, began = self.args.epochs, time.time()
-        for epoch in range(start + 1, epochs + 1):
-            t0 = time.time()
-            row = {"epoch": epoch, **train_epoch(epoch)}
-            row["seconds"] = round(time.time() - t0, 2)
-            left = (time.time() - began) / (epoch - start) * (epochs - epoch)
-            self.log.log(row, prefix=f"epoch {epoch}/{epochs}, {duration(left)} left: ")
-            check_finite_encoder(self.model, self.image_size, self.device, self.stage)
-            save_epoch(self.out_dir, self.checkpoint(), epoch, epochs, self.args.save_freq)
-        if is_main() and not self.encoder_path.exists():
-            # --epochs 0, or resumed from a checkpoint.pth of the last epoch whose model file was lost.
-            check_finite_encoder(self.model, self.image_size, self.device, self.stage)
-            save_checkpoint(self.encoder_path, {**self.checkpoint(), "epoch": epochs, "rng": rng_state()})
+    def save(self, epoch, state):
+        """checkpoint.pth, and model_<epoch>.pth every --save_freq epochs and at the last."""
+        if self.guard is not None:
+            self.guard()
+        save_epoch(self.out_dir, state, epoch, self.args.epochs, self.args.save_freq)
+        self.epoch_began = time.time()
 
     @property
     def encoder_path(self):
         return self.out_dir / f"model_{self.args.epochs}.pth"
 
-    def finish(self, **results):
-        """Write results.json: the stage, the final epoch's row, the encoder file and the arguments."""
+    def finish(self, state, **results):
+        """Write the final model file if no epoch wrote it (--epochs 0, as a defence that only
+        prunes; or a resume from a checkpoint.pth whose model file was lost), then results.json:
+        the stage, the final epoch's row, the encoder file and the arguments. Returns the encoder path."""
+        if is_main() and not self.encoder_path.exists():
+            if self.guard is not None:
+                self.guard()
+            save_checkpoint(self.encoder_path, {**state, "epoch": self.args.epochs, "rng": rng_state()})
         rows = self.log.read()
-        # The encoder is named relative to this folder, so a copied results folder names its own.
-        self.log.results({"stage": self.stage, "epochs": self.args.epochs, **results,
-                          "final": rows[-1] if rows else {}, "encoder": self.encoder_path.name,
-                          "args": vars(self.args)})
+        if is_main():
+            Results(stage=self.stage, args=vars(self.args), epochs=self.args.epochs, encoder=self.encoder_path.name,
+                    final=rows[-1] if rows else {}, extra=results).save(self.out_dir / RESULTS)
         return self.encoder_path
 
 

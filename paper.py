@@ -1,0 +1,60 @@
+"""The paper's setting, defined once: the facts that more than one stage, the data preparation and
+the pipeline share. Plain data, no code from this project is imported here.
+
+Each stage's own hyperparameters (learning rates, epochs, ...) are the defaults of its flags; the
+MI estimator's are models.mine.MISettings. Paths are relative to the repository root.
+"""
+from dataclasses import dataclass
+
+# The default trigger: a white 10x10 square at rows and columns 21..30 of a 32x32 image (the
+# 224x224 variant: 50x50 at 173..222). datasets/make_triggers.py writes both.
+TRIGGER = "trigger/trigger_pt_white_21_10_ap_replace.npz"
+TRIGGER_SQUARES = {  # file -> (image size, first row/column, side)
+    "trigger/trigger_pt_white_21_10_ap_replace.npz": (32, 21, 10),
+    "trigger/trigger_pt_white_173_50_ap_replace.npz": (224, 173, 50),
+}
+
+
+@dataclass(frozen=True)
+class Task:
+    """A downstream task of the attack: the dataset, the attacker's target label in it, and the
+    reference file holding the target's reference input(s) for an encoder pre-trained on `pretraining`."""
+    pretraining: str
+    dataset: str
+    label: int
+    reference: str
+
+    @property
+    def key(self):
+        """How the task is named in summaries and tables."""
+        return f"{self.dataset} (target {self.label})"
+
+
+def _released(pretraining, dataset, label, name):
+    return Task(pretraining, dataset, label, f"reference/{pretraining}/{name}.npz")
+
+
+# The BadEncoder/MIMIC targets, with the authors' released reference files (reference/README.md).
+TASKS = {
+    "cifar10": (_released("cifar10", "gtsrb", 12, "priority"),
+                _released("cifar10", "svhn", 1, "one"),
+                _released("cifar10", "stl10", 9, "truck")),
+    "stl10": (_released("stl10", "gtsrb", 12, "priority"),
+              _released("stl10", "svhn", 1, "one"),
+              _released("stl10", "cifar10", 0, "airplane")),
+}
+
+
+def paper_task(pretraining, dataset):
+    """The paper's task on `dataset` for encoders pre-trained on `pretraining`, or None."""
+    return next((t for t in TASKS.get(pretraining, ()) if t.dataset == dataset), None)
+
+# md5 of each released reference file, as published (tests/test_paper.py checks the shipped bytes).
+RELEASED_REFERENCES = {
+    "reference/cifar10/priority.npz": "87885aff0201494951722fb6952d2b61",
+    "reference/cifar10/one.npz": "dfbea5e2be57f8ec2502b91674d85523",
+    "reference/cifar10/truck.npz": "6f51130b68b36684cbc5b54cdcdf0824",
+    "reference/stl10/priority.npz": "87885aff0201494951722fb6952d2b61",
+    "reference/stl10/one.npz": "dfbea5e2be57f8ec2502b91674d85523",
+    "reference/stl10/airplane.npz": "0991e769bd54b6894264565cd669a0e4",
+}
