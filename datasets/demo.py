@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from paper import Task
 from utils.cli import run_cli
 from utils.errors import UserError
 from utils.files import atomic_write
@@ -55,6 +56,13 @@ DEFAULTS = {
     "n_reference": 0,
     "seed": 0,
 }
+
+
+def demo_task():
+    """The demo's downstream task: the target class of DEFAULTS, with the reference file
+    make_demo_data writes for it (paths relative to the repository root)."""
+    target = DEFAULTS["target_class"]
+    return Task(PRETRAIN_NAME, DOWNSTREAM_NAME, target, f"reference/{USAGE}/{DOWNSTREAM_CLASSES[target]}.npz")
 
 
 # ---------------------------------------------------------------- signed distances

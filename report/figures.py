@@ -19,7 +19,10 @@ import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first
 from matplotlib.patches import Patch  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from report.methods import label  # noqa: E402
 from report.stats import METRIC_LABELS, summarize_seeds  # noqa: E402
+from utils.errors import UserError  # noqa: E402
+from utils.records import LOG, MI, RESULTS, SUMMARY, MIRecord, Summary, read_log  # noqa: E402
 
 DPI = 120
 NOT_PLOTTED = ("epoch", "seconds")
@@ -27,7 +30,6 @@ TERM_LABELS = {"loss": "total loss", "loss0": "loss0 (backdoor effectiveness)",
                "loss1": "loss1 (reference preserving)", "loss2": "loss2 (utility)",
                "nce": "InfoNCE (contrastive)", "at": "attention transfer (weighted)",
                "clone": "feature clone"}
-ENCODER_LABELS = {"mimic": "MIMIC", "no_teacher": "no-teacher control", "uniform": "uniform-weights control"}
 GRID_ROWS = ("clean", "triggered", "reference", "view 1", "view 2")
 
 
@@ -40,19 +42,6 @@ class NothingToPlot(ValueError):
 def read_json(source):
     """A dict passed through, or the parsed JSON file at a path."""
     return source if isinstance(source, dict) else json.loads(Path(source).read_text())
-
-
-def read_log(path):
-    """Rows of a log.jsonl; a line cut short by an interrupted run is skipped rather than fatal."""
-    rows = []
-    for line in Path(path).read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(row, dict):
-            rows.append(row)
-    return rows
 
 
 def _is_number(value):
@@ -70,7 +59,7 @@ def bar_data(stats, task):
     means = {m: [rows[e][m]["mean"] if m in rows[e] else nan for e in encoders] for m in metrics}
     stds = {m: [rows[e][m]["std"] if m in rows[e] else 0.0 for e in encoders] for m in metrics}
     seeds = max((len(c["values"]) for r in rows.values() for c in r.values()), default=0)
-    return {"encoders": encoders, "metrics": metrics, "means": means, "stds": stds, "seeds": seeds}
+    return {"encoders": [label(e) for e in encoders], "metrics": metrics, "means": means, "stds": stds, "seeds": seeds}
 
 
 def log_series(rows, skip=NOT_PLOTTED):
@@ -91,19 +80,19 @@ def log_series(rows, skip=NOT_PLOTTED):
 
 
 def mi_data(mi):
-    """Blocks, MI (nats), attention weights and the converged flags (None when not recorded)."""
-    values = list(mi.get("mi", []))
-    blocks = list(mi.get("blocks") or [f"block {i + 1}" for i in range(len(values))])
-    converged = mi.get("converged")
-    return {"blocks": blocks, "mi": values, "weights": list(mi.get("weights", [])),
-            "converged": list(converged) if converged is not None else None,
-            "mi_model": mi.get("mi_model", "")}
+    """Blocks, MI (nats), attention weights and each block's converged flag (None when not
+    recorded) of an mi.json, read through its one definition (utils.records.MIRecord)."""
+    record = mi if isinstance(mi, MIRecord) else MIRecord.from_dict(read_json(mi))
+    verdicts = record.verdicts()
+    return {"blocks": list(record.blocks), "mi": list(record.mi), "weights": list(record.weights),
+            "converged": [v == "converged" for v in verdicts] if any(v is not None for v in verdicts) else None,
+            "mi_model": record.mi_model}
 
 
 def mi_history_series(mi):
     """{block: [bound at epoch 1, 2, ...]} for the blocks with a recorded history."""
-    blocks = mi_data(mi)["blocks"]
-    return {b: list(h) for b, h in zip(blocks, mi.get("history") or []) if h}
+    record = MIRecord.from_dict(read_json(mi))
+    return {b: list(h) for b, h in zip(record.blocks, record.history or []) if h}
 
 
 def eval_rows(eval_dir):
@@ -111,14 +100,15 @@ def eval_rows(eval_dir):
     (a run that has not finished has only the log)."""
     eval_dir = Path(eval_dir)
     try:
-        return read_json(eval_dir / "results.json")["curve"]
+        curve = read_json(eval_dir / RESULTS)["curve"]
     except (OSError, ValueError, KeyError):
-        return read_log(eval_dir / "log.jsonl") if (eval_dir / "log.jsonl").exists() else []
+        curve = None
+    return curve if curve is not None else read_log(eval_dir / LOG)
 
 
 def _dataset_of(eval_dir):
     """The evaluated dataset from results.json, else from args.json, else the folder name."""
-    for name in ("results.json", "args.json"):
+    for name in (RESULTS, "args.json"):
         try:
             return read_json(eval_dir / name)["dataset"]
         except (OSError, ValueError, KeyError, TypeError):
@@ -127,32 +117,35 @@ def _dataset_of(eval_dir):
 
 
 def eval_groups(run_dir):
-    """{dataset: {encoder label: eval folder}} of <run_dir>/eval, so each task gets one figure.
+    """{dataset: {method id: eval folder}} of <run_dir>/eval, so each task gets one figure.
 
-    The label is the folder name without its `_<dataset>` suffix, spelled as in summary.json when known.
+    The method id is the folder name without its `_<dataset>` suffix.
     """
     groups = {}
     root = Path(run_dir) / "eval"
     folders = sorted(root.iterdir()) if root.is_dir() else []
     for folder in folders:
-        if not ((folder / "results.json").exists() or (folder / "log.jsonl").exists()):
+        if not ((folder / RESULTS).exists() or (folder / LOG).exists()):
             continue
         dataset = str(_dataset_of(folder))
         name = folder.name.removesuffix(f"_{dataset}")
-        groups.setdefault(dataset, {})[ENCODER_LABELS.get(name, name)] = folder
+        groups.setdefault(dataset, {})[name] = folder
     return groups
 
 
 def stage_dirs(run_dir):
-    """Training stage folders of a run: direct subfolders holding a log.jsonl."""
-    return [d for d in sorted(Path(run_dir).iterdir()) if d.is_dir() and (d / "log.jsonl").exists()]
+    """Stage folders of a run: the folder itself when a stage script wrote it (it holds a log.jsonl),
+    and its direct subfolders holding one (a runner's stages, or stage 3's downstream_<dataset>)."""
+    run_dir = Path(run_dir)
+    below = [d for d in sorted(run_dir.iterdir()) if d.is_dir() and (d / LOG).exists()]
+    return [run_dir] * (run_dir / LOG).exists() + below
 
 
 def seed_folders(results_dir):
     """{seed: folder} of the seed_* subfolders that hold a summary.json (seed as int when numeric)."""
     found = {}
     for folder in sorted(Path(results_dir).glob("seed_*")):
-        if (folder / "summary.json").exists():
+        if (folder / SUMMARY).exists():
             seed = folder.name.removeprefix("seed_")
             found[int(seed) if seed.isdigit() else seed] = folder
     return dict(sorted(found.items(), key=lambda kv: (isinstance(kv[0], str), kv[0])))
@@ -161,8 +154,8 @@ def seed_folders(results_dir):
 def summary_results(run_dir):
     """The `results` dict of a run's summary.json, {} when it is absent or unreadable."""
     try:
-        return read_json(Path(run_dir) / "summary.json")["results"]
-    except (OSError, ValueError, KeyError, TypeError):
+        return Summary.load(Path(run_dir) / SUMMARY).results
+    except UserError:
         return {}
 
 
@@ -304,15 +297,15 @@ def mi_history(mi_json, path):
 
 def downstream_curves(eval_dirs, path):
     """ACC, ASR and ASR excl. target (%) over the classifier's epochs, one line per evaluated encoder."""
-    curves = {label: log_series(eval_rows(folder)) for label, folder in eval_dirs.items()}
+    curves = {label(method): log_series(eval_rows(folder)) for method, folder in eval_dirs.items()}
     metrics = [m for m in METRIC_LABELS if any(m in c for c in curves.values())]
     if not metrics:
         raise NothingToPlot("no downstream epochs logged")
     fig, axes = _panels(len(metrics), width=4.6, height=3.6)
     for ax, m in zip(axes, metrics):
-        for label, curve in curves.items():
+        for name, curve in curves.items():
             if m in curve:
-                ax.plot(curve[m]["epoch"], curve[m]["value"], marker="o", markersize=3, label=label)
+                ax.plot(curve[m]["epoch"], curve[m]["value"], marker="o", markersize=3, label=name)
         ax.set(title=METRIC_LABELS[m], ylabel=f"{METRIC_LABELS[m]} (%)", ylim=(-2, 102))
         _epoch_axis(ax)
     axes[0].legend(fontsize=8, title="encoder")
@@ -329,7 +322,7 @@ def sample_grid(images_clean, images_triggered, references, view1, view2, path, 
         raise NothingToPlot("no images given")
     cols = max(len(images) for _, images in rows)
     fig, axes = plt.subplots(len(rows), cols, figsize=(1.3 * cols + 0.8, 1.35 * len(rows)), squeeze=False)
-    for ax_row, (label, images) in zip(axes, rows):
+    for ax_row, (row_name, images) in zip(axes, rows):
         for j, ax in enumerate(ax_row):
             if j < len(images):
                 ax.imshow(images[j], interpolation="nearest")
@@ -337,7 +330,7 @@ def sample_grid(images_clean, images_triggered, references, view1, view2, path, 
                 ax.set_yticks([])
             else:
                 ax.axis("off")
-        ax_row[0].set_ylabel(label, rotation=0, ha="right", va="center")
+        ax_row[0].set_ylabel(row_name, rotation=0, ha="right", va="center")
     fig.suptitle("Sample images")
     fig.tight_layout()
     return _save(fig, path)
@@ -352,7 +345,7 @@ def _draw(function, source, path):
         return function(source, path)
     except NothingToPlot:
         return None
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, UserError) as error:
         plt.close("all")
         print(f"warning: skipped {Path(path).name}: {error}", file=sys.stderr)
         return None
@@ -363,9 +356,9 @@ def run_jobs(run_dir, out_dir, prefix=""):
     jobs = []
     for stage in stage_dirs(run_dir):
         jobs.append((training_curves, stage, out_dir / f"{prefix}training_{stage.name}.png"))
-        if (stage / "mi.json").exists():
-            jobs.append((mi_weights, stage / "mi.json", out_dir / f"{prefix}mi_weights_{stage.name}.png"))
-            jobs.append((mi_history, stage / "mi.json", out_dir / f"{prefix}mi_history_{stage.name}.png"))
+        if (stage / MI).exists():
+            jobs.append((mi_weights, stage / MI, out_dir / f"{prefix}mi_weights_{stage.name}.png"))
+            jobs.append((mi_history, stage / MI, out_dir / f"{prefix}mi_history_{stage.name}.png"))
     for dataset, folders in eval_groups(run_dir).items():
         jobs.append((downstream_curves, folders, out_dir / f"{prefix}downstream_{dataset}.png"))
     return jobs

@@ -6,8 +6,9 @@ number by hand. Metrics are percentages, as the downstream stage reports them.
 """
 import statistics
 
+from .methods import BASELINES, MIMIC, label
+
 METRIC_LABELS = {"acc": "ACC", "asr": "ASR", "asr_excluding_target": "ASR excl. target"}
-BASELINES = ("clean", "backdoored")
 
 
 def spread(values):
@@ -43,7 +44,7 @@ def summarize_seeds(per_seed):
     return out
 
 
-def paired_differences(per_seed, reference="MIMIC", metrics=("acc", "asr", "asr_excluding_target"),
+def paired_differences(per_seed, reference=MIMIC, metrics=("acc", "asr", "asr_excluding_target"),
                        against=None):
     """Per seed, reference minus each other encoder; mean and std (ddof=1) of those differences.
 
@@ -79,28 +80,29 @@ def per_seed_text(cell):
 
 
 def _table(first_header, rows, unit="%"):
-    """rows: {row label: {metric: spread}} -> markdown lines with mean ± std and per-seed columns."""
+    """rows: {row name: {metric: spread}} -> markdown lines with mean ± std and per-seed columns."""
     metrics = _ordered_union(rows.values())
     header = [first_header]
     for m in metrics:
         header += [f"{METRIC_LABELS.get(m, m)} ({unit}) mean ± std", f"{METRIC_LABELS.get(m, m)} per seed"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for label, cells in rows.items():
-        row = [label]
+    for name, cells in rows.items():
+        row = [name]
         for m in metrics:
             row += [mean_std(cells[m]), per_seed_text(cells[m])] if m in cells else ["", ""]
         lines.append("| " + " | ".join(row) + " |")
     return lines
 
 
-def markdown_seed_table(summary_stats, paired, reference="MIMIC"):
-    """Markdown: one table per task (rows = encoders), then the paired-difference table."""
+def markdown_seed_table(summary_stats, paired, reference=MIMIC):
+    """Markdown: one table per task (rows = encoders, by method id), then the paired-difference table."""
     lines = []
     for task, rows in summary_stats.items():
-        lines += [f"### {task}", ""] + _table("encoder", rows) + [""]
+        lines += [f"### {task}", ""] + _table("encoder", {label(m): cells for m, cells in rows.items()}) + [""]
     if paired:
-        lines += [f"### Paired differences: {reference} minus other encoder, same seed (percentage points)", ""]
-        flat = {f"{task}: {other}": cells for task, others in paired.items() for other, cells in others.items()}
+        lines += [f"### Paired differences: {label(reference)} minus other encoder, same seed (percentage points)",
+                  ""]
+        flat = {f"{task}: {label(other)}": cells for task, others in paired.items() for other, cells in others.items()}
         lines += _table("task: other encoder", flat, unit="pp") + [""]
     return "\n".join(lines)
 

@@ -19,6 +19,7 @@ from datasets import save_split
 from utils.errors import UserError
 from utils.stage import start_run
 
+pytestmark = pytest.mark.distributed
 ROOT = Path(__file__).resolve().parent.parent
 TRIGGER = "trigger/trigger_pt_white_21_10_ap_replace.npz"
 # Weight tolerance after one step: float32 sums run in another order in two processes, so the

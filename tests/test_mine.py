@@ -8,7 +8,7 @@ import torch
 
 from models import convergence, estimate_mi, mi_to_weights, mi_warnings
 from models import mine
-from models.mine import (AUTHORS, EVAL_PERMUTATIONS, MISettings, StatisticsNetwork, apply_standardization, dv_bound, evaluate_bound,
+from models.mine import (EVAL_PERMUTATIONS, MISettings, StatisticsNetwork, apply_standardization, dv_bound, evaluate_bound,
                          evaluate_bound_per_batch, holdout_split, standardization_stats)
 
 

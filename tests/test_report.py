@@ -29,31 +29,31 @@ def row(acc, asr, excl):
 
 # Three seeds; the uniform control is missing from seed 3, as after a crashed stage.
 PER_SEED = {
-    1: {TASK: {"clean": row(80.0, 5.0, 1.0), "backdoored": row(79.0, 99.0, 98.0), "MIMIC": row(76.0, 10.0, 6.0),
-               "no-teacher control": row(70.0, 8.0, 5.0), "uniform-weights control": row(75.0, 30.0, 25.0)}},
-    2: {TASK: {"clean": row(81.0, 6.0, 2.0), "backdoored": row(78.5, 98.0, 97.0), "MIMIC": row(77.0, 12.0, 7.0),
-               "no-teacher control": row(71.0, 9.0, 4.0), "uniform-weights control": row(74.0, 40.0, 35.0)}},
-    3: {TASK: {"clean": row(79.5, 4.0, 1.5), "backdoored": row(80.0, 97.0, 96.0), "MIMIC": row(78.0, 14.0, 8.0),
-               "no-teacher control": row(73.0, 10.0, 6.5)}},
+    1: {TASK: {"clean": row(80.0, 5.0, 1.0), "backdoored": row(79.0, 99.0, 98.0), "mimic": row(76.0, 10.0, 6.0),
+               "no_teacher": row(70.0, 8.0, 5.0), "uniform": row(75.0, 30.0, 25.0)}},
+    2: {TASK: {"clean": row(81.0, 6.0, 2.0), "backdoored": row(78.5, 98.0, 97.0), "mimic": row(77.0, 12.0, 7.0),
+               "no_teacher": row(71.0, 9.0, 4.0), "uniform": row(74.0, 40.0, 35.0)}},
+    3: {TASK: {"clean": row(79.5, 4.0, 1.5), "backdoored": row(80.0, 97.0, 96.0), "mimic": row(78.0, 14.0, 8.0),
+               "no_teacher": row(73.0, 10.0, 6.5)}},
 }
 
 
 def test_summarize_seeds_mean_and_sample_std():
     stats = summarize_seeds(PER_SEED)
-    acc = stats[TASK]["MIMIC"]["acc"]
+    acc = stats[TASK]["mimic"]["acc"]
     assert acc["values"] == {1: 76.0, 2: 77.0, 3: 78.0}
     assert acc["mean"] == pytest.approx(77.0)
     assert acc["std"] == pytest.approx(math.sqrt((1 + 0 + 1) / 2))
     excl = stats[TASK]["backdoored"]["asr_excluding_target"]
     assert excl["mean"] == pytest.approx(97.0)
     assert excl["std"] == pytest.approx(sample_std([98.0, 97.0, 96.0]))
-    asr = stats[TASK]["MIMIC"]["asr"]                      # 10, 12, 14: mean 12, std exactly 2
+    asr = stats[TASK]["mimic"]["asr"]                      # 10, 12, 14: mean 12, std exactly 2
     assert (asr["mean"], asr["std"]) == (pytest.approx(12.0), pytest.approx(2.0))
-    partial = stats[TASK]["uniform-weights control"]["asr"]   # seeds 1 and 2 only
+    partial = stats[TASK]["uniform"]["asr"]   # seeds 1 and 2 only
     assert partial["values"] == {1: 30.0, 2: 40.0}
     assert partial["mean"] == pytest.approx(35.0)
     assert partial["std"] == pytest.approx(math.sqrt(50.0))
-    assert list(stats[TASK]) == ["clean", "backdoored", "MIMIC", "no-teacher control", "uniform-weights control"]
+    assert list(stats[TASK]) == ["clean", "backdoored", "mimic", "no_teacher", "uniform"]
 
 
 def test_single_seed_std_is_zero():
@@ -63,20 +63,20 @@ def test_single_seed_std_is_zero():
 
 def test_paired_differences_against_controls_by_default():
     paired = paired_differences(PER_SEED)
-    assert set(paired[TASK]) == {"no-teacher control", "uniform-weights control"}
-    no_teacher = paired[TASK]["no-teacher control"]["acc"]      # 6, 6, 5
+    assert set(paired[TASK]) == {"no_teacher", "uniform"}
+    no_teacher = paired[TASK]["no_teacher"]["acc"]      # 6, 6, 5
     assert no_teacher["values"] == {1: 6.0, 2: 6.0, 3: 5.0}
     assert no_teacher["mean"] == pytest.approx(17.0 / 3)
     assert no_teacher["std"] == pytest.approx(sample_std([6.0, 6.0, 5.0]))
-    uniform = paired[TASK]["uniform-weights control"]["asr"]    # -20, -28; seed 3 has no uniform run
+    uniform = paired[TASK]["uniform"]["asr"]    # -20, -28; seed 3 has no uniform run
     assert uniform["values"] == {1: -20.0, 2: -28.0}
     assert (uniform["mean"], uniform["std"]) == (pytest.approx(-24.0), pytest.approx(math.sqrt(32.0)))
-    excl = paired[TASK]["no-teacher control"]["asr_excluding_target"]   # 1, 3, 1.5
+    excl = paired[TASK]["no_teacher"]["asr_excluding_target"]   # 1, 3, 1.5
     assert excl["mean"] == pytest.approx(5.5 / 3)
 
 
 def test_paired_differences_explicit_against_and_metrics():
-    paired = paired_differences(PER_SEED, reference="MIMIC", metrics=("asr",), against=["backdoored"])
+    paired = paired_differences(PER_SEED, reference="mimic", metrics=("asr",), against=["backdoored"])
     assert list(paired[TASK]) == ["backdoored"]
     asr = paired[TASK]["backdoored"]
     assert list(asr) == ["asr"]
@@ -98,7 +98,8 @@ def test_markdown_table_shows_mean_std_and_seeds():
 
 MI = {"blocks": ["layer1", "layer2", "layer3", "layer4"], "mi_model": "teacher", "mi": [0.5, 1.25, 2.0, 3.5],
       "weights": [0.1, 0.2, 0.3, 0.4], "history": [[0.1, 0.3, 0.5], [0.2, 1.0, 1.25], [1.0, 2.0, 2.0], [2.0, 3.0, 3.5]],
-      "converged": [True, True, False, True]}
+      "convergence": [{"converged": r == "converged", "reason": r} for r in ("converged", "converged", "rising",
+                                                                             "converged")]}
 CURVE = [{"epoch": 1, "loss": 2.0, "acc": 40.0, "asr": 90.0, "asr_excluding_target": 85.0, "seconds": 1.0},
          {"epoch": 2, "loss": 1.5, "acc": 55.0, "asr": 20.0, "asr_excluding_target": 12.0, "seconds": 1.0}]
 
@@ -136,7 +137,8 @@ def make_run(root, results):
                     "dataset": "demo_downstream", "curve": CURVE})
     write_log(root / "eval/mimic_demo_downstream/log.jsonl", CURVE[:1])
     write_json(root / "eval/mimic_demo_downstream/args.json", {"dataset": "demo_downstream"})
-    write_json(root / "summary.json", {"preset": "demo", "results": results, "stage_seconds": {}, "total_seconds": 1})
+    write_json(root / "summary.json", {"preset": "demo", "seed": 1, "results": results, "stage_seconds": {},
+                                       "total_seconds": 1})
     return root
 
 
@@ -165,7 +167,7 @@ def test_mi_extraction(run_dir):
     assert data["mi"] == [0.5, 1.25, 2.0, 3.5]
     assert data["weights"] == [0.1, 0.2, 0.3, 0.4]
     assert data["converged"] == [True, True, False, True]
-    assert figures.mi_data({k: v for k, v in mi.items() if k != "converged"})["converged"] is None
+    assert figures.mi_data({k: v for k, v in mi.items() if k != "convergence"})["converged"] is None
     assert figures.mi_history_series(mi)["layer2"] == [0.2, 1.0, 1.25]
     assert figures.mi_history_series(figures.read_json(run_dir / "uniform_demo_downstream/mi.json")) == {}
 
@@ -175,7 +177,7 @@ def test_eval_extraction(run_dir):
     assert list(groups) == ["demo_downstream"]
     assert groups["demo_downstream"] == {"backdoored": run_dir / "eval/backdoored_demo_downstream",
                                          "clean": run_dir / "eval/clean_demo_downstream",
-                                         "MIMIC": run_dir / "eval/mimic_demo_downstream"}
+                                         "mimic": run_dir / "eval/mimic_demo_downstream"}
     finished = figures.log_series(figures.eval_rows(run_dir / "eval/clean_demo_downstream"))
     assert finished["acc"] == {"epoch": [1, 2], "value": [40.0, 55.0]}
     assert finished["asr_excluding_target"]["value"] == [85.0, 12.0]
@@ -235,7 +237,7 @@ def test_plot_results_single_run(run_dir):
 
 def test_plot_results_seeds_and_damaged_files(tmp_path, capsys):
     for seed in (1, 2):
-        write_json(tmp_path / f"seed_{seed}/summary.json", {"results": PER_SEED[seed]})
+        write_json(tmp_path / f"seed_{seed}/summary.json", {"preset": "demo", "seed": seed, "results": PER_SEED[seed]})
         write_log(tmp_path / f"seed_{seed}/clean/log.jsonl", [{"epoch": 1, "loss": 5.0}])
     (tmp_path / "seed_2/clean/mi.json").write_text('{"mi": [0.1, ')       # cut short
     write_log(tmp_path / "seed_2/mimic_x/log.jsonl", [])                  # stage started, no epoch yet
@@ -252,3 +254,36 @@ def test_command_on_missing_folder(tmp_path):
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert proc.stderr == f"error: no results folder at {missing}\n"
+
+
+def test_plot_results_draws_the_curves_of_a_folder_written_by_one_stage_script(run_dir, tmp_path):
+    """A stage run by its own script (not the runner): its folder holds log.jsonl (and mi.json)."""
+    stage = tmp_path / "mimic"
+    for name in ("log.jsonl", "mi.json"):
+        (stage / name).parent.mkdir(parents=True, exist_ok=True)
+        (stage / name).write_bytes((run_dir / "mimic_demo_downstream" / name).read_bytes())
+    written = figures.plot_results(stage)
+    assert sorted(p.name for p in written) == ["mi_history_mimic.png", "mi_weights_mimic.png", "training_mimic.png"]
+    proc = subprocess.run([sys.executable, "plot_results.py", str(stage)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.split() == [str(stage / "figures" / p.name) for p in written]
+
+
+def test_unconverged_blocks_of_a_real_mimic_run_are_hatched(tiny, tmp_path, monkeypatch):
+    """mi.json as MIMIC.py writes it (2 estimator epochs: every block 'too few epochs') reaches the figure."""
+    import MIMIC
+    from models import SimCLR, encoder_checkpoint
+    from utils.files import save_checkpoint
+    teacher = tmp_path / "teacher.pth"
+    save_checkpoint(teacher, encoder_checkpoint(SimCLR(width=4), usage="cifar10"))
+    out = tmp_path / "mimic"
+    MIMIC.main(MIMIC.get_parser().parse_args(
+        ["--data_dir", str(tiny / "data"), "--teacher", str(teacher), "--results_dir", str(out), "--ratio", "0.5",
+         "--batch_size", "16", "--epochs", "1", "--mi_epochs", "2", "--device", "cpu"]))
+    assert figures.mi_data(out / "mi.json")["converged"] == [False] * 4
+    drawn = []
+    monkeypatch.setattr(figures, "_save", lambda fig, path: drawn.append(fig) or path)
+    figures.mi_weights(out / "mi.json", tmp_path / "mi.png")
+    [fig] = drawn
+    assert [bar.get_hatch() for bar in fig.axes[0].patches] == ["//"] * 4
+    assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == ["estimator not converged"]

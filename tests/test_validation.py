@@ -5,10 +5,8 @@ The stages run in this process through utils.cli.run_cli, the wrapper of their c
 the exit code and the `error: ...` line are the ones a shell sees; a subprocess is used only where
 a second process is the point (the lock) or the whole command line is (one flag error)."""
 import json
-import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -20,7 +18,6 @@ import torch
 
 import MIMIC
 import prepare_data
-import run_pipeline
 import train_badencoder
 import train_clean_encoder
 import training_downstream_classifier as downstream
@@ -30,7 +27,6 @@ from datasets.trigger import save_trigger
 from models import SimCLR
 from utils import files
 from utils.cli import run_cli
-from utils.errors import UserError
 
 ROOT = Path(__file__).resolve().parent.parent
 TRIGGER = str(ROOT / "trigger/trigger_pt_white_21_10_ap_replace.npz")
@@ -404,80 +400,3 @@ def test_reference_name_with_folders_is_refused(tiny, tmp_path, capsys):
     assert error(capsys) == ("error: the reference name must be a plain file name without folders, got "
                              "'../../../tmp/x'")
     assert not (tmp_path / "reference").exists()
-
-
-def test_results_name_the_encoder_relative_to_their_folder(finished, tmp_path):
-    assert read(finished / "results.json")["encoder"] == "model_2.pth"
-    copy = copy_run(finished, tmp_path / "elsewhere")
-    results = run_pipeline.with_encoder_path(copy, read(copy / "results.json"))
-    assert results["encoder"] == str(copy / "model_2.pth") and Path(results["encoder"]).is_file()
-
-
-def stage_folder(folder, command, encoder_exists=True):
-    """A stage folder as the runner leaves it: runner.json, checkpoint.pth, results.json, model_2.pth."""
-    folder.mkdir(parents=True)
-    files.save_json(folder / "runner.json", {"command": command})
-    (folder / "checkpoint.pth").write_bytes(b"checkpoint")
-    files.save_json(folder / "results.json", {"stage": "clean_encoder", "encoder": "model_2.pth"})
-    if encoder_exists:
-        (folder / "model_2.pth").write_bytes(b"model")
-
-
-def test_runner_refuses_a_finished_stage_run_with_other_flags(tmp_path, monkeypatch):
-    monkeypatch.setattr(run_pipeline, "run_child", lambda cmd: pytest.fail("the stage must not run"))
-    runner = run_pipeline.Runner(tmp_path, ["--device", "cpu"])
-    stage_folder(tmp_path / "clean", ["train_clean_encoder.py", "--lr", "1e-3", "--device", "cpu"])
-    with pytest.raises(UserError) as err:
-        runner.stage("stage 0", "train_clean_encoder.py", ["--lr", "5e-2"], tmp_path / "clean")
-    assert str(err.value) == (f"{tmp_path / 'clean'} holds stage 'stage 0' run with other flags (before: 1e-3; "
-                              f"now: 5e-2); pass the same flags, or remove the folder to run the stage again")
-    # the same flags: skipped, the encoder named by its full path
-    results = runner.stage("stage 0", "train_clean_encoder.py", ["--lr", "1e-3"], tmp_path / "clean")
-    assert results["encoder"] == str(tmp_path / "clean/model_2.pth")
-
-
-def test_runner_reruns_a_stage_whose_encoder_file_is_missing(tmp_path, monkeypatch, capsys):
-    commands = []
-
-    def fake_child(cmd):
-        commands.append(cmd)
-        folder = Path(cmd[cmd.index("--results_dir") + 1])
-        (folder / "model_2.pth").write_bytes(b"model")
-        files.save_json(folder / "results.json", {"stage": "clean_encoder", "encoder": "model_2.pth"})
-        return 0
-
-    monkeypatch.setattr(run_pipeline, "run_child", fake_child)
-    runner = run_pipeline.Runner(tmp_path, ["--device", "cpu"])
-    folder = tmp_path / "clean"
-    stage_folder(folder, ["train_clean_encoder.py", "--lr", "1e-3", "--device", "cpu"], encoder_exists=False)
-    results = runner.stage("stage 0", "train_clean_encoder.py", ["--lr", "1e-3"], folder)
-    assert f"== stage 0: {folder / 'model_2.pth'} is missing; running the stage again" in capsys.readouterr().out
-    [cmd] = commands
-    assert cmd[2:] == ["train_clean_encoder.py", "--lr", "1e-3", "--resume", "--device", "cpu",
-                       "--results_dir", str(folder)]
-    assert results["encoder"] == str(folder / "model_2.pth")
-    assert read(folder / "runner.json") == {"command": ["train_clean_encoder.py", "--lr", "1e-3", "--device", "cpu"]}
-
-
-def test_interrupted_runner_stops_its_stage(tmp_path):
-    pid_file = tmp_path / "pid"
-    code = "import os, sys, time; open(sys.argv[1], 'w').write(str(os.getpid())); time.sleep(60)"
-
-    def interrupt(signum, frame):
-        if not pid_file.exists() or not pid_file.read_text():
-            signal.setitimer(signal.ITIMER_REAL, 0.1)          # the child has not started yet
-            return
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGALRM, interrupt)
-    try:
-        signal.setitimer(signal.ITIMER_REAL, 0.2)
-        t0 = time.time()
-        with pytest.raises(KeyboardInterrupt):
-            run_pipeline.run_child([sys.executable, "-c", code, str(pid_file)])
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
-    assert time.time() - t0 < 30
-    with pytest.raises(ProcessLookupError):                     # stopped and reaped
-        os.kill(int(pid_file.read_text()), 0)

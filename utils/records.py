@@ -5,7 +5,8 @@ spelled one way by the writer and another by a reader.
     results.json   Results: any stage's outcome (training stages name their encoder file;
                    stage 3 adds ACC, ASR and its per-epoch curve)
     mi.json        MIRecord: MIMIC's MI per block, the estimator's history and verdicts, weights
-    summary.json   Summary: one seed of run_pipeline.py (rows keyed by method id)
+    summary.json   Summary: one seed of run_pipeline.py (rows keyed by method id);
+                   SeedsSummary: the summary over seeds, in the folder above the seed_<s>/ folders
     log.jsonl      one JSON object per epoch: utils.logs.RunLog writes it, read_log reads it
 """
 import json
@@ -116,16 +117,35 @@ class MIRecord(_Record):
 @dataclass
 class Summary(_Record):
     """summary.json of one seed of run_pipeline.py. `results`: {task: {method id: {metric: value}}};
-    `mi`: {task: MIRecord.per_block()}; `checks`: [{"check", "passed"}] of the demo."""
+    `mi`: {task: MIRecord.per_block()}; `backdoor_left`: {task: {method id: bool}}, whether a
+    defence left the backdoor in place (pipeline.summary.BACKDOOR_LEFT); `checks`:
+    [{"check", "passed"}] of the demo; `stage_seconds`: wall time of each stage run this time."""
     preset: str
     seed: int
     results: dict
     mi: dict = field(default_factory=dict)
     mi_not_converged: list = field(default_factory=list)
+    backdoor_left: dict = field(default_factory=dict)
     stage_seconds: dict = field(default_factory=dict)
     total_seconds: float = 0.0
     config: dict = field(default_factory=dict)
     checks: list = None
+
+
+@dataclass
+class SeedsSummary(_Record):
+    """summary.json over seeds: `stats` {task: {method id: {metric: spread}}} (report.stats),
+    MIMIC's `paired_differences`, per-seed MI and checks, and times."""
+    preset: str
+    seeds: list
+    stats: dict
+    paired_differences: dict = field(default_factory=dict)
+    mi: dict = field(default_factory=dict)
+    mi_not_converged: list = field(default_factory=list)
+    backdoor_left: dict = field(default_factory=dict)
+    seed_seconds: dict = field(default_factory=dict)
+    wall_seconds: float = None
+    checks: dict = None
 
 
 def read_log(path):

@@ -9,6 +9,7 @@ import torch
 
 from models import SimCLR
 
+pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parent.parent
 TRIGGER = "trigger/trigger_pt_white_21_10_ap_replace.npz"
 SMALL = ["--device", "cpu", "--width", "4"]

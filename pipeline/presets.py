@@ -1,0 +1,60 @@
+"""The runner's presets: the stage flags of the CPU demo and of the paper's setting, as data.
+
+Every stage runs at its own defaults unless a preset or --<stage>_args says otherwise; the demo's
+sizes and timings are in docs/demo.md.
+"""
+from dataclasses import dataclass, field
+
+from datasets import demo
+from paper import TASKS
+
+
+@dataclass(frozen=True)
+class Preset:
+    """pretraining: the dataset the encoders are pre-trained on; tasks: paper.Task-like
+    (dataset, label, reference); one flag list per stage; defenses: flags per baseline defence;
+    global_batch: images per step of each training stage, shared among --nproc_per_node."""
+    pretraining: str
+    tasks: tuple
+    clean: list
+    badencoder: list
+    mimic: list
+    defenses: dict
+    downstream: list
+    global_batch: dict = field(default_factory=dict)
+
+
+# CPU demo: small width and few images. Every defence reads the same clean subset, the first 20% of
+# the pre-training images. MIMIC and its two controls train a fresh student for 30 epochs; the
+# baselines start from the suspect encoder and fine-tune it for 10. The downstream MLP trains for
+# 200 epochs: at 100 the students' ACC was still rising by about 5 points.
+_DEMO_SUBSET = ["--ratio", "0.2"]
+_DEMO_BASELINE = [*_DEMO_SUBSET, "--epochs", "10", "--lr", "1e-3"]
+DEMO = Preset(
+    pretraining=demo.PRETRAIN_NAME,
+    tasks=(demo.demo_task(),),
+    clean=["--epochs", "10", "--width", "16", "--knn_freq", "5", "--lr", "3e-3"],
+    badencoder=["--epochs", "5", "--lr", "5e-2"],
+    mimic=[*_DEMO_SUBSET, "--epochs", "30", "--lr", "3e-3", "--mi_epochs", "60"],
+    # NAD's teacher is a shorter fine-tuning run on the same subset.
+    defenses={"finetune": _DEMO_BASELINE, "fine_pruning": _DEMO_BASELINE,
+              "nad": [*_DEMO_BASELINE, "--nad_teacher_epochs", "5"]},
+    downstream=["--nn_epochs", "200", "--lr", "1e-3"],
+    global_batch={"clean": 128, "badencoder": 64, "mimic": 128, "defense": 128},
+)
+
+# The paper's settings (every stage at its defaults), one backdoor per downstream task; the
+# defences at their own defaults on MIMIC's clean subset (4% of CIFAR-10).
+_PAPER_DEFENSE = ["--ratio", "0.04"]
+PAPER = Preset(
+    pretraining="cifar10",
+    tasks=TASKS["cifar10"],
+    clean=["--lr", "1e-3"],
+    badencoder=[],
+    mimic=["--lr", "1e-2", "--epochs", "1000", "--ratio", "0.04"],
+    defenses={"finetune": _PAPER_DEFENSE, "fine_pruning": _PAPER_DEFENSE, "nad": _PAPER_DEFENSE},
+    downstream=["--nn_epochs", "1000"],
+    global_batch={"clean": 256, "badencoder": 256, "mimic": 128, "defense": 128},
+)
+
+PRESETS = {"demo": DEMO, "paper": PAPER}

@@ -1,0 +1,117 @@
+"""The numbers a run ends with: each seed's ACC/ASR table, MIMIC's MI, whether each defence left
+the backdoor in place, the demo's checks, and the summary over seeds. Rows are keyed by method id
+(report.methods) and turned into labels only in the markdown."""
+from report.methods import BASELINES, MIMIC, label
+from report.stats import markdown_mi_table, markdown_seed_table, mi_not_converged, paired_differences, summarize_seeds
+from utils.records import METRICS, MI, MIRecord, SeedsSummary, Summary
+
+# A defence left the backdoor in place when its ASR stays this many points above the clean encoder's.
+BACKDOOR_LEFT = 10.0
+
+
+def seed_summary(plan, seed, out_dir, done, key, times):
+    """The Summary of one seed from its finished jobs (`done`: job key -> Results; keys start with
+    `key`); `times`: seconds of the stages run this time, by job key."""
+    results, mi, left = {}, {}, {}
+    for task in plan.tasks:
+        rows = {}
+        for job_key, found in done.items():
+            prefix = f"{key}eval/"
+            if job_key.startswith(prefix) and job_key.endswith(f"_{task.dataset}"):
+                rows[job_key[len(prefix):-len(task.dataset) - 1]] = {m: getattr(found, m) for m in METRICS}
+        results[task.key] = rows
+        left[task.key] = backdoor_left(rows)
+        mi_path = out_dir / f"{MIMIC}_{task.dataset}" / MI
+        if MIMIC in plan.methods and mi_path.exists():
+            mi[task.key] = MIRecord.load(mi_path).per_block()
+    stage_seconds = {k[len(key):]: t for k, t in times.items() if k.startswith(key)}
+    summary = Summary(preset=plan.preset_name, seed=seed, results=results, mi=mi,
+                      mi_not_converged=mi_not_converged({seed: mi}), backdoor_left=left,
+                      stage_seconds=stage_seconds, total_seconds=round(sum(stage_seconds.values()), 1),
+                      config=plan.config())
+    if plan.demo_checks:
+        summary.checks = [{"check": c, "passed": ok} for c, ok in check_demo(next(iter(results.values())))]
+    return summary
+
+
+def backdoor_left(rows):
+    """{method: True if its ASR is more than BACKDOOR_LEFT points above the clean encoder's} for
+    every row but the clean and backdoored encoders; {} without a clean row."""
+    if "clean" not in rows:
+        return {}
+    clean = rows["clean"]["asr"]
+    return {m: r["asr"] > clean + BACKDOOR_LEFT for m, r in rows.items() if m not in BASELINES}
+
+
+def check_demo(rows):
+    """The science the demo must show; returns (description, passed) pairs. MIMIC's checks need its row."""
+    clean, bad, mimic, no_teacher = (rows.get(k) for k in ("clean", "backdoored", MIMIC, "no_teacher"))
+    checks = [(f"clean ACC {clean['acc']:.1f} >= 60", clean["acc"] >= 60),
+              (f"backdoored ASR {bad['asr']:.1f} >= 90", bad["asr"] >= 90),
+              (f"backdoored ACC {bad['acc']:.1f} within 5 of clean {clean['acc']:.1f}",
+               abs(bad["acc"] - clean["acc"]) <= 5)]
+    if mimic is None:
+        return checks
+    limit = max(20.0, 2 * clean["asr"])
+    checks.append((f"MIMIC ASR {mimic['asr']:.1f} <= {limit:.1f}", mimic["asr"] <= limit))
+    checks.append((f"MIMIC ACC {mimic['acc']:.1f} >= clean - 10 = {clean['acc'] - 10:.1f}",
+                   mimic["acc"] >= clean["acc"] - 10))
+    if no_teacher is not None:
+        checks.append((f"MIMIC ACC {mimic['acc']:.1f} > no-teacher ACC {no_teacher['acc']:.1f}",
+                       mimic["acc"] > no_teacher["acc"]))
+    return checks
+
+
+def checklist(checks):
+    return "\n".join(f"- [{'x' if c['passed'] else ' '}] {c['check']}" for c in checks) + "\n"
+
+
+def left_lines(left):
+    """One markdown line per task: which defences left the backdoor in place."""
+    lines = []
+    for task, methods in left.items():
+        kept = [label(m) for m, yes in methods.items() if yes]
+        lines.append(f"- {task}: backdoor left in place (ASR > clean + {BACKDOOR_LEFT:g}) by "
+                     f"{', '.join(kept) if kept else 'none'} of {', '.join(map(label, methods)) or '-'}")
+    return "\n".join(lines) + "\n" if lines else ""
+
+
+def seed_markdown(summary):
+    """summary.md of one seed: a table per task, the backdoor verdicts, stage times, checks, MI."""
+    lines = []
+    for task, rows in summary.results.items():
+        lines += [f"### {task}", "", "| encoder | ACC (%) | ASR (%) | ASR excl. target (%) |", "|---|---|---|---|"]
+        lines += [f"| {label(m)} | {r['acc']:.2f} | {r['asr']:.2f} | {r['asr_excluding_target']:.2f} |"
+                  for m, r in rows.items()]
+        lines.append("")
+    text = "\n".join(lines) + "\n" + left_lines(summary.backdoor_left)
+    text += "\n| stage | wall time (s) |\n|---|---|\n" + "".join(
+        f"| {name} | {t:.1f} |\n" for name, t in summary.stage_seconds.items())
+    if summary.checks:
+        text += "\n" + checklist(summary.checks)
+    return text + "\n" + markdown_mi_table({summary.seed: summary.mi})
+
+
+def seeds_summary(per_seed, wall_seconds=None):
+    """(SeedsSummary, summary.md text) over {seed: Summary}: per task, method and metric the
+    per-seed values, mean and sample std; MIMIC minus every other row except clean and backdoored
+    (the controls and the defences), paired by seed."""
+    results = {seed: s.results for seed, s in per_seed.items()}
+    stats = summarize_seeds(results)
+    methods = list(dict.fromkeys(m for rows in stats.values() for m in rows))
+    against = [m for m in methods if m != MIMIC and m not in BASELINES]
+    paired = paired_differences(results, reference=MIMIC, against=against) if MIMIC in methods else {}
+    mi = {seed: s.mi for seed, s in per_seed.items()}
+    checks = {seed: s.checks for seed, s in per_seed.items() if s.checks}
+    summary = SeedsSummary(preset=next(iter(per_seed.values())).preset, seeds=list(per_seed), stats=stats,
+                           paired_differences=paired, mi=mi, mi_not_converged=mi_not_converged(mi),
+                           backdoor_left={seed: s.backdoor_left for seed, s in per_seed.items()},
+                           seed_seconds={seed: s.total_seconds for seed, s in per_seed.items()},
+                           wall_seconds=wall_seconds, checks=checks or None)
+    text = f"## Over seeds {', '.join(map(str, per_seed))}: mean ± sample std\n\n" + markdown_seed_table(stats, paired)
+    text += "".join(f"\n### Seed {seed}\n\n" + left_lines(s.backdoor_left) for seed, s in per_seed.items())
+    text += "".join(f"\n### Demo checks, seed {seed}\n\n" + checklist(c) for seed, c in checks.items())
+    text += "\n" + markdown_mi_table(mi)
+    text += "\n| seed | stage time (s) |\n|---|---|\n" + "".join(
+        f"| {seed} | {t:.1f} |\n" for seed, t in summary.seed_seconds.items())
+    return summary, text

@@ -1,0 +1,382 @@
+"""The runner (run_pipeline.py and pipeline/) on a stand-in for the stage scripts: which stages run,
+with which flags, which are reused, resumed or run again, side by side, and the checks made before
+any work. FakeStages writes what each script would."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import run_pipeline
+from datasets import load_reference, load_split, save_split
+from paper import TRIGGER
+from pipeline import presets, runner
+from pipeline.data import select_data
+from pipeline.plan import Plan
+from utils.errors import UserError
+
+ROOT = Path(__file__).resolve().parent.parent
+# ACC and ASR (%) the fake downstream stage reports per encoder folder; seed s adds s % 10 to ACC
+# and twice that to ASR.
+FAKE_METRICS = {"clean": (80.0, 5.0), "badencoder": (78.0, 99.0), "mimic": (75.0, 10.0),
+                "no_teacher": (60.0, 8.0), "uniform": (72.0, 30.0), "finetune": (76.0, 60.0),
+                "fine_pruning": (74.0, 40.0), "nad": (73.0, 35.0)}
+FAKE_CONVERGENCE = ["converged", "rising", "converged", "converged"]
+TASK = "gtsrb (target 1)"
+
+
+def flag(args, name):
+    """The value after the last occurrence of a flag (later flags win, as in argparse)."""
+    return args[len(args) - 1 - args[::-1].index(name) + 1]
+
+
+class Finished:
+    """What start_child returns: a process that has already exited."""
+
+    def __init__(self, code):
+        self.code = code
+
+    def poll(self):
+        return self.code
+
+
+class FakeStages:
+    """Stands in for pipeline.runner.start_child: records each stage command and writes what the
+    script would: results.json naming model_1.pth (and the file, its bytes naming the command),
+    mi.json for MIMIC, metrics for stage 3."""
+
+    def __init__(self):
+        self.commands = []
+
+    def __call__(self, cmd, env, log=None):
+        script = next(c for c in cmd if c.endswith(".py"))
+        args = cmd[cmd.index(script) + 1:]
+        self.commands.append((script, args))
+        out, seed = Path(flag(args, "--results_dir")), int(flag(args, "--seed"))
+        out.mkdir(parents=True, exist_ok=True)
+        if script == "training_downstream_classifier.py":
+            folder = Path(flag(args, "--encoder")).parent.name.removesuffix("_" + flag(args, "--dataset"))
+            acc, asr = FAKE_METRICS[folder]
+            results = {"stage": "downstream", "args": {}, "acc": acc + seed % 10, "asr": asr + 2 * (seed % 10),
+                       "asr_excluding_target": asr}
+        else:
+            # the weights depend on the flags and on the input encoder's weights, as a real stage's do
+            inputs = [Path(flag(args, f)).read_text() for f in ("--pretrained_encoder", "--teacher", "--suspect")
+                      if f in args]
+            (out / "model_1.pth").write_text(" ".join([a for a in args if a not in ("--resume", "--overwrite")] + inputs))
+            results = {"stage": script, "args": {}, "encoder": "model_1.pth"}
+        if script == "MIMIC.py":
+            (out / "mi.json").write_text(json.dumps({
+                "blocks": ["layer1", "layer2", "layer3", "layer4"], "mi": [0.5, 0.25, 1.0, 2.0],
+                "weights": [1.0, 2.0, 3.0, 4.0],
+                "convergence": [{"converged": r == "converged", "reason": r} for r in FAKE_CONVERGENCE]}))
+        (out / "results.json").write_text(json.dumps(results))
+        return Finished(0)
+
+    def scripts(self):
+        return [script for script, _ in self.commands]
+
+
+@pytest.fixture
+def fake(monkeypatch):
+    stages = FakeStages()
+    monkeypatch.setattr(runner, "start_child", stages)
+    monkeypatch.setattr(run_pipeline, "draw_figures", lambda *a: [])
+    return stages
+
+
+def own_data_args(data_root, tmp_path, *extra, pretraining="cifar10", task="gtsrb:1"):
+    """Runner flags for datasets under data_root/data as the user's own (the tiny fixture's gtsrb has labels 0..4)."""
+    return run_pipeline.get_parser().parse_args(
+        ["--pretraining_dataset", pretraining, "--task", task, "--data_dir", str(data_root / "data"),
+         "--reference_dir", str(tmp_path / "ref"), "--results_dir", str(tmp_path / "out"), "--device", "cpu",
+         *extra])
+
+
+def read(path):
+    return json.loads(Path(path).read_text())
+
+
+# ---------------------------------------------------------------- what runs, and what is reused
+
+def test_seeds_run_once_and_a_rerun_reuses_every_finished_stage(tiny, tmp_path, fake, capsys):
+    run_pipeline.main(own_data_args(tiny, tmp_path, "--seeds", "1", "2", "--no_controls"))
+    out = tmp_path / "out"
+    per_seed = len(fake.commands) // 2
+    assert per_seed == 12          # clean, BadEncoder, MIMIC, FT, FP, NAD + 6 evaluations
+    assert not (out / "clean").exists() and (out / "seed_2" / "clean" / "model_1.pth").exists()
+    summary = read(out / "summary.json")
+    assert summary["seeds"] == [1, 2]
+    mimic_acc = summary["stats"][TASK]["mimic"]["acc"]
+    assert mimic_acc["values"] == {"1": 76.0, "2": 77.0} and mimic_acc["mean"] == 76.5
+    assert summary["paired_differences"][TASK]["finetune"]["acc"]["mean"] == -1.0
+    assert summary["mi"]["1"][TASK]["layer2"] == {"mi": 0.25, "weight": 2.0, "convergence": "rising"}
+    assert len(summary["mi_not_converged"]) == 2          # layer2 of each seed
+    assert summary["backdoor_left"]["1"][TASK] == {"mimic": False, "finetune": True, "fine_pruning": True,
+                                                   "nad": True}
+
+    capsys.readouterr()
+    run_pipeline.main(own_data_args(tiny, tmp_path, "--seeds", "1", "2", "--no_controls"))
+    assert len(fake.commands) == 2 * per_seed
+    assert "stage 0: clean encoder, seed 1: done earlier" in capsys.readouterr().out
+
+    # A third seed runs only its own stages; an evaluation folder removed from seed 2 runs again.
+    (out / "seed_2" / "eval" / "nad_gtsrb" / "results.json").unlink()
+    run_pipeline.main(own_data_args(tiny, tmp_path, "--seeds", "1", "2", "3", "--no_controls"))
+    new = [(flag(args, "--seed"), Path(flag(args, "--results_dir"))) for _, args in fake.commands[2 * per_seed:]]
+    assert ("2", out / "seed_2" / "eval" / "nad_gtsrb") in new
+    assert len(new) == 1 + per_seed
+    assert sum(seed == "3" and folder.is_relative_to(out / "seed_3") for seed, folder in new) == per_seed
+    assert read(out / "summary.json")["seeds"] == [1, 2, 3]
+
+
+def test_changed_flags_or_inputs_run_the_stage_and_everything_after_it_again(tiny, tmp_path, fake, capsys):
+    run_pipeline.main(own_data_args(tiny, tmp_path, "--defenses", "mimic", "--no_controls"))
+    assert len(fake.commands) == 6                      # clean, BadEncoder, MIMIC, 3 evaluations
+    out = tmp_path / "out"
+
+    # Other downstream flags: every evaluation runs again (from scratch), nothing else.
+    capsys.readouterr()
+    run_pipeline.main(own_data_args(tiny, tmp_path, "--defenses", "mimic", "--no_controls",
+                                    "--downstream_args", "--nn_epochs 3"))
+    again = fake.commands[6:]
+    assert [s for s, _ in again] == ["training_downstream_classifier.py"] * 3
+    assert all("--overwrite" in a and flag(a, "--nn_epochs") == "3" for _, a in again)
+    assert "its flags changed (before: -; now: --nn_epochs 3); running it again" in capsys.readouterr().out
+
+    # The clean encoder's file changed in place: BadEncoder, MIMIC and every evaluation run again.
+    (out / "clean" / "model_1.pth").write_text("other weights")
+    run_pipeline.main(own_data_args(tiny, tmp_path, "--defenses", "mimic", "--no_controls",
+                                    "--downstream_args", "--nn_epochs 3"))
+    assert sorted(s for s, _ in fake.commands[9:]) == ["MIMIC.py", "train_badencoder.py"] + \
+        ["training_downstream_classifier.py"] * 3      # the clean encoder's own evaluation too
+    assert f"its input {out / 'clean' / 'model_1.pth'} changed" in capsys.readouterr().out
+
+
+def test_a_stage_with_a_checkpoint_of_the_same_command_is_resumed(tiny, tmp_path, fake):
+    run_pipeline.main(own_data_args(tiny, tmp_path, "--defenses", "mimic", "--no_controls"))
+    mimic = tmp_path / "out" / "mimic_gtsrb"
+    (mimic / "results.json").unlink()
+    (mimic / "checkpoint.pth").write_bytes(b"epoch 1")
+    run_pipeline.main(own_data_args(tiny, tmp_path, "--defenses", "mimic", "--no_controls"))
+    script, args = fake.commands[6]
+    assert script == "MIMIC.py" and "--resume" in args and "--overwrite" not in args
+    assert len(fake.commands) == 7                      # MIMIC wrote the same weights: its evaluation is reused
+
+
+def test_defences_get_a_row_each_beside_mimic(tiny, tmp_path, monkeypatch, capsys):
+    fake = FakeStages()                                  # and real figures: a plotting failure must only warn
+    monkeypatch.setattr(runner, "start_child", fake)
+
+    def broken(results_dir):
+        raise RuntimeError("no display")
+    monkeypatch.setattr("pipeline.samples.plot_results", broken)
+    run_pipeline.main(own_data_args(tiny, tmp_path, "--preset", "demo"))
+    out = tmp_path / "out"
+
+    summary = read(out / "summary.json")                # one seed: its folder is the results folder
+    rows = summary["results"][TASK]
+    assert list(rows) == ["clean", "backdoored", "mimic", "no_teacher", "uniform", "finetune", "fine_pruning", "nad"]
+    assert rows["fine_pruning"] == {"acc": 74.0, "asr": 40.0, "asr_excluding_target": 40.0}
+    assert "checks" not in summary                      # the demo's checks are for the demo's data
+    text = (out / "summary.md").read_text()
+    assert "| FT | 76.00 | 60.00 | 60.00 |" in text and "| NAD | 73.00 | 35.00 | 35.00 |" in text
+    assert "| uniform-weights control | 72.00 | 30.00 | 30.00 |" in text
+    assert "| 100 | gtsrb (target 1) | layer2 | 0.25 | 2 | rising |" in text
+    assert "**MI estimate not converged** in 1 block(s): seed 100, gtsrb (target 1), layer2 (rising)" in text
+
+    suspect = str(out / "badencoder_gtsrb" / "model_1.pth")
+    defences = {flag(a, "--defense"): a for s, a in fake.commands if s == "defenses.py"}
+    mimic_args = next(a for s, a in fake.commands if s == "MIMIC.py")
+    assert list(defences) == ["finetune", "fine_pruning", "nad"]
+    for name, args in defences.items():
+        assert flag(args, "--suspect") == suspect and flag(args, "--pretraining_dataset") == "cifar10"
+        # the demo preset's baseline budget, on MIMIC's clean subset
+        assert [flag(args, f) for f in ("--epochs", "--ratio", "--lr", "--batch_size")] == ["10", "0.2", "1e-3", "128"]
+        assert flag(args, "--ratio") == flag(mimic_args, "--ratio")
+        assert flag(args, "--results_dir") == str(out / f"{name}_gtsrb")
+        assert ("--nad_teacher_epochs" in args) == (name == "nad")
+    evaluated = [Path(flag(a, "--results_dir")).name for s, a in fake.commands if s == "training_downstream_classifier.py"]
+    assert evaluated[-3:] == ["finetune_gtsrb", "fine_pruning_gtsrb", "nad_gtsrb"]
+    assert not any("--encoder_usage_info" in args for _, args in fake.commands)
+
+    # The reference file made for the task is the first train image of label 1.
+    x, y = load_split(tiny / "data", "gtsrb", "train")
+    ref_x, ref_label = load_reference(tmp_path / "ref" / "cifar10" / "gtsrb_1.npz")
+    assert ref_label == 1 and np.array_equal(ref_x, x[np.flatnonzero(y == 1)[:1]])
+
+    printed = capsys.readouterr().out
+    assert "warning: figures not drawn (RuntimeError: no display)" in printed
+    assert (out / "figures" / "samples.png").is_file()                  # the sample grid still drawn
+
+
+def test_defences_flag_chooses_what_runs(tiny, tmp_path, fake):
+    run_pipeline.main(own_data_args(tiny, tmp_path, "--defenses", "nad", "--no_controls"))
+    assert "MIMIC.py" not in fake.scripts()
+    summary = read(tmp_path / "out" / "summary.json")
+    assert list(summary["results"][TASK]) == ["clean", "backdoored", "nad"]
+    assert summary["mi"] == {}
+    with pytest.raises(SystemExit):
+        run_pipeline.get_parser().parse_args(["--defenses", "mimic,pruning"])
+
+
+def test_side_by_side_jobs_respect_dependencies_and_the_limit(tiny, tmp_path, monkeypatch):
+    """Stages that take time: at most --jobs at once, none before the stages it reads, threads fixed."""
+    events, live, logs = [], {}, []
+
+    class Slow:
+        def __init__(self, cmd, env, log):
+            self.folder = Path(flag(cmd, "--results_dir"))
+            self.left, self.cmd = 3, cmd
+            logs.append(log)
+            events.append(("start", self.folder.name, env["OMP_NUM_THREADS"], len(live) + 1))
+            live[self.folder] = self
+
+        def poll(self):
+            self.left -= 1
+            if self.left:
+                return None
+            del live[self.folder]
+            events.append(("end", self.folder.name))
+            return FakeStages()(self.cmd, None).poll()
+
+    monkeypatch.setattr(runner, "start_child", Slow)
+    monkeypatch.setattr(runner, "POLL_SECONDS", 0)
+    monkeypatch.setattr(run_pipeline, "draw_figures", lambda *a: [])
+    run_pipeline.main(own_data_args(tiny, tmp_path, "--no_controls", "--jobs", "2", "--threads", "1"))
+    starts = [e for e in events if e[0] == "start"]
+    assert len(starts) == 12 and max(e[3] for e in starts) == 2 and {e[2] for e in starts} == {"1"}
+    order = [e[1] for e in events]
+    assert order.index("clean") < order.index("badencoder_gtsrb")
+    for name in ("mimic_gtsrb", "finetune_gtsrb", "fine_pruning_gtsrb", "nad_gtsrb"):
+        assert events.index(("end", "badencoder_gtsrb")) < order.index(name)
+    assert {Path(log).parent for log in logs} == {tmp_path / "out" / "logs"} and len(set(logs)) == 12
+
+
+def test_a_failed_stage_stops_the_run_with_one_line(tiny, tmp_path, monkeypatch):
+    fake = FakeStages()
+
+    def failing(cmd, env, log=None):
+        return Finished(1) if "MIMIC.py" in cmd else fake(cmd, env, log)
+
+    monkeypatch.setattr(runner, "start_child", failing)
+    with pytest.raises(UserError, match=r"^stage 'stage 2: mimic \(gtsrb\), seed 100' failed \(command above\); "
+                                        r"1 stage\(s\) after it did not run; fix it and run again to continue$"):
+        run_pipeline.main(own_data_args(tiny, tmp_path, "--no_controls", "--jobs", "1"))
+    assert fake.scripts().count("training_downstream_classifier.py") == 5     # the independent stages still ran
+
+
+def test_a_second_runner_on_the_same_folder_is_refused_before_it_writes(tiny, tmp_path, fake):
+    out = tmp_path / "out"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; sys.path.insert(0, sys.argv[1]); "
+                               "from utils.lock import RunLock; RunLock(sys.argv[2]).acquire(); print('held', flush=True); "
+                               "time.sleep(60)", str(ROOT), str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(UserError, match=rf"^{out} is being written by process {holder.pid}"):
+            run_pipeline.main(own_data_args(tiny, tmp_path))
+    finally:
+        holder.kill()
+        holder.wait()
+    assert fake.commands == [] and sorted(p.name for p in out.iterdir()) == [".lock"]
+
+
+def test_interrupted_runner_stops_its_stage(tmp_path):
+    pid_file = tmp_path / "pid"
+    script = tmp_path / "sleeper.py"
+    script.write_text("import os, sys, time\nopen(sys.argv[1], 'w').write(str(os.getpid()))\ntime.sleep(60)\n")
+    job = runner.Job("sleep", "sleeper", str(script), tmp_path / "stage", lambda done: [str(pid_file)])
+
+    def interrupt(signum, frame):
+        if not pid_file.exists() or not pid_file.read_text():
+            signal.setitimer(signal.ITIMER_REAL, 0.1)          # the child has not started yet
+            return
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.2)
+        with pytest.raises(KeyboardInterrupt):
+            runner.Runner(tmp_path, []).run([job])
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    for _ in range(100):                                        # stopped: gone within the 30 s of stop()
+        try:
+            os.kill(int(pid_file.read_text()), 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.3)
+    else:
+        pytest.fail("the stage process is still running")
+
+
+# ---------------------------------------------------------------- checks before any work
+
+def test_global_batch_must_split_among_processes(tmp_path):
+    plan = Plan("paper", presets.PAPER, "cifar10", [], [], False, {}, 4, "data", "cpu", False)
+    assert plan.batch("clean") == ["--batch_size", "64"] and plan.batch("mimic") == ["--batch_size", "32"]
+    plan.nproc = 3
+    with pytest.raises(UserError, match="the mimic stage's global batch of 128 does not split among "
+                                        "--nproc_per_node 3 processes; choose a divisor of 128"):
+        plan.batch("mimic")
+    args = run_pipeline.get_parser().parse_args(
+        ["--nproc_per_node", "3", "--data_dir", str(tmp_path / "data"), "--results_dir", str(tmp_path / "out")])
+    with pytest.raises(UserError, match="the clean stage's global batch of 128 does not split among --nproc_per_node 3"):
+        run_pipeline.main(args)
+    assert not (tmp_path / "data").exists() and not (tmp_path / "out").exists()   # nothing generated
+
+
+def test_task_with_an_absent_label_is_refused_before_any_work(tiny, tmp_path, fake):
+    args = own_data_args(tiny, tmp_path, task="gtsrb:7")
+    with pytest.raises(UserError, match=rf"^label 7 does not occur in {tiny}/data/gtsrb/test\.npz \(its labels "
+                                        r"run from 0 to 4\)$"):
+        run_pipeline.main(args)
+    assert fake.commands == [] and not (tmp_path / "ref").exists()
+
+
+def test_missing_data_and_a_trigger_of_another_size_are_named(tiny, tmp_path, fake):
+    args = own_data_args(tiny, tmp_path, task="mine:1")
+    with pytest.raises(UserError, match=rf"^this run needs prepared data; missing: {tiny}/data/mine/train\.npz, "
+                                        rf"{tiny}/data/mine/test\.npz\. Create it with: python prepare_data\.py "
+                                        rf"--image_folder DIR --name mine --out {tiny}/data$"):
+        run_pipeline.main(args)
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        save_split(tmp_path / "data" / "small" / f"{split}.npz", rng.integers(0, 255, (8, 16, 16, 3), dtype=np.uint8),
+                   np.arange(8) % 2)
+    args = own_data_args(tmp_path, tmp_path, pretraining="small", task="small:1")
+    with pytest.raises(UserError, match=rf"^the trigger {TRIGGER} is 32x32 pixels but the images of "
+                                        rf"{tmp_path}/data/small/train\.npz are 16x16"):
+        run_pipeline.main(args)
+    assert fake.commands == []
+
+
+def test_paper_preset_names_the_missing_data_and_runs_a_subset_of_its_tasks(tmp_path):
+    parser = run_pipeline.get_parser()
+    args = parser.parse_args(["--preset", "paper", "--data_dir", str(tmp_path), "--results_dir", str(tmp_path / "out")])
+    with pytest.raises(UserError, match=rf"the paper preset needs prepared data; missing: {tmp_path}/cifar10/"
+                                        rf"train\.npz, .*gtsrb/train\.npz[^;]*\. "
+                                        rf"Create it with: python prepare_data.py --dataset all --download"):
+        run_pipeline.main(args)
+    args = parser.parse_args(["--preset", "paper", "--tasks", "svhn", "--data_dir", str(tmp_path),
+                              "--results_dir", str(tmp_path / "out")])
+    pretraining, tasks = select_data(presets.PAPER, "paper", subset=args.tasks)
+    assert pretraining == "cifar10" and [(t.dataset, t.label, t.reference) for t in tasks] == [
+        ("svhn", 1, "reference/cifar10/one.npz")]
+    with pytest.raises(UserError) as refused:
+        run_pipeline.main(args)
+    message = str(refused.value)
+    assert "svhn/train.npz" in message and "cifar10/train.npz" in message
+    assert "reference/" not in message                 # the released reference files are shipped
+    assert "gtsrb" not in message and "stl10" not in message
+    assert f"python prepare_data.py --dataset cifar10 svhn --download --out {tmp_path}" in message
+    args.tasks = ["gtsrb", "mnist"]
+    with pytest.raises(UserError, match=r"^--tasks: the paper preset has no task mnist \(its tasks: gtsrb, svhn, stl10\)$"):
+        run_pipeline.main(args)
