@@ -22,7 +22,10 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-TRIGGER = str(ROOT / "trigger" / "trigger_pt_white_21_10_ap_replace.npz")
+sys.path.insert(0, str(ROOT))
+from paper import TRIGGER as TRIGGER_FILE  # noqa: E402  (the repository root is importable only now)
+
+TRIGGER = str(ROOT / TRIGGER_FILE)
 
 
 def make_data(root):
