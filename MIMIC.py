@@ -8,6 +8,8 @@ The paper's setting (4% of CIFAR-10 = 2,000 images, 1000 epochs):
     python -u MIMIC.py --lr 1e-2 --batch_size 128 --epochs 1000 --pretraining_dataset cifar10 \
         --teacher output/cifar10/badencoder_gtsrb/model_200.pth --ratio 0.04 \
         --results_dir output/cifar10/mimic_gtsrb
+Add --protocol authors for every option as the authors' code has it, MI estimated on the
+untrained student included (docs/fidelity.md).
 The same global batch on 4 GPUs (--batch_size is per process; the MI estimation is shared out
 block by block among the processes):
     torchrun --nproc_per_node=4 MIMIC.py --batch_size 32 --sync_bn ...the same flags...

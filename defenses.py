@@ -15,6 +15,7 @@ On the clean subset of the paper's MIMIC command (4% of CIFAR-10):
     python -u defenses.py --defense finetune --suspect output/cifar10/badencoder_gtsrb/model_200.pth \
         --pretraining_dataset cifar10 --ratio 0.04 --results_dir output/cifar10/finetune_gtsrb
 and the same with --defense fine_pruning or --defense nad (and their own --results_dir).
+--protocol authors sets what they share with the authors' pipeline as there (docs/fidelity.md).
 
 Reads   the suspect checkpoint, <data_dir>/<pretraining_dataset>/train.npz (and test.npz for
         --prune_max_drop)
@@ -97,7 +98,7 @@ def get_parser():
                      help="attention distillation weight (NAD's beta) of layer1..layer4; NAD's released "
                           "configuration puts 5000 on the last group only (default: 0 0 0 5000)")
     add_distributed_args(add_run_args(parser, seed=100, save_freq=100))
-    return add_protocol(parser, AUTHORS)
+    return add_protocol(parser, AUTHORS, what="what these baselines share with the authors' pipeline, as there")
 
 
 @dataclass

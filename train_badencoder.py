@@ -5,6 +5,8 @@ The paper's setting (CIFAR-10 encoder, GTSRB target "priority road", 200 epochs)
         --reference_file reference/cifar10/priority.npz --pretraining_dataset cifar10 \
         --downstreamTask gtsrb --pretrained_encoder output/cifar10/clean_encoder/model_1000.pth \
         --results_dir output/cifar10/badencoder_gtsrb
+(--reference_file may be left out: the task's released file is the default.) Add --protocol
+authors for every option as BadEncoder's code has it (docs/fidelity.md).
 Under torchrun (--batch_size is per process; BatchNorm is frozen, so no --sync_bn is needed):
     torchrun --nproc_per_node=4 train_badencoder.py --batch_size 64 ...the same flags...
 

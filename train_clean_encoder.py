@@ -2,6 +2,7 @@
 
 The paper's setting (CIFAR-10, ResNet-18, batch 256, 1000 epochs; meant for a GPU):
     python -u train_clean_encoder.py --lr 1e-3 --results_dir output/cifar10/clean_encoder
+Add --protocol authors for every option as the authors' code has it (docs/fidelity.md).
 The same global batch on a node with 4 GPUs (--batch_size is per process):
     torchrun --nproc_per_node=4 train_clean_encoder.py --batch_size 64 --sync_bn \
         --results_dir output/cifar10/clean_encoder

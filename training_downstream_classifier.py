@@ -5,6 +5,7 @@ The paper's setting (GTSRB downstream, target "priority road" = 12):
         --trigger_file trigger/trigger_pt_white_21_10_ap_replace.npz --encoder_usage_info cifar10 \
         --encoder output/cifar10/mimic_gtsrb/model_1000.pth \
         --reference_file reference/cifar10/priority.npz --nn_epochs 1000
+Add --protocol authors for every option as the authors' code has it (docs/fidelity.md).
 
 Reads   the encoder checkpoint (ours or BadEncoder's), <data_dir>/<dataset>/train.npz and test.npz,
         the trigger file (and the reference file, for the target label)

@@ -171,10 +171,11 @@ def shown(value):
     return str(value)
 
 
-def add_protocol(parser, authors):
+def add_protocol(parser, authors, what="every behaviour of this stage as in the authors' code"):
     """--protocol authors|ours on a StageParser, after all its flags: `authors` = {dest: value} is
-    the stage's behaviour in the authors' code, the table defined once next to its parser. Every
-    listed flag's help gains its authors' value; an unknown dest is a programming error."""
+    the stage's behaviour in the authors' code, the table defined once next to its parser; `what`
+    says in --help what it covers. Every listed flag's help gains its authors' value; an unknown
+    dest is a programming error."""
     if not isinstance(parser, StageParser):
         raise TypeError("add_protocol needs a utils.cli.StageParser")
     actions = {a.dest: a for a in parser._actions}
@@ -191,7 +192,7 @@ def add_protocol(parser, authors):
             action.help = f"{help_text} ({note})".strip()
     settings = ", ".join(f"{actions[d].option_strings[0]} {shown(v)}" for d, v in authors.items())
     parser.add_argument("--protocol", default="ours", choices=PROTOCOLS,
-                        help=f"authors: every behaviour of this stage as in the authors' code ({settings}); "
+                        help=f"authors: {what} ({settings}); "
                              "a flag given explicitly still wins. ours: this project's defaults, each "
                              "deviation listed in docs/fidelity.md (default: ours)")
     parser.authors = dict(authors)
