@@ -8,6 +8,8 @@ The paper's setting (4% of CIFAR-10 = 2,000 images, 1000 epochs):
     python -u MIMIC.py --lr 1e-2 --batch_size 128 --epochs 1000 --pretraining_dataset cifar10 \
         --teacher output/cifar10/badencoder_gtsrb/model_200.pth --ratio 0.04 \
         --results_dir output/cifar10/mimic_gtsrb
+Add --protocol authors for every option as the authors' code has it, MI estimated on the
+untrained student included (docs/fidelity.md).
 The same global batch on 4 GPUs (--batch_size is per process; the MI estimation is shared out
 block by block among the processes):
     torchrun --nproc_per_node=4 MIMIC.py --batch_size 32 --sync_bn ...the same flags...
@@ -17,7 +19,7 @@ Reads   the teacher checkpoint, the first ratio*N images of <data_dir>/<pretrain
 Writes  <results_dir>/args.json, mi.json (MI per block, its history and the weights), log.jsonl,
         log.csv, checkpoint.pth, model_<epoch>.pth, results.json
 """
-import argparse
+from dataclasses import fields
 
 import torch
 
@@ -27,10 +29,11 @@ from models import BLOCKS, build_encoder, encoder_checkpoint, estimate_mi, load_
 from models.distill import distill_epoch
 from models.encoder import INITS
 from models.health import check_finite_encoder
-from models.mine import (EVAL_PERMUTATIONS, EVALUATIONS, FIRST_LAYERS, ORDERS, SCHEDULES, STANDARDIZATIONS,
-                         MISettings, holdout_split)
-from utils.cli import (add_clean_subset, add_distributed_args, add_init_flag, add_pretraining_split, add_run_args,
-                       learning_rate, nonnegative_float, positive_float, positive_int, run_cli, unit_interval)
+from models.mine import (AUTHORS as MI_AUTHORS, EVAL_PERMUTATIONS, EVALUATIONS, FIRST_LAYERS, ORDERS, SCHEDULES,
+                         STANDARDIZATIONS, MISettings, holdout_split)
+from utils.cli import (StageParser, add_clean_subset, add_distributed_args, add_init_flag, add_pretraining_split,
+                       add_protocol, add_run_args, learning_rate, nonnegative_float, positive_float, positive_int,
+                       run_cli, unit_interval)
 from utils.device import fast_paths, place
 from utils.distributed import distribute, gather_objects, get_rank, get_world_size, global_batch, is_main
 from utils.errors import UserError
@@ -38,9 +41,20 @@ from utils.logs import progress
 from utils.records import MI, MIRecord
 from utils.stage import TrainingRun, start_run
 
+# --protocol authors: this stage as the authors' code runs it (SPEC section 10, docs/fidelity.md).
+# The estimator's part is models.mine.AUTHORS, flag by flag (--mi_<field>; the seed is --seed's).
+AUTHORS = {
+    "init": "torchvision",              # the fresh student: torchvision's resnet18() init
+    "pretraining_split": "auto",        # STL-10: distil on train_unlabeled, MI on train
+    "augment": "torchvision",           # the per-image PIL pipeline of their code
+    "amp": "off",                       # float32
+    "mi_model": "student",              # MI measured on the untrained student
+    **{f"mi_{f.name}": getattr(MI_AUTHORS, f.name) for f in fields(MISettings) if f.name != "seed"},
+}
+
 
 def get_parser():
-    parser = argparse.ArgumentParser(description="Stage 2: purify a suspect encoder with MIMIC.")
+    parser = StageParser(description="Stage 2: purify a suspect encoder with MIMIC.")
     data = parser.add_argument_group("data")
     data.add_argument("--teacher", required=True, help="suspect (e.g. backdoored) encoder checkpoint")
     add_clean_subset(data)
@@ -109,7 +123,7 @@ def get_parser():
     mi.add_argument("--mi_average_last", type=positive_int, default=d.average_last,
                     help=f"MI = mean bound of this many last estimator epochs (default: {d.average_last})")
     add_distributed_args(add_run_args(parser, seed=100, save_freq=100))
-    return parser
+    return add_protocol(parser, AUTHORS)
 
 
 @torch.no_grad()

@@ -15,6 +15,7 @@ On the clean subset of the paper's MIMIC command (4% of CIFAR-10):
     python -u defenses.py --defense finetune --suspect output/cifar10/badencoder_gtsrb/model_200.pth \
         --pretraining_dataset cifar10 --ratio 0.04 --results_dir output/cifar10/finetune_gtsrb
 and the same with --defense fine_pruning or --defense nad (and their own --results_dir).
+--protocol authors sets what they share with the authors' pipeline as there (docs/fidelity.md).
 
 Reads   the suspect checkpoint, <data_dir>/<pretraining_dataset>/train.npz (and test.npz for
         --prune_max_drop)
@@ -36,8 +37,9 @@ from models.distill import distill_epoch
 from models.health import check_finite_encoder
 from models.knn import knn_predict
 from models.pruning import channel_ranking, prune_channels, prune_until, pruned_count
-from utils.cli import (add_clean_subset, add_distributed_args, add_run_args, learning_rate, nonnegative_float,
-                       nonnegative_int, positive_float, positive_int, run_cli, unit_interval)
+from utils.cli import (StageParser, add_clean_subset, add_distributed_args, add_protocol, add_run_args,
+                       learning_rate, nonnegative_float, nonnegative_int, positive_float, positive_int, run_cli,
+                       unit_interval)
 from utils.device import fast_paths, place
 from utils.distributed import distribute, gather_objects, is_main
 from utils.errors import UserError
@@ -46,9 +48,17 @@ from utils.stage import TrainingRun, start_run
 
 DEFENSES = ("finetune", "fine_pruning", "nad")
 
+# --protocol authors: the baselines are this project's adaptations (docs/defenses.md); what they
+# share with the authors' code is set as there: float32, and stage 0's augmentation as their code
+# runs it, so that a baseline sees the views MIMIC sees under --protocol authors.
+AUTHORS = {
+    "augment": "torchvision",
+    "amp": "off",
+}
+
 
 def get_parser():
-    parser = argparse.ArgumentParser(description="Stage 2 baselines: fine-tuning, fine-pruning or NAD.")
+    parser = StageParser(description="Stage 2 baselines: fine-tuning, fine-pruning or NAD.")
     data = parser.add_argument_group("data")
     data.add_argument("--defense", required=True, choices=DEFENSES, help="which defence to run")
     data.add_argument("--suspect", "--teacher", dest="suspect", required=True,
@@ -88,7 +98,7 @@ def get_parser():
                      help="attention distillation weight (NAD's beta) of layer1..layer4; NAD's released "
                           "configuration puts 5000 on the last group only (default: 0 0 0 5000)")
     add_distributed_args(add_run_args(parser, seed=100, save_freq=100))
-    return parser
+    return add_protocol(parser, AUTHORS, what="what these baselines share with the authors' pipeline, as there")
 
 
 @dataclass

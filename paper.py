@@ -49,7 +49,7 @@ def paper_task(pretraining, dataset):
     """The paper's task on `dataset` for encoders pre-trained on `pretraining`, or None."""
     return next((t for t in TASKS.get(pretraining, ()) if t.dataset == dataset), None)
 
-# md5 of each released reference file, as published (tests/test_paper.py checks the shipped bytes).
+# md5 of each released reference file, as published (tests/test_protocol.py checks the shipped bytes).
 RELEASED_REFERENCES = {
     "reference/cifar10/priority.npz": "87885aff0201494951722fb6952d2b61",
     "reference/cifar10/one.npz": "dfbea5e2be57f8ec2502b91674d85523",

@@ -1,6 +1,6 @@
 """Write the datasets and reference inputs the four stages read (stage "-1": data preparation).
 
-The paper's data, downloaded by torchvision (needs internet), plus its reference files:
+The paper's data, downloaded by torchvision (needs internet), and a check of its reference files:
     python prepare_data.py --dataset all --download --references
 The same from files already downloaded, in the folder torchvision's dataset classes read:
     python prepare_data.py --dataset all --root /path/to/downloads --references
@@ -8,27 +8,31 @@ One dataset:
     python prepare_data.py --dataset gtsrb --root /path/to/downloads
 A folder of class folders of images (any size and common format) as a dataset named "mine":
     python prepare_data.py --image_folder DIR --name mine --test_fraction 0.2
-Only the reference files of the published commands (from already prepared train splits):
+Only check the reference files of the published commands (the authors' released files, shipped in
+reference/; never rewritten: a missing or altered one is restored with git checkout):
     python prepare_data.py --references
-Another reference file, e.g. GTSRB class 14 (stop) -> reference/cifar10/stop.npz:
+Another reference file, e.g. GTSRB class 14 (stop) -> reference/cifar10/stop.npz (the medoid
+of the class, see --reference_pick):
     python prepare_data.py --make_reference gtsrb 14 stop --pretraining_dataset cifar10
 
 Reads --root (layout in datasets/prepare.py) or --image_folder. Writes <out>/<name>/train.npz and
 test.npz (stl10 also train_unlabeled.npz): x uint8 (N, 32, 32, 3), y (N, 1); normalization.json
 beside train.npz (the per-channel mean and std of its pixels; not for cifar10 and stl10, whose
 published values are fixed); and
-<reference_dir>/<pretraining_dataset>/<name>.npz: x uint8 (R, 32, 32, 3), y (R,). Files that exist and
-validate are kept (--force rebuilds them); a summary table of what is on disk ends every run.
+<reference_dir>/<pretraining_dataset>/<name>.npz: x uint8 (R, 32, 32, 3), y (R,) for --make_reference.
+Files that exist and validate are kept (--force rebuilds them, never the released reference files);
+a summary table of what is on disk ends every run.
 """
 import argparse
 import sys
 from pathlib import Path
 
-from datasets.prepare import (DEFAULT_REFERENCE_COUNT, DEFAULT_RESIZE_FILTER, DEFAULT_TEST_FRACTION,
-                              PAPER_DATASETS, PAPER_REFERENCES, RESIZE_FILTERS, format_table,
-                              make_reference, prepare_image_folder, prepare_paper_dataset,
-                              prepare_references, reference_path, size_warnings)
-from utils.cli import positive_int, run_cli
+from datasets.prepare import (DEFAULT_REFERENCE_COUNT, DEFAULT_REFERENCE_PICK, DEFAULT_RESIZE_FILTER,
+                              DEFAULT_TEST_FRACTION, MEDOID_POOL, MEDOID_SIZE, PAPER_DATASETS, PAPER_REFERENCES,
+                              REFERENCE_PICKS, RESIZE_FILTERS, check_released_references, format_table,
+                              make_reference, prepare_image_folder, prepare_paper_dataset, reference_path,
+                              size_warnings)
+from utils.cli import float_in, positive_int, run_cli, seed_int
 from utils.errors import UserError
 
 SPLIT_COLUMNS = ["dataset", "split", "images", "expected", "shape", "dtype", "labels", "status"]
@@ -62,23 +66,34 @@ def get_parser():
     folder.add_argument("--name", default=None,
                         help="dataset name for --image_folder, i.e. <out>/<name>/ (default: the "
                              "folder's name)")
-    folder.add_argument("--test_fraction", type=float, default=None,
+    folder.add_argument("--test_fraction", type=float_in(0, 1, lo_open=True, hi_open=True, name="test_fraction"),
+                        default=None,
                         help="share of each class put in the test split when DIR has no train/ and "
                              f"test/ sub-folders (default: {DEFAULT_TEST_FRACTION})")
-    folder.add_argument("--seed", type=int, default=0,
+    folder.add_argument("--seed", type=seed_int, default=0,
                         help="seed of the train/test split and of the image order (default: 0)")
 
     ref = parser.add_argument_group("reference inputs")
     ref.add_argument("--references", action="store_true",
-                     help="write the reference files of the published commands: "
+                     help="check the reference files of the published commands, the authors' released "
+                          "files shipped in <reference_dir>, against their published md5 (never "
+                          "rewritten; a missing or altered one is restored with git checkout): "
                           + ", ".join(f"{u}/{n}.npz = {d} class {c}" for u, n, d, c in PAPER_REFERENCES)
                           + " (default: off)")
     ref.add_argument("--make_reference", nargs=3, metavar=("DATASET", "LABEL", "NAME"), default=None,
                      help="write <reference_dir>/<pretraining_dataset>/NAME.npz from class LABEL of the "
-                          "prepared DATASET's train split (default: none)")
+                          "prepared DATASET's train split, for other datasets or your own data "
+                          "(default: none)")
+    ref.add_argument("--reference_pick", default=DEFAULT_REFERENCE_PICK, choices=REFERENCE_PICKS,
+                     help=f"which images of the class --make_reference takes: medoid = among the first "
+                          f"{MEDOID_POOL} images of the class, the one with the smallest mean distance to "
+                          f"the others on {MEDOID_SIZE}x{MEDOID_SIZE} grayscale thumbnails (a typical, "
+                          "centred view, as the released files are; with --reference_count R the R most "
+                          "central), deterministic, ties to the earlier image; first = the first images "
+                          f"of the class in the train split (default: {DEFAULT_REFERENCE_PICK})")
     ref.add_argument("--reference_count", type=positive_int, default=DEFAULT_REFERENCE_COUNT,
-                     help="reference images per file: the first ones of the class in the train "
-                          f"split; the released files hold one (default: {DEFAULT_REFERENCE_COUNT})")
+                     help="reference images per file of --make_reference; the released files hold one "
+                          f"(default: {DEFAULT_REFERENCE_COUNT})")
     ref.add_argument("--pretraining_dataset", "--encoder_usage", dest="pretraining_dataset", default="cifar10",
                      help="dataset of the encoders the reference is for: the folder of --make_reference "
                           "(default: cifar10)")
@@ -102,6 +117,9 @@ def main(args):
                         "--make_reference (see --help)")
     if args.name and not args.image_folder:
         raise UserError("--name names the dataset made from --image_folder; pass --image_folder too")
+    for flag, folder in (("--out", args.out), ("--reference_dir", args.reference_dir)):
+        if Path(folder).exists() and not Path(folder).is_dir():
+            raise UserError(f"{flag} {folder} is a file, not a folder; name a folder (it is created if missing)")
     names = PAPER_DATASETS if "all" in args.dataset else tuple(dict.fromkeys(args.dataset))
 
     rows = []
@@ -115,7 +133,7 @@ def main(args):
 
     references = []
     if args.references:
-        references += prepare_references(args.out, args.reference_dir, args.reference_count, args.force)
+        references += check_released_references(args.reference_dir)
     if args.make_reference:
         dataset, label, name = args.make_reference
         try:
@@ -124,7 +142,7 @@ def main(args):
             raise UserError(f"--make_reference: LABEL must be an integer class, got {label!r}") from None
         references.append(make_reference(args.out, dataset, label,
                                          reference_path(args.reference_dir, args.pretraining_dataset, name),
-                                         args.reference_count, args.force))
+                                         args.reference_count, args.force, args.reference_pick))
 
     if rows:
         print(format_table(rows, SPLIT_COLUMNS))

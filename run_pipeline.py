@@ -31,7 +31,7 @@ from pipeline.runner import Runner, hold_runner_lock
 from pipeline.samples import draw_figures
 from pipeline.summary import seed_markdown, seed_summary, seeds_summary
 from report.methods import DEFENSES, MIMIC
-from utils.cli import positive_int, run_cli, seed_int
+from utils.cli import PROTOCOLS, positive_int, run_cli, seed_int
 from utils.records import SUMMARY
 
 METHODS = (MIMIC, *DEFENSES)
@@ -56,6 +56,10 @@ def get_parser():
     parser.add_argument("--results_dir", default=None, help="where every stage writes (default: output/<preset>)")
     parser.add_argument("--device", default="auto", help="passed to every stage (default: auto)")
     parser.add_argument("--seed", type=seed_int, default=100, help="passed to every stage (default: 100)")
+    parser.add_argument("--protocol", default="ours", choices=PROTOCOLS,
+                        help="passed to every stage: authors sets every stage's behaviour to the authors' code "
+                             "(docs/fidelity.md); the stage flags of the preset and --<stage>_args still win "
+                             "(default: ours)")
     parser.add_argument("--seeds", type=seed_int, nargs="+", default=None, metavar="S",
                         help="run the whole pipeline once per seed in <results_dir>/seed_<s>/ and summarise "
                              "over the seeds (default: --seed alone, written to <results_dir>/)")
@@ -104,7 +108,8 @@ def main(args):
     data_dir = Path(args.data_dir).resolve()
     extra = {s: shlex.split(getattr(args, f"{s}_args")) for s in STAGE_ARGS}
     plan = Plan(args.preset, preset, pretraining, tasks, args.defenses, not args.no_controls, extra,
-                args.nproc_per_node, str(data_dir), args.device, demo_checks=args.preset == "demo" and not own)
+                args.nproc_per_node, str(data_dir), args.device, args.protocol,
+                demo_checks=args.preset == "demo" and not own)
     for stage in preset.global_batch:
         plan.batch(stage)                   # a batch that does not split among the processes: before any work
     lock = hold_runner_lock(out_dir)

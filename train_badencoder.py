@@ -5,6 +5,8 @@ The paper's setting (CIFAR-10 encoder, GTSRB target "priority road", 200 epochs)
         --reference_file reference/cifar10/priority.npz --pretraining_dataset cifar10 \
         --downstreamTask gtsrb --pretrained_encoder output/cifar10/clean_encoder/model_1000.pth \
         --results_dir output/cifar10/badencoder_gtsrb
+(--reference_file may be left out: the task's released file is the default.) Add --protocol
+authors for every option as BadEncoder's code has it (docs/fidelity.md).
 Under torchrun (--batch_size is per process; BatchNorm is frozen, so no --sync_bn is needed):
     torchrun --nproc_per_node=4 train_badencoder.py --batch_size 64 ...the same flags...
 
@@ -13,7 +15,6 @@ Reads   the clean encoder, <data_dir>/<shadow_dataset>/train.npz (shadow data), 
 Writes  <results_dir>/args.json, log.jsonl, log.csv, checkpoint.pth, model_<epoch>.pth,
         results.json. Only the backbone f is trained; the head g is carried over unchanged.
 """
-import argparse
 import copy
 from dataclasses import dataclass
 
@@ -28,16 +29,25 @@ from datasets.loader import augment_copies, extract_features, index_batches, to_
 from models import badencoder_loss, encoder_checkpoint, load_encoder
 from models.health import check_finite_encoder
 from paper import TASKS, TRIGGER, paper_task
-from utils.cli import (add_pretraining_split, add_run_args, learning_rate, nonnegative_float, positive_int,
-                       run_cli, unit_interval)
+from utils.cli import (StageParser, add_pretraining_split, add_protocol, add_run_args, learning_rate,
+                       nonnegative_float, positive_int, run_cli, unit_interval)
 from utils.device import autocast, fast_paths, place
 from utils.distributed import distribute, mean_over_ranks
 from utils.errors import UserError
 from utils.logs import check_finite, progress
 from utils.stage import TrainingRun, start_run
 
+# --protocol authors: this stage as BadEncoder's code runs it (SPEC section 10, docs/fidelity.md).
+AUTHORS = {
+    "pretraining_split": "auto",        # STL-10: the first 50,000 unlabeled images as shadow data
+    "reference_copies": None,           # --batch_size augmented copies of each reference per step
+    "keep_last_batch": False,           # the incomplete last batch of shadow data dropped
+    "amp": "off",                       # float32
+}
+
+
 def get_parser():
-    parser = argparse.ArgumentParser(description="Stage 1: backdoor a clean encoder with BadEncoder.")
+    parser = StageParser(description="Stage 1: backdoor a clean encoder with BadEncoder.")
     data = parser.add_argument_group("data")
     data.add_argument("--pretraining_dataset", default=None,
                       help="dataset the encoder was pre-trained on: the images to train on, and the "
@@ -78,7 +88,7 @@ def get_parser():
                        help="also train on the incomplete last batch of shadow data, which the authors "
                             "drop (default: off)")
     add_run_args(parser, seed=100, save_freq=50)
-    return parser
+    return add_protocol(parser, AUTHORS)
 
 
 def freeze_batchnorm(backbone):

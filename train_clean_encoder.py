@@ -2,6 +2,7 @@
 
 The paper's setting (CIFAR-10, ResNet-18, batch 256, 1000 epochs; meant for a GPU):
     python -u train_clean_encoder.py --lr 1e-3 --results_dir output/cifar10/clean_encoder
+Add --protocol authors for every option as the authors' code has it (docs/fidelity.md).
 The same global batch on a node with 4 GPUs (--batch_size is per process):
     torchrun --nproc_per_node=4 train_clean_encoder.py --batch_size 64 --sync_bn \
         --results_dir output/cifar10/clean_encoder
@@ -12,7 +13,6 @@ Writes  <results_dir>/args.json, log.jsonl and log.csv (loss and kNN accuracy pe
         checkpoint.pth (every epoch, for --resume), model_<epoch>.pth (every --save_freq
         epochs and at the last epoch), results.json
 """
-import argparse
 
 import torch
 
@@ -22,17 +22,26 @@ from models import SimCLR, encoder_checkpoint, nt_xent
 from models.encoder import INITS
 from models.health import check_finite_encoder
 from models.knn import knn_predict
-from utils.cli import (add_distributed_args, add_init_flag, add_pretraining_split, add_run_args, learning_rate,
-                       nonnegative_float, nonnegative_int, positive_float, positive_int, run_cli)
+from utils.cli import (StageParser, add_distributed_args, add_init_flag, add_pretraining_split, add_protocol,
+                       add_run_args, learning_rate, nonnegative_float, nonnegative_int, positive_float, positive_int,
+                       run_cli)
 from utils.device import autocast, fast_paths, place
 from utils.distributed import distribute, global_batch, is_main, mean_over_ranks
 from utils.errors import UserError
 from utils.logs import check_finite, progress
 from utils.stage import TrainingRun, start_run
 
+# --protocol authors: this stage as the authors' code runs it (SPEC section 10, docs/fidelity.md).
+AUTHORS = {
+    "init": "torchvision",              # torchvision's resnet18() init, a fresh 3x3 conv1
+    "pretraining_split": "auto",        # STL-10: train_unlabeled.npz
+    "augment": "torchvision",           # the per-image PIL pipeline of their code
+    "amp": "off",                       # float32
+}
+
 
 def get_parser():
-    parser = argparse.ArgumentParser(description="Stage 0: train a clean SimCLR encoder.")
+    parser = StageParser(description="Stage 0: train a clean SimCLR encoder.")
     data = parser.add_argument_group("data")
     data.add_argument("--pretraining_dataset", default="cifar10",
                       help="dataset under --data_dir to train on; also names the normalisation (default: cifar10)")
@@ -64,7 +73,7 @@ def get_parser():
                          help="run the monitor every this many epochs and at the last; 0 turns it off "
                               "(default: 1)")
     add_distributed_args(add_run_args(parser, seed=100, save_freq=100))
-    return parser
+    return add_protocol(parser, AUTHORS)
 
 
 def train_one_epoch(model, loader, optimizer, temperature, epoch, out_dir, amp=False):

@@ -5,6 +5,7 @@ The paper's setting (GTSRB downstream, target "priority road" = 12):
         --trigger_file trigger/trigger_pt_white_21_10_ap_replace.npz --encoder_usage_info cifar10 \
         --encoder output/cifar10/mimic_gtsrb/model_1000.pth \
         --reference_file reference/cifar10/priority.npz --nn_epochs 1000
+Add --protocol authors for every option as the authors' code has it (docs/fidelity.md).
 
 Reads   the encoder checkpoint (ours or BadEncoder's), <data_dir>/<dataset>/train.npz and test.npz,
         the trigger file (and the reference file, for the target label)
@@ -12,7 +13,6 @@ Writes  <results_dir>/args.json, log.jsonl and log.csv (per-epoch curve), result
         ASR and ASR excluding target-class images. --results_dir defaults to a folder next to the
         encoder: <encoder folder>/downstream_<dataset>.
 """
-import argparse
 import time
 from pathlib import Path
 
@@ -25,15 +25,21 @@ from models import DownstreamClassifier, load_encoder
 from models.health import check_finite_features
 from models.metrics import backdoor_metrics
 from paper import TRIGGER
-from utils.cli import add_run_args, int_at_least, learning_rate, positive_int, run_cli
+from utils.cli import StageParser, add_protocol, add_run_args, int_at_least, learning_rate, positive_int, run_cli
 from utils.errors import UserError
 from utils.logs import RunLog, check_finite, progress
 from utils.records import RESULTS, Results
 from utils.stage import start_run
 
+# --protocol authors: this stage as the authors' code runs it (SPEC section 10, docs/fidelity.md).
+AUTHORS = {
+    "train_order": "file",              # training features in file order every epoch
+    "amp": "off",                       # float32
+}
+
 
 def get_parser():
-    parser = argparse.ArgumentParser(description="Stage 3: downstream ACC and ASR of an encoder.")
+    parser = StageParser(description="Stage 3: downstream ACC and ASR of an encoder.")
     data = parser.add_argument_group("data")
     data.add_argument("--dataset", default="gtsrb", help="downstream dataset under --data_dir (default: gtsrb)")
     data.add_argument("--encoder", required=True, help="encoder checkpoint to evaluate")
@@ -61,7 +67,7 @@ def get_parser():
     clf.add_argument("--hidden_size_1", type=positive_int, default=512, help="first hidden layer (default: 512)")
     clf.add_argument("--hidden_size_2", type=positive_int, default=256, help="second hidden layer (default: 256)")
     add_run_args(parser, seed=100)
-    return parser
+    return add_protocol(parser, AUTHORS)
 
 
 def target_label(args, num_classes):

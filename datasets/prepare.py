@@ -33,6 +33,7 @@ Checksums: torchvision verifies the md5 of the CIFAR-10, SVHN and STL-10 files a
 ones. (The tests, which build tiny files in the real formats, switch that check off with pytest's
 monkeypatch.)
 """
+import hashlib
 import sys
 from pathlib import Path
 
@@ -42,6 +43,7 @@ from torchvision import datasets as tv_datasets
 from torchvision.datasets.folder import find_classes
 from tqdm import tqdm
 
+from paper import RELEASED_REFERENCES, TASKS
 from utils.errors import UserError
 from utils.files import atomic_write
 
@@ -69,13 +71,17 @@ EXPECTED_SIZES = {
 NUM_CLASSES = {"cifar10": 10, "svhn": 10, "gtsrb": 43, "stl10": 10}
 PAPER_DATASETS = tuple(EXPECTED_SIZES)
 
-# Reference inputs the published commands use: (encoder usage, file name, source dataset, class).
-PAPER_REFERENCES = (
-    ("cifar10", "priority", "gtsrb", 12),
-    ("cifar10", "truck", "stl10", 9),
-    ("cifar10", "one", "svhn", 1),
-)
-DEFAULT_REFERENCE_COUNT = 1          # the released priority.npz, truck.npz and one.npz hold one image each
+# The authors' released reference files of the paper's tasks (paper.TASKS), shipped in reference/:
+# (encoder usage, file name, source dataset, class), e.g. ("cifar10", "priority", "gtsrb", 12).
+PAPER_REFERENCES = tuple((t.pretraining, Path(t.reference).stem, t.dataset, t.label)
+                         for tasks in TASKS.values() for t in tasks)
+DEFAULT_REFERENCE_COUNT = 1          # the released files hold one image each
+
+# --make_reference's pick among the images of the class (see pick_reference).
+REFERENCE_PICKS = ("medoid", "first")
+DEFAULT_REFERENCE_PICK = "medoid"
+MEDOID_POOL = 500                    # candidates: the first this many images of the class
+MEDOID_SIZE = 8                      # compared as 8x8 grayscale thumbnails
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".pgm", ".pbm", ".tif", ".tiff",
                     ".webp", ".gif")
@@ -433,14 +439,42 @@ def reference_path(reference_dir, pretraining_dataset, name):
     return Path(reference_dir) / pretraining_dataset / f"{name}.npz"
 
 
-def make_reference(data_dir, dataset, label, out_path, count=DEFAULT_REFERENCE_COUNT, force=False):
-    """Write the first `count` training images of class `label` of a prepared dataset as a reference file.
+def thumbnails(images, size=MEDOID_SIZE):
+    """uint8 NxHxWx3 -> float Nx(size*size): each image in grayscale (Pillow's ITU-R 601-2 luma),
+    box-averaged to size x size, so that small shifts and pixel noise weigh little."""
+    return np.stack([np.asarray(Image.fromarray(im).convert("L").resize((size, size), Image.Resampling.BOX),
+                                dtype=np.float64).ravel() for im in images])
+
+
+def pick_reference(images, count, pick=DEFAULT_REFERENCE_PICK, pool=MEDOID_POOL):
+    """Indices of `count` reference images among `images` (one class, in train-split order).
+
+    "first": the first `count`. "medoid": among the first `pool` images, those with the smallest
+    mean Euclidean distance from their thumbnail (see thumbnails) to the other candidates'
+    thumbnails, most central first; ties go to the earlier image. The medoid is the class's most
+    typical view, where the first image may be any odd one (dark, cut off, off-centre).
+    """
+    if pick == "first" or len(images) <= count:
+        return np.arange(min(count, len(images)))
+    if pick != "medoid":
+        raise ValueError(f"pick must be one of {REFERENCE_PICKS}, not {pick!r}")
+    thumbs = thumbnails(images[:max(pool, count)])                  # PxS
+    sq = (thumbs ** 2).sum(axis=1)
+    dist = np.sqrt(np.maximum(sq[:, None] + sq[None, :] - 2 * thumbs @ thumbs.T, 0))   # PxP
+    mean = dist.sum(axis=1) / (len(thumbs) - 1)
+    return np.argsort(mean, kind="stable")[:count]
+
+
+def make_reference(data_dir, dataset, label, out_path, count=DEFAULT_REFERENCE_COUNT, force=False,
+                   pick=DEFAULT_REFERENCE_PICK):
+    """Write `count` training images of class `label` of a prepared dataset as a reference file,
+    chosen by `pick` (pick_reference: the class's medoid, or its first images).
 
     The file holds x uint8 (R, H, W, 3) and y (R,) = label. An existing file that is a valid reference
-    file of that label is kept (it may be a released one with another count) unless `force`.
+    file of that label is kept unless `force`.
     """
     out_path = Path(out_path)
-    row = {"file": str(out_path), "source": f"{dataset} train", "label": label}
+    row = {"file": str(out_path), "source": f"{dataset} train ({pick})", "label": label}
     if out_path.is_file() and not force:
         try:
             x, y = read_images_npz(out_path, label_key="y")
@@ -458,11 +492,11 @@ def make_reference(data_dir, dataset, label, out_path, count=DEFAULT_REFERENCE_C
                         f"split; create it with: python prepare_data.py --dataset {dataset} "
                         f"--out {data_dir})")
     x, y = read_images_npz(path, label_key="y")
-    index = np.flatnonzero(y == label)[:count]
+    index = np.flatnonzero(y == label)
     if len(index) < count:
         raise UserError(f"{path} holds {len(index)} images of class {label}, fewer than the {count} "
                         f"asked for (lower --reference_count)")
-    ref_x = x[index]
+    ref_x = x[index[pick_reference(x[index], count, pick)]]
     save_reference(out_path, ref_x, label)
     back_x, back_y = read_images_npz(out_path, label_key="y")
     if back_x.shape != ref_x.shape or np.any(back_y != label):
@@ -470,12 +504,37 @@ def make_reference(data_dir, dataset, label, out_path, count=DEFAULT_REFERENCE_C
     return {**row, "images": len(back_x), "status": "written"}
 
 
-def prepare_references(data_dir, reference_dir, count=DEFAULT_REFERENCE_COUNT, force=False,
-                       references=PAPER_REFERENCES):
-    """Write the reference files the published commands use (PAPER_REFERENCES); one row per file."""
-    return [make_reference(data_dir, dataset, label, reference_path(reference_dir, usage, name),
-                           count, force)
-            for usage, name, dataset, label in references]
+def md5(path):
+    """Hex md5 of a file's bytes."""
+    return hashlib.md5(Path(path).read_bytes()).hexdigest()
+
+
+def check_released_references(reference_dir):
+    """Verify the shipped reference files of the paper's tasks against paper.RELEASED_REFERENCES.
+
+    Never writes: the released files are the authors' bytes, not something to rebuild. One row per
+    file ("released, md5 ok"); a missing or altered file is one UserError line naming every such
+    file and the git command that restores it.
+    """
+    rows, bad = [], []
+    for usage, name, dataset, label in PAPER_REFERENCES:
+        path = reference_path(reference_dir, usage, name)
+        shipped = f"reference/{usage}/{name}.npz"
+        expected = RELEASED_REFERENCES[shipped]
+        if not path.is_file():
+            bad.append((shipped, f"{path} is missing"))
+            continue
+        found = md5(path)
+        if found != expected:
+            bad.append((shipped, f"{path} has md5 {found}, not the released {expected}"))
+            continue
+        rows.append({"file": str(path), "source": f"released ({dataset} class {label})", "label": label,
+                     "images": len(read_images_npz(path, label_key="y")[0]), "status": "released, md5 ok"})
+    if bad:
+        raise UserError(f"{'; '.join(why for _, why in bad)}: restore the authors' file"
+                        f"{'s' if len(bad) > 1 else ''} with: git checkout -- "
+                        f"{' '.join(dict.fromkeys(shipped for shipped, _ in bad))}")
+    return rows
 
 
 # ---------------------------------------------------------------- reporting

@@ -67,15 +67,17 @@ def npz_labels(path):
 
 
 def prepare_commands(missing_splits, missing_refs, data_dir):
-    """The prepare_data.py commands that create the missing dataset folders and reference files."""
+    """The commands that create the missing dataset folders and reference files (the authors'
+    released reference files are shipped in the repository: git restores them)."""
     paper = [n for n in missing_splits if n in PAPER_DATASETS]
     paper_refs = [p for p in missing_refs
                   if p in {reference_path(ROOT / "reference", u, n) for u, n, _, _ in PAPER_REFERENCES}]
     commands = []
-    if paper or paper_refs:
+    if paper:
         which = ["all"] if set(paper) == set(PAPER_DATASETS) else paper
-        commands.append(" ".join(["python prepare_data.py", *(["--dataset", *which, "--download"] if paper else []),
-                                  *(["--references"] if paper_refs else []), "--out", str(data_dir)]))
+        commands.append(" ".join(["python prepare_data.py", "--dataset", *which, "--download", "--out", str(data_dir)]))
+    if paper_refs:
+        commands.append(" ".join(["git checkout --", *(str(p.relative_to(ROOT)) for p in paper_refs)]))
     commands += [f"python prepare_data.py --image_folder DIR --name {n} --out {data_dir}"
                  for n in missing_splits if n not in PAPER_DATASETS]
     if len(paper_refs) < len(missing_refs):

@@ -40,6 +40,7 @@ class Plan:
     nproc: int
     data_dir: str
     device: str
+    protocol: str
     demo_checks: bool
 
     def config(self):
@@ -64,7 +65,8 @@ class Plan:
 
 def seed_jobs(plan, seed, out_dir, key=""):
     """The jobs of one seed into out_dir; job keys start with `key` (e.g. "seed_1/")."""
-    common = ["--data_dir", plan.data_dir, "--device", plan.device, "--seed", str(seed)]
+    common = ["--data_dir", plan.data_dir, "--device", plan.device, "--seed", str(seed),
+              *(["--protocol", plan.protocol] if plan.protocol != "ours" else [])]
     p, x = plan.preset, plan.extra
 
     def job(name, script, folder, args, deps=(), training=True):

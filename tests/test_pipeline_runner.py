@@ -14,6 +14,7 @@ import pytest
 
 import run_pipeline
 from datasets import load_reference, load_split, save_split
+from datasets.prepare import pick_reference
 from paper import TRIGGER
 from pipeline import presets, runner
 from pipeline.data import select_data
@@ -205,14 +206,21 @@ def test_defences_get_a_row_each_beside_mimic(tiny, tmp_path, monkeypatch, capsy
     assert evaluated[-3:] == ["finetune_gtsrb", "fine_pruning_gtsrb", "nad_gtsrb"]
     assert not any("--encoder_usage_info" in args for _, args in fake.commands)
 
-    # The reference file made for the task is the first train image of label 1.
+    # The reference file made for the task is the medoid of label 1's train images, as prepare_data.py picks it.
     x, y = load_split(tiny / "data", "gtsrb", "train")
     ref_x, ref_label = load_reference(tmp_path / "ref" / "cifar10" / "gtsrb_1.npz")
-    assert ref_label == 1 and np.array_equal(ref_x, x[np.flatnonzero(y == 1)[:1]])
+    images = x[np.flatnonzero(y == 1)]
+    assert ref_label == 1 and np.array_equal(ref_x, images[pick_reference(images, 1)])
 
     printed = capsys.readouterr().out
     assert "warning: figures not drawn (RuntimeError: no display)" in printed
     assert (out / "figures" / "samples.png").is_file()                  # the sample grid still drawn
+
+
+def test_protocol_reaches_every_stage(tiny, tmp_path, fake):
+    run_pipeline.main(own_data_args(tiny, tmp_path, "--protocol", "authors", "--no_controls"))
+    assert len(fake.commands) == 12 and all(flag(a, "--protocol") == "authors" for _, a in fake.commands)
+    assert read(tmp_path / "out" / "summary.json")["config"]["protocol"] == "authors"
 
 
 def test_defences_flag_chooses_what_runs(tiny, tmp_path, fake):
@@ -320,7 +328,7 @@ def test_interrupted_runner_stops_its_stage(tmp_path):
 # ---------------------------------------------------------------- checks before any work
 
 def test_global_batch_must_split_among_processes(tmp_path):
-    plan = Plan("paper", presets.PAPER, "cifar10", [], [], False, {}, 4, "data", "cpu", False)
+    plan = Plan("paper", presets.PAPER, "cifar10", [], [], False, {}, 4, "data", "cpu", "ours", False)
     assert plan.batch("clean") == ["--batch_size", "64"] and plan.batch("mimic") == ["--batch_size", "32"]
     plan.nproc = 3
     with pytest.raises(UserError, match="the mimic stage's global batch of 128 does not split among "

@@ -11,8 +11,8 @@ from PIL import Image
 
 import prepare_data
 from datasets.npz import load_reference, load_split, save_split, split_path
-from datasets.prepare import (EXPECTED_SIZES, PAPER_REFERENCES, make_reference, prepare_image_folder,
-                              prepare_paper_dataset, prepare_references, reference_path, size_warnings)
+from datasets.prepare import (EXPECTED_SIZES, make_reference, prepare_image_folder, prepare_paper_dataset,
+                              reference_path, size_warnings)
 from utils.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -321,22 +321,27 @@ def write_labelled_split(data_dir, name, labels, seed=5):
     return x
 
 
-def test_references_are_the_first_images_of_the_target_class(tmp_path):
+def test_reference_pick_first_takes_the_first_images_of_the_target_class(tmp_path):
     data, ref = tmp_path / "data", tmp_path / "reference"
     sources = {"gtsrb": [12, 3, 12, 12, 40, 12], "stl10": [9, 9, 0, 9, 1], "svhn": [1, 0, 1, 1, 1]}
     images = {name: write_labelled_split(data, name, labels) for name, labels in sources.items()}
-    rows = prepare_references(data, ref, count=3)
+    made = [("cifar10", "priority", "gtsrb", 12), ("cifar10", "truck", "stl10", 9), ("cifar10", "one", "svhn", 1)]
+
+    def make(count, force=False):
+        return [make_reference(data, dataset, label, reference_path(ref, usage, name), count, force, pick="first")
+                for usage, name, dataset, label in made]
+    rows = make(3)
     assert [(r["file"], r["images"], r["status"]) for r in rows] == [
-        (str(ref / "cifar10" / f"{n}.npz"), 3, "written") for _, n, _, _ in PAPER_REFERENCES]
-    for usage, name, dataset, label in PAPER_REFERENCES:
+        (str(ref / "cifar10" / f"{n}.npz"), 3, "written") for _, n, _, _ in made]
+    for usage, name, dataset, label in made:
         x, target = load_reference(reference_path(ref, usage, name))
         index = [i for i, c in enumerate(sources[dataset]) if c == label][:3]
         np.testing.assert_array_equal(x, images[dataset][index])
         assert target == label
         with np.load(reference_path(ref, usage, name)) as npz:
             assert npz["x"].dtype == np.uint8 and npz["y"].tolist() == [label] * 3
-    assert [r["status"] for r in prepare_references(data, ref, count=2)] == ["kept"] * 3
-    assert [r["images"] for r in prepare_references(data, ref, count=2, force=True)] == [2, 2, 2]
+    assert [r["status"] for r in make(2)] == ["kept"] * 3
+    assert [r["images"] for r in make(2, force=True)] == [2, 2, 2]
     with pytest.raises(UserError, match="holds 3 images of class 9, fewer than the 4"):
         make_reference(data, "stl10", 9, ref / "x.npz", count=4)
     with pytest.raises(UserError, match="prepare_data.py --dataset cifar10"):

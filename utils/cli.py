@@ -3,8 +3,13 @@ expected failures into one `error: ...` line and exit code 2.
 
 Flags are checked when they are parsed (the `type=` callables below): argparse prints one usage
 line and `error: argument --lr: must be ...` and exits 2.
+
+`--protocol authors|ours` (add_protocol) sets every behaviour of a stage to the authors' code in
+one flag: each stage script gives its table {dest: authors' value} once, and StageParser takes
+those values as the defaults of that parse, so a flag given explicitly still wins.
 """
 import argparse
+import copy
 import math
 import os
 import sys
@@ -124,6 +129,74 @@ def add_distributed_args(group):
                        help="under torchrun, compute BatchNorm statistics over the global batch "
                             "(SyncBatchNorm; CUDA only in PyTorch) instead of each process's own "
                             "--batch_size images (default: off)")
+
+
+# ---------------------------------------------------------------- --protocol
+
+PROTOCOLS = ("ours", "authors")
+
+
+class StageParser(argparse.ArgumentParser):
+    """An ArgumentParser that honours --protocol (see add_protocol) in every parse: parse_args,
+    parse_known_args, and so run_cli and the tests' get_parser().parse_args([...]) alike."""
+
+    authors = None          # {dest: the authors' value}, set by add_protocol
+
+    def parse_known_args(self, args=None, namespace=None):
+        if not self.authors:
+            return super().parse_known_args(args, namespace)
+        args = sys.argv[1:] if args is None else list(args)
+        # A first parse reads --protocol exactly as the full parse does (abbreviations, "=" forms).
+        chosen = super().parse_known_args(args, copy.copy(namespace))[0].protocol
+        if chosen == "ours":
+            return super().parse_known_args(args, namespace)
+        # argparse sets a default only where the namespace has no value yet, and a flag on the
+        # command line overwrites whatever is there: so the authors' values act as this parse's
+        # defaults, and an explicit flag still wins.
+        namespace = copy.copy(namespace) if namespace is not None else argparse.Namespace()
+        for dest, value in self.authors.items():
+            if not hasattr(namespace, dest):
+                setattr(namespace, dest, copy.copy(value))
+        return super().parse_known_args(args, namespace)
+
+
+def shown(value):
+    """A flag value as a user types it: on/off for switches, 0.2 for floats."""
+    if value is None:
+        return "unset (its default)"
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def add_protocol(parser, authors, what="every behaviour of this stage as in the authors' code"):
+    """--protocol authors|ours on a StageParser, after all its flags: `authors` = {dest: value} is
+    the stage's behaviour in the authors' code, the table defined once next to its parser; `what`
+    says in --help what it covers. Every listed flag's help gains its authors' value; an unknown
+    dest is a programming error."""
+    if not isinstance(parser, StageParser):
+        raise TypeError("add_protocol needs a utils.cli.StageParser")
+    actions = {a.dest: a for a in parser._actions}
+    unknown = sorted(set(authors) - set(actions))
+    if unknown:
+        raise ValueError(f"--protocol table names no flag of this parser: {', '.join(unknown)}")
+    for dest, value in authors.items():
+        action = actions[dest]
+        note = f"--protocol authors: {shown(value)}"
+        help_text = action.help or ""
+        if help_text.endswith(")") and "(default:" in help_text:
+            action.help = help_text[:-1] + f"; {note})"
+        else:
+            action.help = f"{help_text} ({note})".strip()
+    settings = ", ".join(f"{actions[d].option_strings[0]} {shown(v)}" for d, v in authors.items())
+    parser.add_argument("--protocol", default="ours", choices=PROTOCOLS,
+                        help=f"authors: {what} ({settings}); "
+                             "a flag given explicitly still wins. ours: this project's defaults, each "
+                             "deviation listed in docs/fidelity.md (default: ours)")
+    parser.authors = dict(authors)
+    return parser
 
 
 def run_cli(main, parser, argv=None):
