@@ -84,9 +84,10 @@ def mi_data(mi):
     recorded) of an mi.json, read through its one definition (utils.records.MIRecord)."""
     record = mi if isinstance(mi, MIRecord) else MIRecord.from_dict(read_json(mi))
     verdicts = record.verdicts()
+    reports = record.convergence or [{}] * len(record.blocks)
     return {"blocks": list(record.blocks), "mi": list(record.mi), "weights": list(record.weights),
             "converged": [v == "converged" for v in verdicts] if any(v is not None for v in verdicts) else None,
-            "mi_model": record.mi_model}
+            "change": [r.get("change") for r in reports], "mi_model": record.mi_model}
 
 
 def mi_history_series(mi):
@@ -254,7 +255,9 @@ def training_curves(stage_dir, path):
 
 def mi_weights(mi_json, path):
     """MI of each block with the representation (nats) beside the attention weight it gives.
-    Blocks whose estimator did not converge (when recorded) are hatched and marked."""
+    Blocks whose estimator did not converge (when recorded) are hatched and marked; under each MI bar,
+    the estimate's relative change over the second half of the estimator's epochs (the verdict's
+    `change`), when recorded."""
     data = mi_data(read_json(mi_json))
     if not data["mi"]:
         raise NothingToPlot(f"no MI values in {mi_json}")
@@ -269,6 +272,10 @@ def mi_weights(mi_json, path):
         ax.bar_label(bars, fmt="%.3g", fontsize=8)
         ax.set(xlabel="block", ylabel=ylabel, title=ylabel.split(" (")[0] + " per block")
         ax.margins(y=0.15)
+    changes = [f"{b}\n{c:+.0%}" if c is not None else b for b, c in zip(data["blocks"], data["change"])]
+    if any(c is not None for c in data["change"]):
+        axes[0].set_xticks(range(len(changes)), changes)
+        axes[0].set_xlabel("block, and change of the estimate over the second half of its epochs")
     if any(failed):
         axes[0].legend(handles=[Patch(hatch="//", edgecolor="red", facecolor="white",
                                       label="estimator not converged")], fontsize=8)

@@ -287,3 +287,16 @@ def test_unconverged_blocks_of_a_real_mimic_run_are_hatched(tiny, tmp_path, monk
     [fig] = drawn
     assert [bar.get_hatch() for bar in fig.axes[0].patches] == ["//"] * 4
     assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == ["estimator not converged"]
+    assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["layer1", "layer2", "layer3", "layer4"]
+
+
+def test_the_mi_figure_shows_each_blocks_change_over_the_second_half(run_dir, tmp_path, monkeypatch):
+    mi = figures.read_json(run_dir / "mimic_demo_downstream/mi.json")
+    for report, change in zip(mi["convergence"], (0.02, -0.05, 0.31, 0.0)):
+        report["change"] = change
+    assert figures.mi_data(mi)["change"] == [0.02, -0.05, 0.31, 0.0]
+    drawn = []
+    monkeypatch.setattr(figures, "_save", lambda fig, path: drawn.append(fig) or path)
+    figures.mi_weights(mi, tmp_path / "mi.png")
+    assert [t.get_text() for t in drawn[0].axes[0].get_xticklabels()] == [
+        "layer1\n+2%", "layer2\n-5%", "layer3\n+31%", "layer4\n+0%"]
