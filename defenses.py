@@ -37,6 +37,7 @@ from models.distill import distill_epoch
 from models.health import check_finite_encoder
 from models.knn import knn_predict
 from models.pruning import channel_ranking, prune_channels, prune_until, pruned_count
+from report.methods import DEFENSES
 from utils.cli import (StageParser, add_clean_subset, add_distributed_args, add_protocol, add_run_args,
                        learning_rate, nonnegative_float, nonnegative_int, positive_float, positive_int, run_cli,
                        unit_interval)
@@ -45,8 +46,6 @@ from utils.distributed import distribute, gather_objects, is_main
 from utils.errors import UserError
 from utils.seeding import preserved_rng, set_seed
 from utils.stage import TrainingRun, start_run
-
-DEFENSES = ("finetune", "fine_pruning", "nad")
 
 # --protocol authors: the baselines are this project's adaptations (docs/defenses.md); what they
 # share with the authors' code is set as there: float32, and stage 0's augmentation as their code
