@@ -9,7 +9,6 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -235,12 +234,11 @@ def test_diverged_downstream_classifier_stops(tiny, encoder, tmp_path, capsys, m
 
 # ---------------------------------------------------------------- 4. checkpoint metadata first
 
-def test_huge_claimed_width_is_refused_at_once(tiny, tmp_path, capsys):
+def test_huge_claimed_width_is_one_line_from_stage_3(tiny, tmp_path, capsys):
+    """Through the script; that nothing is built first is tests/test_encoder.py's no_build check."""
     path = tmp_path / "huge.pth"
     torch.save({"state_dict": SimCLR(width=4).state_dict(), "arch": {"arch": "resnet18", "width": 20000}}, path)
-    cpu = time.process_time()         # CPU time: building a width-20000 network would take far longer
     assert evaluate(tiny, path, tmp_path / "eval") == 2
-    assert time.process_time() - cpu < 1.0
     assert error(capsys) == f"error: {path}: width must be an integer from 1 to 1024, got 20000"
 
 
