@@ -69,7 +69,8 @@ class _Record:
 class Results(_Record):
     """results.json of a stage. Training stages name their final model file `encoder`, relative to
     the folder (a copied folder names its own); stage 3 names the evaluated encoder's full path
-    there and fills the metrics and `curve` (its per-epoch rows)."""
+    there and fills the metrics, `trigger` (the description of the trigger its ASR used,
+    datasets.trigger) and `curve` (its per-epoch rows)."""
     stage: str
     args: dict
     epochs: int = 0
@@ -81,6 +82,7 @@ class Results(_Record):
     asr_excluding_target: float = None
     dataset: str = None
     target_label: int = None
+    trigger: dict = None
     curve: list = None
 
     def metrics(self):
