@@ -121,7 +121,9 @@ class Summary(_Record):
     """summary.json of one seed of run_pipeline.py. `results`: {task: {method id: {metric: value}}};
     `mi`: {task: MIRecord.per_block()}; `backdoor_left`: {task: {method id: bool}}, whether a
     defence left the backdoor in place (pipeline.summary.BACKDOOR_LEFT); `checks`:
-    [{"check", "passed"}] of the demo; `stage_seconds`: wall time of each stage run this time."""
+    [{"check", "passed"}] of the demo; `stage_seconds`: wall time of each stage run this time;
+    `attacks`: {task: {"attack": attack id, "task": the task's own key}} (report.methods.ATTACKS;
+    a task it lacks is BadEncoder's); `asr_matrix`: {attack on task: {method id: spread of ASR}}."""
     preset: str
     seed: int
     results: dict
@@ -132,12 +134,15 @@ class Summary(_Record):
     total_seconds: float = 0.0
     config: dict = field(default_factory=dict)
     checks: list = None
+    attacks: dict = field(default_factory=dict)
+    asr_matrix: dict = field(default_factory=dict)
 
 
 @dataclass
 class SeedsSummary(_Record):
     """summary.json over seeds: `stats` {task: {method id: {metric: spread}}} (report.stats),
-    MIMIC's `paired_differences`, per-seed MI and checks, and times."""
+    MIMIC's `paired_differences`, per-seed MI and checks, times, and the attacks x defences
+    `asr_matrix` over seeds (as in Summary)."""
     preset: str
     seeds: list
     stats: dict
@@ -148,6 +153,8 @@ class SeedsSummary(_Record):
     seed_seconds: dict = field(default_factory=dict)
     wall_seconds: float = None
     checks: dict = None
+    attacks: dict = field(default_factory=dict)
+    asr_matrix: dict = field(default_factory=dict)
 
 
 def read_log(path):
