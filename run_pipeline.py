@@ -60,7 +60,8 @@ def attack_list(text):
     names = [n.strip() for n in text.split(",") if n.strip()]
     unknown = [n for n in names if n not in ATTACKS]
     if unknown or not names:
-        raise argparse.ArgumentTypeError(f"unknown {', '.join(unknown) or 'empty list'}; choose among {','.join(ATTACKS)}")
+        raise argparse.ArgumentTypeError(f"unknown {', '.join(unknown) or 'empty list'}; "
+                                         f"choose among {','.join(ATTACKS)}")
     return [a for a in ATTACKS if a in names]
 
 

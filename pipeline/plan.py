@@ -125,12 +125,14 @@ def seed_jobs(plan, seed, out_dir, key=""):
                 "--pretraining_dataset", plan.pretraining, "--teacher", encoder(b)(done),
                 *p.mimic, *plan.batch("mimic"), *x["mimic"], *STUDENT_FLAGS[m]], deps=[bad]))
         for method in plan.defenses():
-            jobs.append(job(f"stage 2: {method} ({what})", "defenses.py", folders[method], lambda done, m=method, b=bad: [
-                "--defense", m, "--suspect", encoder(b)(done), "--pretraining_dataset", plan.pretraining,
-                *p.defenses[m], *plan.batch("defense"), *x["defense"]], deps=[bad]))
+            def defense_args(done, m=method, b=bad):
+                return ["--defense", m, "--suspect", encoder(b)(done), "--pretraining_dataset", plan.pretraining,
+                        *p.defenses[m], *plan.batch("defense"), *x["defense"]]
+            jobs.append(job(f"stage 2: {method} ({what})", "defenses.py", folders[method], defense_args, deps=[bad]))
         for method, folder in folders.items():
             jobs.append(job(f"stage 3: {method} on {what}", "training_downstream_classifier.py",
-                            plan.eval_folder(attack, task, method), lambda done, f=folder, t=task, tr=trigger, r=reference: [
+                            plan.eval_folder(attack, task, method),
+                            lambda done, f=folder, t=task, tr=trigger, r=reference: [
                                 "--dataset", t.dataset, "--reference_label", t.label, *tr,
                                 "--encoder", encoder(f)(done), *r, *p.downstream, *x["downstream"]],
                             deps=[folder], training=False))

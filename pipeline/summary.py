@@ -95,7 +95,8 @@ def seed_markdown(summary):
         lines += [f"| {label(m)} | {r['acc']:.2f} | {r['asr']:.2f} | {r['asr_excluding_target']:.2f} |"
                   for m, r in rows.items()]
         lines.append("")
-    text = "\n".join(lines) + "\n" + matrix_text(summary.asr_matrix, summary.attacks) + left_lines(summary.backdoor_left)
+    text = "\n".join(lines) + "\n" + matrix_text(summary.asr_matrix, summary.attacks)
+    text += left_lines(summary.backdoor_left)
     text += "\n| stage | wall time (s) |\n|---|---|\n" + "".join(
         f"| {name} | {t:.1f} |\n" for name, t in summary.stage_seconds.items())
     if summary.checks:

@@ -140,7 +140,8 @@ def markdown_seed_table(summary_stats, paired, reference=MIMIC, attacks=None):
     paired-difference table."""
     lines = []
     for task, rows in summary_stats.items():
-        lines += [f"### {table_title(attacks or {}, task)}", ""] + _table("encoder", {label(m): cells for m, cells in rows.items()}) + [""]
+        lines += [f"### {table_title(attacks or {}, task)}", ""]
+        lines += _table("encoder", {label(m): cells for m, cells in rows.items()}) + [""]
     if paired:
         lines += [f"### Paired differences: {label(reference)} minus other encoder, same seed (percentage points)",
                   ""]

@@ -278,7 +278,8 @@ def test_matrix_table_on_hand_made_seeds():
     attacks = {"CTRL: t": {"attack": "ctrl", "task": "t"}}
     matrix = asr_matrix(summarize_seeds(results), attacks)
     assert list(matrix) == ["BadEncoder on t", "CTRL on t"]
-    assert matrix["CTRL on t"]["mimic"]["mean"] == 25.0 and matrix["CTRL on t"]["mimic"]["std"] == pytest.approx(50 ** 0.5)
+    cell = matrix["CTRL on t"]["mimic"]
+    assert cell["mean"] == 25.0 and cell["std"] == pytest.approx(50 ** 0.5)
     text = markdown_asr_matrix(matrix)
     assert "| attack | clean | MIMIC |" in text
     assert "| BadEncoder on t | 5.0 ± 1.4 | 12.0 ± 2.8 |" in text and "| CTRL on t |  | 25.0 ± 7.1 |" in text
