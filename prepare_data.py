@@ -14,6 +14,8 @@ reference/; never rewritten: a missing or altered one is restored with git check
 Another reference file, e.g. GTSRB class 14 (stop) -> reference/cifar10/stop.npz (the medoid
 of the class, see --reference_pick):
     python prepare_data.py --make_reference gtsrb 14 stop --pretraining_dataset cifar10
+CTRL's poisoned copy of CIFAR-10 (1% of the images, all of class 0, frequency trigger; docs/ctrl.md):
+    python prepare_data.py --poison ctrl --poison_dataset cifar10 --target_label 0 --name cifar10_ctrl
 
 Reads --root (layout in datasets/prepare.py) or --image_folder. Writes <out>/<name>/train.npz and
 test.npz (stl10 also train_unlabeled.npz): x uint8 (N, 32, 32, 3), y (N, 1); normalization.json
@@ -22,17 +24,21 @@ published values are fixed); and
 <reference_dir>/<pretraining_dataset>/<name>.npz: x uint8 (R, 32, 32, 3), y (R,) for --make_reference.
 Files that exist and validate are kept (--force rebuilds them, never the released reference files);
 a summary table of what is on disk ends every run.
+--poison writes <out>/<name>/train.npz (poisoned), test.npz (copied) and poison.json (datasets/poison.py).
 """
 import argparse
 import sys
 from pathlib import Path
 
+from datasets.frequency import CTRL_MAGNITUDE, CTRL_WINDOW
+from datasets.poison import CTRL_POISON_RATIO, POISON_RECORD, ROUNDING, poison_ctrl
 from datasets.prepare import (DEFAULT_REFERENCE_COUNT, DEFAULT_REFERENCE_PICK, DEFAULT_RESIZE_FILTER,
                               DEFAULT_TEST_FRACTION, MEDOID_POOL, MEDOID_SIZE, PAPER_DATASETS, PAPER_REFERENCES,
                               REFERENCE_PICKS, RESIZE_FILTERS, check_released_references, format_table,
                               make_reference, prepare_image_folder, prepare_paper_dataset, reference_path,
                               size_warnings)
-from utils.cli import float_in, positive_int, run_cli, seed_int
+from datasets.trigger import FrequencyTrigger
+from utils.cli import finite_float, float_in, fraction, nonnegative_int, positive_int, run_cli, seed_int
 from utils.errors import UserError
 
 SPLIT_COLUMNS = ["dataset", "split", "images", "expected", "shape", "dtype", "labels", "status"]
@@ -100,6 +106,22 @@ def get_parser():
     ref.add_argument("--reference_dir", default="reference",
                      help="folder of <pretraining_dataset>/<name>.npz reference files (default: reference)")
 
+    poison = parser.add_argument_group("a poisoned copy (CTRL's attack, docs/ctrl.md)")
+    poison.add_argument("--poison", default=None, choices=["ctrl"],
+                        help="write a poisoned copy of --poison_dataset named --name: ctrl triggers the first "
+                             "round(--poison_ratio x N) images of --target_label in place with CTRL's frequency "
+                             "trigger (default: none)")
+    poison.add_argument("--poison_dataset", default=None, help="prepared dataset to copy (default: none)")
+    poison.add_argument("--target_label", type=nonnegative_int, default=None,
+                        help="the attacker's target class; every poisoned image is one of it (default: none)")
+    poison.add_argument("--poison_ratio", type=fraction, default=CTRL_POISON_RATIO,
+                        help=f"share of the whole train split poisoned, rounded to the nearest image, halves up "
+                             f"(default: {CTRL_POISON_RATIO}, CTRL's)")
+    poison.add_argument("--ctrl_magnitude", type=finite_float, default=CTRL_MAGNITUDE,
+                        help=f"value added to each chosen DCT coefficient (default: {CTRL_MAGNITUDE:g})")
+    poison.add_argument("--ctrl_window", type=positive_int, default=CTRL_WINDOW,
+                        help=f"DCT window size; 32 = the whole 32x32 image (default: {CTRL_WINDOW})")
+
     out = parser.add_argument_group("output")
     out.add_argument("--out", "--data_dir", dest="out", default="data",
                      help="folder receiving <name>/<split>.npz; the stages read it as --data_dir "
@@ -112,11 +134,13 @@ def get_parser():
 
 
 def main(args):
-    if not (args.dataset or args.image_folder or args.references or args.make_reference):
-        raise UserError("nothing to do: pass --dataset, --image_folder, --references or "
-                        "--make_reference (see --help)")
-    if args.name and not args.image_folder:
-        raise UserError("--name names the dataset made from --image_folder; pass --image_folder too")
+    if not (args.dataset or args.image_folder or args.references or args.make_reference or args.poison):
+        raise UserError("nothing to do: pass --dataset, --image_folder, --references, --make_reference or "
+                        "--poison (see --help)")
+    if args.name and not (args.image_folder or args.poison):
+        raise UserError("--name names the dataset made from --image_folder or --poison; pass one of them too")
+    if args.poison and (args.image_folder or not (args.poison_dataset and args.name and args.target_label is not None)):
+        raise UserError("--poison needs --poison_dataset, --name and --target_label (and no --image_folder)")
     for flag, folder in (("--out", args.out), ("--reference_dir", args.reference_dir)):
         if Path(folder).exists() and not Path(folder).is_dir():
             raise UserError(f"{flag} {folder} is a file, not a folder; name a folder (it is created if missing)")
@@ -143,6 +167,13 @@ def main(args):
         references.append(make_reference(args.out, dataset, label,
                                          reference_path(args.reference_dir, args.pretraining_dataset, name),
                                          args.reference_count, args.force, args.reference_pick))
+
+    if args.poison:
+        record = poison_ctrl(args.out, args.poison_dataset, args.name, args.target_label, args.poison_ratio,
+                             FrequencyTrigger(args.ctrl_magnitude, args.ctrl_window), args.force)
+        print(f"{args.out}/{args.name}: {record['poisoned']} of {record['images']} {args.poison_dataset} train images "
+              f"(class {args.target_label}) triggered by CTRL ({ROUNDING}); {record['status']}, indices in "
+              f"{POISON_RECORD}")
 
     if rows:
         print(format_table(rows, SPLIT_COLUMNS))

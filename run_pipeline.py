@@ -6,11 +6,17 @@ and the baseline defences -> ACC/ASR, over one seed or several.
     python run_pipeline.py --preset paper --tasks gtsrb,svhn --seeds 1 2 3   # two of its tasks, three seeds
     python run_pipeline.py --pretraining_dataset mine --task mine:1   # your own data, made with
                                              # python prepare_data.py --image_folder DIR --name mine
+    python run_pipeline.py --attacks badencoder,ctrl   # every defence against both attacks (docs/ctrl.md)
 
 Each stage is one of the stage scripts, called as a user would (the command is printed first);
 independent stages run side by side (--jobs). The controls are MIMIC with uniform attention
 weights (no MI) and a student trained with the contrastive loss alone (no teacher). A stage whose
 folder holds the results of the same command is reused; one with a checkpoint.pth is resumed.
+
+With --attacks badencoder,ctrl the defences also run on a CTRL encoder (stage 0 on a poisoned
+copy of the pre-training data, <data_dir>/<pretraining>_ctrl/, written by the data step of
+prepare_data.py --poison) evaluated on the pre-training dataset itself, and summary.md ends with
+an attacks x defences ASR table (figures/attack_matrix.png).
 
 Writes <results_dir>/summary.json and summary.md (ACC/ASR per encoder, which defences left the
 backdoor in place, MIMIC's MI per block with the estimator's verdict) and figures/*.png. With
@@ -23,15 +29,18 @@ import shlex
 import time
 from pathlib import Path
 
-from datasets import demo
+from datasets import FrequencyTrigger, demo
+from datasets.npz import npz_shape, split_path
+from datasets.poison import CTRL_POISON_RATIO, POISON_RECORD, poison_ctrl
+from paper import Task
 from pipeline.data import ROOT, add_references, check_data, name_list, select_data, task_spec
 from pipeline.plan import STAGE_ARGS, Plan, seed_jobs
 from pipeline.presets import PRESETS
 from pipeline.runner import Runner, hold_runner_lock
 from pipeline.samples import draw_figures
 from pipeline.summary import seed_markdown, seed_summary, seeds_summary
-from report.methods import DEFENSES, MIMIC
-from utils.cli import PROTOCOLS, positive_int, run_cli, seed_int
+from report.methods import ATTACKS, BADENCODER, CTRL, DEFENSES, MIMIC
+from utils.cli import PROTOCOLS, fraction, nonnegative_int, positive_int, run_cli, seed_int
 from utils.records import SUMMARY
 
 METHODS = (MIMIC, *DEFENSES)
@@ -44,6 +53,27 @@ def method_list(text):
     if unknown:
         raise argparse.ArgumentTypeError(f"unknown {', '.join(unknown)}; choose among {','.join(METHODS)}")
     return list(dict.fromkeys(names))
+
+
+def attack_list(text):
+    """--attacks: comma-separated attack ids of report.methods.ATTACKS, in table order."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in ATTACKS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown {', '.join(unknown) or 'empty list'}; "
+                                         f"choose among {','.join(ATTACKS)}")
+    return [a for a in ATTACKS if a in names]
+
+
+def poison_data(pretraining, target, ratio, data_dir):
+    """CTRL's poisoned copy of the pre-training data, <data_dir>/<pretraining>_ctrl (kept when it is
+    already the one asked for); returns its name."""
+    name = f"{pretraining}_ctrl"
+    trigger = FrequencyTrigger(image_size=tuple(npz_shape(split_path(data_dir, pretraining, "train"), "x")[1:3]))
+    record = poison_ctrl(data_dir, pretraining, name, target, ratio, trigger)
+    print(f"CTRL's poisoned data {data_dir / name}: {record['poisoned']} of {record['images']} images of class "
+          f"{target} triggered ({record['status']}; indices in {POISON_RECORD})")
+    return name
 
 
 def get_parser():
@@ -67,6 +97,15 @@ def get_parser():
                         help=f"comma-separated methods run on each backdoored encoder: {MIMIC} (MIMIC.py) and "
                              f"the baselines {', '.join(DEFENSES)} (defenses.py) (default: {','.join(METHODS)})")
     parser.add_argument("--no_controls", action="store_true", help="skip the two control students")
+    parser.add_argument("--attacks", type=attack_list, default=[BADENCODER], metavar="LIST",
+                        help=f"comma-separated attacks every defence runs against: {BADENCODER} (stage 1, a patch "
+                             f"trigger, on each task) and {CTRL} (stage 0 on a poisoned copy of the pre-training data, "
+                             f"a frequency trigger, evaluated on the pre-training dataset) (default: {BADENCODER})")
+    parser.add_argument("--ctrl_target", type=nonnegative_int, default=None,
+                        help="CTRL's target class in the pre-training dataset (default: the preset's, 0)")
+    parser.add_argument("--ctrl_poison_ratio", type=fraction, default=CTRL_POISON_RATIO,
+                        help=f"share of the pre-training images CTRL poisons, all of the target class "
+                             f"(default: {CTRL_POISON_RATIO}, CTRL's)")
     data = parser.add_argument_group("data (default: the preset's)")
     data.add_argument("--data_dir", default="data", help="dataset folder (default: data)")
     data.add_argument("--pretraining_dataset", default=None,
@@ -107,9 +146,11 @@ def main(args):
     out_dir = Path(args.results_dir or f"output/{args.preset}").resolve()
     data_dir = Path(args.data_dir).resolve()
     extra = {s: shlex.split(getattr(args, f"{s}_args")) for s in STAGE_ARGS}
+    ctrl_target = preset.ctrl_target if args.ctrl_target is None else args.ctrl_target
     plan = Plan(args.preset, preset, pretraining, tasks, args.defenses, not args.no_controls, extra,
                 args.nproc_per_node, str(data_dir), args.device, args.protocol,
-                demo_checks=args.preset == "demo" and not own)
+                demo_checks=args.preset == "demo" and not own, attacks=args.attacks,
+                ctrl_task=Task(pretraining, pretraining, ctrl_target, None))
     for stage in preset.global_batch:
         plan.batch(stage)                   # a batch that does not split among the processes: before any work
     lock = hold_runner_lock(out_dir)
@@ -117,8 +158,14 @@ def main(args):
         if {pretraining, *(t.dataset for t in tasks)} & set(demo.CLASSES):
             print("== demo data")
             demo.make_demo_data(data_dir, ROOT / "reference", **demo.DEFAULTS)
-        check_data(pretraining, tasks, data_dir, "this run" if own else f"the {args.preset} preset")
-        plan.tasks = add_references(tasks, data_dir, args.reference_dir)
+        who = "this run" if own else f"the {args.preset} preset"
+        if BADENCODER in plan.attacks:
+            check_data(pretraining, tasks, data_dir, who)
+        if CTRL in plan.attacks:
+            check_data(pretraining, [plan.ctrl_task], data_dir, f"CTRL in {who}")
+            plan.ctrl_data = poison_data(pretraining, ctrl_target, args.ctrl_poison_ratio, data_dir)
+        if BADENCODER in plan.attacks:
+            plan.tasks = add_references(tasks, data_dir, args.reference_dir)
         seeds = list(dict.fromkeys(args.seeds)) if args.seeds else [args.seed]
         folders = {s: out_dir / f"seed_{s}" if args.seeds else out_dir for s in seeds}
         keys = {s: f"seed_{s}/" if args.seeds else "" for s in seeds}

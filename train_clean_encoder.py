@@ -46,6 +46,10 @@ def get_parser():
     data.add_argument("--pretraining_dataset", default="cifar10",
                       help="dataset under --data_dir to train on; also names the normalisation (default: cifar10)")
     add_pretraining_split(data)
+    data.add_argument("--encoder_usage", default=None,
+                      help="dataset whose normalisation the encoder uses and records as its usage; set it when "
+                           "--pretraining_dataset is a modified copy of it, e.g. CTRL's poisoned copy, which its "
+                           "victims use as the original (default: --pretraining_dataset)")
     data.add_argument("--results_dir", default="output/cifar10/clean_encoder",
                       help="where checkpoints and logs go (default: output/cifar10/clean_encoder)")
     model = parser.add_argument_group("model")
@@ -108,7 +112,8 @@ def evaluate(model, train_x, train_y, test_x, test_y, mean, std, device, k, t):
 
 def main(args):
     out_dir, device = start_run(args, args.resume, distributed=True)
-    mean, std = normalization(args.pretraining_dataset, args.data_dir)
+    usage = args.encoder_usage or args.pretraining_dataset
+    mean, std = normalization(usage, args.data_dir)
     split = pretraining_split(args.pretraining_dataset, args.pretraining_split)
     train_x, _ = load_split(args.data_dir, args.pretraining_dataset, split)
     images_per_step, batch_text = global_batch(args.batch_size)
@@ -123,8 +128,7 @@ def main(args):
     amp, channels_last = fast_paths(args, device)
     model = place(SimCLR(args.arch, args.width, init=args.init), device, channels_last)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    meta = {"stage": "clean_encoder", "usage": args.pretraining_dataset,
-            "normalization": normalization_record(args.pretraining_dataset, mean, std)}
+    meta = {"stage": "clean_encoder", "usage": usage, "normalization": normalization_record(usage, mean, std)}
 
     def checkpoint():
         return encoder_checkpoint(model, optimizer=optimizer.state_dict(), args=vars(args), **meta)

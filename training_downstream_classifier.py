@@ -5,13 +5,16 @@ The paper's setting (GTSRB downstream, target "priority road" = 12):
         --trigger_file trigger/trigger_pt_white_21_10_ap_replace.npz --encoder_usage_info cifar10 \
         --encoder output/cifar10/mimic_gtsrb/model_1000.pth \
         --reference_file reference/cifar10/priority.npz --nn_epochs 1000
+CTRL's frequency trigger instead of a trigger file (CIFAR-10 -> CIFAR-10, target 0; docs/ctrl.md):
+    python training_downstream_classifier.py --dataset cifar10 --reference_label 0 --trigger ctrl \
+        --encoder output/cifar10/ctrl/model_1000.pth --nn_epochs 1000
 Add --protocol authors for every option as the authors' code has it (docs/fidelity.md).
 
 Reads   the encoder checkpoint (ours or BadEncoder's), <data_dir>/<dataset>/train.npz and test.npz,
         the trigger file (and the reference file, for the target label)
 Writes  <results_dir>/args.json, log.jsonl and log.csv (per-epoch curve), results.json with ACC,
-        ASR and ASR excluding target-class images. --results_dir defaults to a folder next to the
-        encoder: <encoder folder>/downstream_<dataset>.
+        ASR and ASR excluding target-class images, and the trigger's description. --results_dir
+        defaults to a folder next to the encoder: <encoder folder>/downstream_<dataset>.
 """
 import time
 from pathlib import Path
@@ -19,13 +22,16 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from datasets import encoder_normalization, load_reference, load_split, load_trigger, stamp_trigger
+from datasets import encoder_normalization, load_reference, load_split, make_trigger
+from datasets.frequency import CTRL_MAGNITUDE, CTRL_WINDOW
+from datasets.trigger import TRIGGER_KINDS
 from datasets.loader import extract_features, index_batches
 from models import DownstreamClassifier, load_encoder
 from models.health import check_finite_features
 from models.metrics import backdoor_metrics
 from paper import TRIGGER
-from utils.cli import StageParser, add_protocol, add_run_args, int_at_least, learning_rate, positive_int, run_cli
+from utils.cli import (StageParser, add_protocol, add_run_args, finite_float, int_at_least, learning_rate,
+                       positive_int, run_cli)
 from utils.errors import UserError
 from utils.logs import RunLog, check_finite, progress
 from utils.records import RESULTS, Results
@@ -48,8 +54,16 @@ def get_parser():
                       help="dataset the encoder was pre-trained on, which names its normalisation; only "
                            "needed for encoders that do not carry their own, such as BadEncoder's released "
                            "ones (default: the encoder's own, else cifar10)")
+    data.add_argument("--trigger", default="patch", choices=TRIGGER_KINDS,
+                      help="trigger applied to every test image for the ASR: patch = --trigger_file (BadEncoder's); "
+                           "ctrl = CTRL's frequency trigger, --ctrl_magnitude at DCT coefficients (15,15) and (31,31) "
+                           "of U and V in every --ctrl_window window (default: patch)")
     data.add_argument("--trigger_file", default=TRIGGER,
-                      help=f"trigger stamped on every test image for the ASR (default: {TRIGGER})")
+                      help=f"with --trigger patch: trigger stamped on every test image (default: {TRIGGER})")
+    data.add_argument("--ctrl_magnitude", type=finite_float, default=CTRL_MAGNITUDE,
+                      help=f"with --trigger ctrl: value added to each chosen coefficient (default: {CTRL_MAGNITUDE:g})")
+    data.add_argument("--ctrl_window", type=positive_int, default=CTRL_WINDOW,
+                      help=f"with --trigger ctrl: DCT window size, 32 = the whole 32x32 image (default: {CTRL_WINDOW})")
     data.add_argument("--reference_label", type=int_at_least(-1), default=-1,
                       help="attacker's target label; -1 takes it from --reference_file (default: -1)")
     data.add_argument("--reference_file", default=None,
@@ -117,14 +131,14 @@ def main(args):
     test_x, test_y = load_split(args.data_dir, args.dataset, "test")
     num_classes = int(max(train_y.max(), test_y.max())) + 1
     target = target_label(args, num_classes)
-    t, tm = load_trigger(args.trigger_file, image_size=test_x.shape[1:3])
+    trigger = make_trigger(args.trigger, args.trigger_file, args.ctrl_magnitude, args.ctrl_window, test_x.shape[1:3])
     log = RunLog(out_dir, args)
 
     # The encoder is frozen: features are extracted once and the classifier trains on them in memory.
     encoder = encoder.to(device).eval().requires_grad_(False)
     feats = {name: extract_features(encoder, x, mean, std, device, desc=f"{name} features").to(device)
              for name, x in (("train", train_x), ("test", test_x),
-                             ("triggered", stamp_trigger(test_x, t, tm)))}
+                             ("triggered", trigger.apply(test_x)))}
     for name, f in feats.items():
         check_finite_features(f, f"the {name} images", args.encoder)
     train_labels = torch.as_tensor(train_y, device=device)
@@ -148,7 +162,7 @@ def main(args):
     print(f"ASR (all triggered test images)      {metrics['asr']:.2f}%")
     print(f"ASR excluding target-class images    {metrics['asr_excluding_target']:.2f}%")
     Results(stage="downstream", args=vars(args), epochs=args.epochs, encoder=str(args.encoder), dataset=args.dataset,
-            target_label=target, curve=log.read(), **metrics).save(out_dir / RESULTS)
+            target_label=target, trigger=trigger.describe(), curve=log.read(), **metrics).save(out_dir / RESULTS)
     print(f"results: {out_dir / 'results.json'}")
 
 

@@ -1,4 +1,7 @@
-"""Trigger files (t, tm) and the one function that stamps a trigger on images.
+"""Triggers: trigger files (t, tm) and the one function that stamps a patch on images, and the two
+kinds of trigger a stage can apply, each with `apply(uint8 NxHxWx3) -> uint8 NxHxWx3` and
+`describe() -> dict` (what results files record): PatchTrigger (a trigger file, BadEncoder's) and
+FrequencyTrigger (CTRL's, datasets/frequency.py).
 
 Regenerate the two trigger files the paper's commands use with:
     python -m datasets.make_triggers
@@ -9,6 +12,8 @@ import numpy as np
 
 from utils.errors import UserError
 from utils.files import atomic_write
+
+from .frequency import CTRL_CHANNELS, CTRL_MAGNITUDE, CTRL_POSITIONS, CTRL_WINDOW, frequency_trigger
 
 
 def stamp_trigger(x, t, tm):
@@ -80,3 +85,57 @@ def load_trigger(path, image_size=None):
         raise UserError(f"trigger {path} is {t.shape[1]}x{t.shape[2]} but the images are "
                         f"{image_size[0]}x{image_size[1]}")
     return t[0], tm[0]
+
+
+class PatchTrigger:
+    """A trigger file's patch, stamped as x * tm + t (BadEncoder's trigger)."""
+    kind = "patch"
+
+    def __init__(self, path, image_size=None):
+        self.path = str(path)
+        self.t, self.tm = load_trigger(path, image_size)
+
+    def apply(self, x):
+        """uint8 NxHxWx3 (or HxWx3) -> the same with the patch stamped."""
+        return stamp_trigger(x, self.t, self.tm)
+
+    def describe(self):
+        return {"kind": self.kind, "file": self.path, "patched_pixels": int((self.tm[..., 0] == 0).sum())}
+
+
+class FrequencyTrigger:
+    """CTRL's frequency-domain trigger (datasets/frequency.py) with its parameters."""
+    kind = "ctrl"
+
+    def __init__(self, magnitude=CTRL_MAGNITUDE, window_size=CTRL_WINDOW, positions=CTRL_POSITIONS,
+                 channels=CTRL_CHANNELS, image_size=None):
+        self.magnitude, self.window_size = float(magnitude), int(window_size)
+        self.positions = tuple(tuple(int(v) for v in p) for p in positions)
+        self.channels = tuple(int(c) for c in channels)
+        if image_size is not None:
+            try:   # a bad window or position is refused now, not after the features of the clean images
+                frequency_trigger(np.zeros((1, *image_size, 3), dtype=np.uint8), self.magnitude, self.window_size,
+                                  self.positions, self.channels)
+            except ValueError as err:
+                raise UserError(f"CTRL trigger: {err}") from None
+
+    def apply(self, x):
+        """uint8 NxHxWx3 (or HxWx3) -> the same with the trigger added, batched."""
+        return frequency_trigger(x, self.magnitude, self.window_size, self.positions, self.channels)
+
+    def describe(self):
+        return {"kind": self.kind, "magnitude": self.magnitude, "window_size": self.window_size,
+                "positions": [list(p) for p in self.positions], "channels": list(self.channels),
+                "color_space": "YUV (BT.601)", "transform": "orthonormal 2-D DCT-II per window"}
+
+
+TRIGGER_KINDS = (PatchTrigger.kind, FrequencyTrigger.kind)
+
+
+def make_trigger(kind, trigger_file=None, magnitude=CTRL_MAGNITUDE, window_size=CTRL_WINDOW, image_size=None):
+    """The trigger of a stage's flags: kind "patch" reads trigger_file, "ctrl" is the frequency trigger."""
+    if kind == PatchTrigger.kind:
+        return PatchTrigger(trigger_file, image_size)
+    if kind == FrequencyTrigger.kind:
+        return FrequencyTrigger(magnitude, window_size, image_size=image_size)
+    raise UserError(f"unknown trigger kind {kind!r}; choose among {', '.join(TRIGGER_KINDS)}")

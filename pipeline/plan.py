@@ -1,16 +1,19 @@
-"""What each seed runs, as jobs: stage 0, then per task BadEncoder, the students and defences
-trained from it, and one evaluation per encoder. Folders, per seed folder:
+"""What each seed runs, as jobs: stage 0, then per attack and task the backdoored encoder, the
+students and defences trained from it, and one evaluation per encoder. Folders, per seed folder:
 
-    clean/                     stage 0
-    badencoder_<task>/         stage 1
-    <method>_<task>/           MIMIC, its controls and the baseline defences (method ids of report.methods)
-    eval/<method>_<task>/      stage 3 of each encoder, clean and backdoored included
+    clean/                       stage 0, shared by every attack
+    badencoder_<task>/           stage 1 (BadEncoder)
+    <method>_<task>/             MIMIC, its controls and the baseline defences (method ids of report.methods)
+    eval/<method>_<task>/        stage 3 of each encoder, clean and backdoored included
+    ctrl_<task>/                 CTRL: stage 0 on the poisoned copy of the pre-training data
+    <method>_ctrl_<task>/        the defences of the CTRL encoder
+    eval/<method>_ctrl_<task>/   stage 3 with CTRL's trigger; <task> is the pre-training dataset
 """
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 from paper import TRIGGER
-from report.methods import DEFENSES, MIMIC
+from report.methods import BADENCODER, CTRL, DEFENSES, MIMIC, table_key
 from utils.errors import UserError
 
 from .runner import Job
@@ -29,7 +32,9 @@ STAGE_ARGS = ("clean", "badencoder", "mimic", "defense", "downstream")     # the
 @dataclass
 class Plan:
     """Everything that decides a seed's numbers: the data, each stage's flags, which students and
-    defences. `methods`: MIMIC and the defences asked for (method ids); `extra`: --<stage>_args."""
+    defences. `methods`: MIMIC and the defences asked for (method ids); `extra`: --<stage>_args;
+    `attacks`: attack ids (report.methods.ATTACKS); `ctrl_task`: CTRL's task (the pre-training
+    dataset itself and its target class, reference None) and `ctrl_data`: the poisoned copy's name."""
     preset_name: str
     preset: object
     pretraining: str
@@ -42,6 +47,9 @@ class Plan:
     device: str
     protocol: str
     demo_checks: bool
+    attacks: list = field(default_factory=lambda: [BADENCODER])
+    ctrl_task: object = None
+    ctrl_data: str = None
 
     def config(self):
         """The plan as JSON would return it (compared with a summary's)."""
@@ -53,6 +61,26 @@ class Plan:
 
     def defenses(self):
         return [m for m in self.methods if m in DEFENSES]
+
+    def attack_tasks(self):
+        """(attack, task) of every table, in order: BadEncoder on each task, then CTRL on its own."""
+        pairs = [(BADENCODER, t) for t in self.tasks] if BADENCODER in self.attacks else []
+        return pairs + ([(CTRL, self.ctrl_task)] if CTRL in self.attacks else [])
+
+    def encoder_folders(self, attack, task):
+        """{method id: stage folder} of every encoder evaluated for an attack on a task."""
+        suffix = task.dataset if attack == BADENCODER else f"{attack}_{task.dataset}"
+        folders = {"clean": "clean", "backdoored": f"{attack}_{task.dataset}"}
+        folders.update({m: f"{m}_{suffix}" for m in (*self.students(), *self.defenses())})
+        return folders
+
+    def eval_folder(self, attack, task, method):
+        suffix = task.dataset if attack == BADENCODER else f"{attack}_{task.dataset}"
+        return f"eval/{method}_{suffix}"
+
+    def tables(self):
+        """{summary table key: (attack, task)}; the key is report.methods.table_key's."""
+        return {table_key(a, t.key): (a, t) for a, t in self.attack_tasks()}
 
     def batch(self, stage):
         """--batch_size for one process of a stage: the preset's global batch shared among nproc."""
@@ -69,37 +97,45 @@ def seed_jobs(plan, seed, out_dir, key=""):
               *(["--protocol", plan.protocol] if plan.protocol != "ours" else [])]
     p, x = plan.preset, plan.extra
 
-    def job(name, script, folder, args, deps=(), training=True):
+    def job(name, script, folder, args, deps=(), training=True, inputs=()):
         return Job(f"{key}{folder}", f"{name}, seed {seed}", script, out_dir / folder,
-                   lambda done: [*args(done), *common], tuple(f"{key}{d}" for d in deps), training)
+                   lambda done: [*args(done), *common], tuple(f"{key}{d}" for d in deps), training, inputs)
 
     def encoder(folder):
         return lambda done: done[f"{key}{folder}"].encoder
 
     jobs = [job("stage 0: clean encoder", "train_clean_encoder.py", "clean",
                 lambda done: ["--pretraining_dataset", plan.pretraining, *p.clean, *plan.batch("clean"), *x["clean"]])]
-    for task in plan.tasks:
-        name, bad = task.dataset, f"badencoder_{task.dataset}"
-        jobs.append(job(f"stage 1: BadEncoder ({name})", "train_badencoder.py", bad, lambda done, t=task: [
-            "--pretraining_dataset", plan.pretraining, "--downstreamTask", t.dataset, "--trigger_file", TRIGGER,
-            "--reference_file", t.reference, "--pretrained_encoder", encoder("clean")(done),
-            *p.badencoder, *plan.batch("badencoder"), *x["badencoder"]], deps=["clean"]))
-        encoders = {"clean": "clean", "backdoored": bad}
+    for attack, task in plan.attack_tasks():
+        name, folders = task.dataset, plan.encoder_folders(attack, task)
+        bad, what = folders["backdoored"], f"{name}" if attack == BADENCODER else f"{attack}, {name}"
+        if attack == BADENCODER:
+            jobs.append(job(f"stage 1: BadEncoder ({name})", "train_badencoder.py", bad, lambda done, t=task: [
+                "--pretraining_dataset", plan.pretraining, "--downstreamTask", t.dataset, "--trigger_file", TRIGGER,
+                "--reference_file", t.reference, "--pretrained_encoder", encoder("clean")(done),
+                *p.badencoder, *plan.batch("badencoder"), *x["badencoder"]], deps=["clean"]))
+            trigger, reference = ["--trigger_file", TRIGGER], ["--reference_file", task.reference]
+        else:
+            # The poisoned copy is an input file: rewritten with other data or settings, it trains anew.
+            jobs.append(job(f"stage 0 on CTRL's poisoned data ({name})", "train_clean_encoder.py", bad,
+                            lambda done: ["--pretraining_dataset", plan.ctrl_data, "--encoder_usage", plan.pretraining,
+                                          *p.clean, *plan.batch("clean"), *x["clean"]],
+                            inputs=(f"{plan.data_dir}/{plan.ctrl_data}/train.npz",)))
+            trigger, reference = ["--trigger", CTRL], []
         for method in plan.students():
-            folder = encoders[method] = f"{method}_{name}"
-            jobs.append(job(f"stage 2: {method} ({name})", "MIMIC.py", folder, lambda done, m=method, b=bad: [
+            jobs.append(job(f"stage 2: {method} ({what})", "MIMIC.py", folders[method], lambda done, m=method, b=bad: [
                 "--pretraining_dataset", plan.pretraining, "--teacher", encoder(b)(done),
                 *p.mimic, *plan.batch("mimic"), *x["mimic"], *STUDENT_FLAGS[m]], deps=[bad]))
         for method in plan.defenses():
-            folder = encoders[method] = f"{method}_{name}"
-            jobs.append(job(f"stage 2: {method} ({name})", "defenses.py", folder, lambda done, m=method, b=bad: [
-                "--defense", m, "--suspect", encoder(b)(done), "--pretraining_dataset", plan.pretraining,
-                *p.defenses[m], *plan.batch("defense"), *x["defense"]], deps=[bad]))
-        for method, folder in encoders.items():
-            jobs.append(job(f"stage 3: {method} on {name}", "training_downstream_classifier.py",
-                            f"eval/{method}_{name}", lambda done, f=folder, t=task: [
-                                "--dataset", t.dataset, "--reference_label", t.label, "--trigger_file", TRIGGER,
-                                "--encoder", encoder(f)(done), "--reference_file", t.reference,
-                                *p.downstream, *x["downstream"]], deps=[folder], training=False))
+            def defense_args(done, m=method, b=bad):
+                return ["--defense", m, "--suspect", encoder(b)(done), "--pretraining_dataset", plan.pretraining,
+                        *p.defenses[m], *plan.batch("defense"), *x["defense"]]
+            jobs.append(job(f"stage 2: {method} ({what})", "defenses.py", folders[method], defense_args, deps=[bad]))
+        for method, folder in folders.items():
+            jobs.append(job(f"stage 3: {method} on {what}", "training_downstream_classifier.py",
+                            plan.eval_folder(attack, task, method),
+                            lambda done, f=folder, t=task, tr=trigger, r=reference: [
+                                "--dataset", t.dataset, "--reference_label", t.label, *tr,
+                                "--encoder", encoder(f)(done), *r, *p.downstream, *x["downstream"]],
+                            deps=[folder], training=False))
     return jobs
-

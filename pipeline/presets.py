@@ -13,7 +13,9 @@ from paper import TASKS
 class Preset:
     """pretraining: the dataset the encoders are pre-trained on; tasks: paper.Task-like
     (dataset, label, reference); one flag list per stage; defenses: flags per baseline defence;
-    global_batch: images per step of each training stage, shared among --nproc_per_node."""
+    global_batch: images per step of each training stage, shared among --nproc_per_node;
+    ctrl_target: CTRL's target class in the pre-training dataset, which is also its downstream task
+    (CTRL's own CIFAR-10 -> CIFAR-10 setting; docs/ctrl.md)."""
     pretraining: str
     tasks: tuple
     clean: list
@@ -22,6 +24,7 @@ class Preset:
     defenses: dict
     downstream: list
     global_batch: dict = field(default_factory=dict)
+    ctrl_target: int = 0
 
 
 # CPU demo: small width and few images. Every defence reads the same clean subset, the first 20% of

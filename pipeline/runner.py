@@ -37,7 +37,8 @@ POLL_SECONDS = 0.2
 class Job:
     """One stage run. `args(done)` gives the script's flags once every job in `deps` has finished;
     `done` maps a job key to that job's Results (encoder as a full path). `training`: the stage may
-    run under torchrun with several processes."""
+    run under torchrun with several processes. `inputs`: files the stage reads that its command does
+    not name (e.g. a poisoned dataset), hashed into its record like the files it names."""
     key: str
     name: str
     script: str
@@ -45,6 +46,7 @@ class Job:
     args: object
     deps: tuple = ()
     training: bool = False
+    inputs: tuple = ()
 
 
 @dataclass
@@ -68,7 +70,8 @@ class Runner:
         """What decides the stage's result, as runner.json holds it: its command (without
         --results_dir and restart flags) and the content hash of every file the command names."""
         command = [job.script, *map(str, job.args(done)), *self.common]
-        return {"command": command, "inputs": {t: file_hash(ROOT / t) for t in command if (ROOT / t).is_file()}}
+        named = [t for t in command if (ROOT / t).is_file()] + [str(p) for p in job.inputs]
+        return {"command": command, "inputs": {t: file_hash(ROOT / t) for t in named}}
 
     def reusable(self, job, record):
         """The job's Results when its folder holds the finished run of this very record, else None."""

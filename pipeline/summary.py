@@ -1,8 +1,9 @@
 """The numbers a run ends with: each seed's ACC/ASR table, MIMIC's MI, whether each defence left
 the backdoor in place, the demo's checks, and the summary over seeds. Rows are keyed by method id
 (report.methods) and turned into labels only in the markdown."""
-from report.methods import BASELINES, MIMIC, label
-from report.stats import markdown_mi_table, markdown_seed_table, mi_not_converged, paired_differences, summarize_seeds
+from report.methods import BADENCODER, BASELINES, MIMIC, label
+from report.stats import (asr_matrix, markdown_asr_matrix, markdown_mi_table, markdown_seed_table, mi_not_converged,
+                          paired_differences, several_attacks, summarize_seeds, table_title)
 from utils.records import METRICS, MI, MIRecord, SeedsSummary, Summary
 
 # A defence left the backdoor in place when its ASR stays this many points above the clean encoder's.
@@ -11,26 +12,28 @@ BACKDOOR_LEFT = 10.0
 
 def seed_summary(plan, seed, out_dir, done, key, times):
     """The Summary of one seed from its finished jobs (`done`: job key -> Results; keys start with
-    `key`); `times`: seconds of the stages run this time, by job key."""
-    results, mi, left = {}, {}, {}
-    for task in plan.tasks:
+    `key`); `times`: seconds of the stages run this time, by job key. One table per attack and task."""
+    results, mi, left, attacks = {}, {}, {}, {}
+    for table, (attack, task) in plan.tables().items():
         rows = {}
-        for job_key, found in done.items():
-            prefix = f"{key}eval/"
-            if job_key.startswith(prefix) and job_key.endswith(f"_{task.dataset}"):
-                rows[job_key[len(prefix):-len(task.dataset) - 1]] = {m: getattr(found, m) for m in METRICS}
-        results[task.key] = rows
-        left[task.key] = backdoor_left(rows)
-        mi_path = out_dir / f"{MIMIC}_{task.dataset}" / MI
+        for method in plan.encoder_folders(attack, task):
+            found = done.get(f"{key}{plan.eval_folder(attack, task, method)}")
+            if found is not None:
+                rows[method] = {m: getattr(found, m) for m in METRICS}
+        results[table], attacks[table] = rows, {"attack": attack, "task": task.key}
+        left[table] = backdoor_left(rows)
+        mi_path = out_dir / plan.encoder_folders(attack, task).get(MIMIC, "-") / MI
         if MIMIC in plan.methods and mi_path.exists():
-            mi[task.key] = MIRecord.load(mi_path).per_block()
+            mi[table] = MIRecord.load(mi_path).per_block()
     stage_seconds = {k[len(key):]: t for k, t in times.items() if k.startswith(key)}
     summary = Summary(preset=plan.preset_name, seed=seed, results=results, mi=mi,
                       mi_not_converged=mi_not_converged({seed: mi}), backdoor_left=left,
                       stage_seconds=stage_seconds, total_seconds=round(sum(stage_seconds.values()), 1),
-                      config=plan.config())
-    if plan.demo_checks:
-        summary.checks = [{"check": c, "passed": ok} for c, ok in check_demo(next(iter(results.values())))]
+                      config=plan.config(), attacks=attacks,
+                      asr_matrix=asr_matrix(summarize_seeds({seed: results}), attacks))
+    bad = [t for t, a in attacks.items() if a["attack"] == BADENCODER]
+    if plan.demo_checks and bad:            # the demo's checks are BadEncoder's
+        summary.checks = [{"check": c, "passed": ok} for c, ok in check_demo(results[bad[0]])]
     return summary
 
 
@@ -76,15 +79,24 @@ def left_lines(left):
     return "\n".join(lines) + "\n" if lines else ""
 
 
+def matrix_text(matrix, attacks):
+    """The attacks x defences ASR table when more than one attack ran ("" otherwise: the one
+    attack's tables say it all, and a BadEncoder-only summary.md reads as before attacks were a choice)."""
+    return "\n" + markdown_asr_matrix(matrix) if several_attacks(attacks) else ""
+
+
 def seed_markdown(summary):
-    """summary.md of one seed: a table per task, the backdoor verdicts, stage times, checks, MI."""
+    """summary.md of one seed: a table per attack and task, the attacks x defences ASR table (with
+    more than one attack), the backdoor verdicts, stage times, checks, MI."""
     lines = []
     for task, rows in summary.results.items():
-        lines += [f"### {task}", "", "| encoder | ACC (%) | ASR (%) | ASR excl. target (%) |", "|---|---|---|---|"]
+        lines += [f"### {table_title(summary.attacks, task)}", "",
+                  "| encoder | ACC (%) | ASR (%) | ASR excl. target (%) |", "|---|---|---|---|"]
         lines += [f"| {label(m)} | {r['acc']:.2f} | {r['asr']:.2f} | {r['asr_excluding_target']:.2f} |"
                   for m, r in rows.items()]
         lines.append("")
-    text = "\n".join(lines) + "\n" + left_lines(summary.backdoor_left)
+    text = "\n".join(lines) + "\n" + matrix_text(summary.asr_matrix, summary.attacks)
+    text += left_lines(summary.backdoor_left)
     text += "\n| stage | wall time (s) |\n|---|---|\n" + "".join(
         f"| {name} | {t:.1f} |\n" for name, t in summary.stage_seconds.items())
     if summary.checks:
@@ -103,12 +115,15 @@ def seeds_summary(per_seed, wall_seconds=None):
     paired = paired_differences(results, reference=MIMIC, against=against) if MIMIC in methods else {}
     mi = {seed: s.mi for seed, s in per_seed.items()}
     checks = {seed: s.checks for seed, s in per_seed.items() if s.checks}
+    attacks = {t: a for s in per_seed.values() for t, a in s.attacks.items()}
+    matrix = asr_matrix(stats, attacks)
     summary = SeedsSummary(preset=next(iter(per_seed.values())).preset, seeds=list(per_seed), stats=stats,
                            paired_differences=paired, mi=mi, mi_not_converged=mi_not_converged(mi),
                            backdoor_left={seed: s.backdoor_left for seed, s in per_seed.items()},
                            seed_seconds={seed: s.total_seconds for seed, s in per_seed.items()},
-                           wall_seconds=wall_seconds, checks=checks or None)
-    text = f"## Over seeds {', '.join(map(str, per_seed))}: mean ± sample std\n\n" + markdown_seed_table(stats, paired)
+                           wall_seconds=wall_seconds, checks=checks or None, attacks=attacks, asr_matrix=matrix)
+    text = f"## Over seeds {', '.join(map(str, per_seed))}: mean ± sample std\n\n"
+    text += markdown_seed_table(stats, paired, attacks=attacks) + matrix_text(matrix, attacks)
     text += "".join(f"\n### Seed {seed}\n\n" + left_lines(s.backdoor_left) for seed, s in per_seed.items())
     text += "".join(f"\n### Demo checks, seed {seed}\n\n" + checklist(c) for seed, c in checks.items())
     text += "\n" + markdown_mi_table(mi)

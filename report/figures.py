@@ -19,8 +19,8 @@ import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first
 from matplotlib.patches import Patch  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from report.methods import label  # noqa: E402
-from report.stats import METRIC_LABELS, summarize_seeds  # noqa: E402
+from report.methods import ATTACKS, BADENCODER, label  # noqa: E402
+from report.stats import METRIC_LABELS, asr_matrix, several_attacks, summarize_seeds  # noqa: E402
 from utils.errors import UserError  # noqa: E402
 from utils.records import LOG, MI, RESULTS, SUMMARY, MIRecord, Summary, read_log  # noqa: E402
 
@@ -120,7 +120,8 @@ def _dataset_of(eval_dir):
 def eval_groups(run_dir):
     """{dataset: {method id: eval folder}} of <run_dir>/eval, so each task gets one figure.
 
-    The method id is the folder name without its `_<dataset>` suffix.
+    The method id is the folder name without its `_<dataset>` suffix; the evaluations of another
+    attack than BadEncoder (`<method>_<attack>_<dataset>`, pipeline.plan) group as `<attack>_<dataset>`.
     """
     groups = {}
     root = Path(run_dir) / "eval"
@@ -130,7 +131,9 @@ def eval_groups(run_dir):
             continue
         dataset = str(_dataset_of(folder))
         name = folder.name.removesuffix(f"_{dataset}")
-        groups.setdefault(dataset, {})[name] = folder
+        attack = next((a for a in ATTACKS if a != BADENCODER and name.endswith(f"_{a}")), None)
+        group = f"{attack}_{dataset}" if attack else dataset
+        groups.setdefault(group, {})[name.removesuffix(f"_{attack}") if attack else name] = folder
     return groups
 
 
@@ -158,6 +161,26 @@ def summary_results(run_dir):
         return Summary.load(Path(run_dir) / SUMMARY).results
     except UserError:
         return {}
+
+
+def summary_attacks(run_dir):
+    """The `attacks` dict of a run's summary.json ({table key: {"attack", "task"}}), {} when absent."""
+    try:
+        return Summary.load(Path(run_dir) / SUMMARY).attacks or {}
+    except UserError:
+        return {}
+
+
+def matrix_data(matrix):
+    """Rows, columns (labels), means and stds (rows x columns, NaN where a cell is missing) and the
+    number of seeds of an attacks x defences table (report.stats.asr_matrix)."""
+    rows = list(matrix)
+    methods = list(dict.fromkeys(m for cells in matrix.values() for m in cells))
+    nan = float("nan")
+    means = [[matrix[r][m]["mean"] if m in matrix[r] else nan for m in methods] for r in rows]
+    stds = [[matrix[r][m]["std"] if m in matrix[r] else nan for m in methods] for r in rows]
+    seeds = max((len(c["values"]) for cells in matrix.values() for c in cells.values()), default=0)
+    return {"rows": rows, "columns": [label(m) for m in methods], "means": means, "stds": stds, "seeds": seeds}
 
 
 def to_uint8(images):
@@ -230,6 +253,29 @@ def acc_asr_bars(stats, path):
         ax.legend(fontsize=8, loc="upper right")
     spread = f"mean ± std over {seeds} seeds" if seeds > 1 else "one run"
     fig.suptitle(f"Downstream accuracy (ACC) and attack success rate (ASR) per encoder ({spread})")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def attack_matrix(matrix, path):
+    """Heatmap of ASR (%) by attack (rows) and encoder (columns), 0 (white) to 100 (dark red), each
+    cell labelled with its mean (± std over seeds when there are several)."""
+    data = matrix_data(matrix)
+    if not data["rows"] or not data["columns"]:
+        raise NothingToPlot("no attacks x defences table")
+    means = np.array(data["means"], dtype=float)
+    fig, ax = plt.subplots(figsize=(1.2 * len(data["columns"]) + 3.5, 0.7 * len(data["rows"]) + 1.8))
+    image = ax.imshow(np.ma.masked_invalid(means), cmap="Reds", vmin=0, vmax=100, aspect="auto")
+    for i, row in enumerate(means):
+        for j, value in enumerate(row):
+            if not math.isnan(value):
+                text = f"{value:.0f}" + (f"\n± {data['stds'][i][j]:.0f}" if data["seeds"] > 1 else "")
+                ax.text(j, i, text, ha="center", va="center", fontsize=8, color="white" if value > 60 else "black")
+    ax.set_xticks(range(len(data["columns"])), [textwrap.fill(c, 12) for c in data["columns"]], fontsize=8)
+    ax.set_yticks(range(len(data["rows"])), [textwrap.fill(r, 28) for r in data["rows"]], fontsize=8)
+    fig.colorbar(image, ax=ax, label="ASR (%)")
+    spread = f"mean ± std over {data['seeds']} seeds" if data["seeds"] > 1 else "one run"
+    ax.set_title(f"Attack success rate by attack and defence ({spread})")
     fig.tight_layout()
     return _save(fig, path)
 
@@ -375,7 +421,8 @@ def plot_results(results_dir):
     """Write <results_dir>/figures/*.png for whatever the folder holds; returns the written paths.
 
     With seed_* subfolders (each with a summary.json) the bars show mean ± std over seeds and each
-    seed's curves get a `seed_<s>_` prefix; otherwise the folder is one run.
+    seed's curves get a `seed_<s>_` prefix; otherwise the folder is one run. With more than one
+    attack, attack_matrix.png is the attacks x defences ASR heatmap.
     """
     root = Path(results_dir)
     if not root.is_dir():
@@ -384,7 +431,11 @@ def plot_results(results_dir):
     seeds = seed_folders(root)
     runs = seeds or {None: root}
     per_seed = {seed: r for seed, folder in runs.items() if (r := summary_results(folder))}
-    jobs = [(acc_asr_bars, summarize_seeds(per_seed), out / "acc_asr.png")] if per_seed else []
+    stats = summarize_seeds(per_seed)
+    jobs = [(acc_asr_bars, stats, out / "acc_asr.png")] if per_seed else []
+    attacks = {t: a for folder in runs.values() for t, a in summary_attacks(folder).items()}
+    if several_attacks(attacks):
+        jobs.append((attack_matrix, asr_matrix(stats, attacks), out / "attack_matrix.png"))
     for folder in runs.values():
         jobs += run_jobs(folder, out, prefix=f"{folder.name}_" if seeds else "")
     return [p for p in (_draw(*job) for job in jobs) if p is not None]

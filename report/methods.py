@@ -19,3 +19,27 @@ LABELS = {"clean": "clean", "backdoored": "backdoored", "mimic": "MIMIC", "no_te
 def label(method):
     """The shown name of a method id (an unknown id is shown as it is)."""
     return LABELS.get(method, method)
+
+# The attacks a run can evaluate the defences against, in table order: BadEncoder fine-tunes the
+# clean encoder with a patch trigger (stage 1); CTRL poisons the pre-training data with a
+# frequency-domain trigger and trains stage 0 on it (docs/ctrl.md).
+BADENCODER = "badencoder"
+CTRL = "ctrl"
+ATTACKS = (BADENCODER, CTRL)
+ATTACK_LABELS = {BADENCODER: "BadEncoder", CTRL: "CTRL"}
+
+
+def attack_label(attack):
+    """The shown name of an attack id."""
+    return ATTACK_LABELS.get(attack, attack)
+
+
+def table_key(attack, task_key):
+    """The key of an attack's table on a task in summaries: the task's own key for BadEncoder (as
+    before attacks were a choice), prefixed by the attack's label for the others."""
+    return task_key if attack == BADENCODER else f"{attack_label(attack)}: {task_key}"
+
+
+def matrix_row(attack, task_key):
+    """The row of the attacks x defences table for an attack on a task."""
+    return f"{attack_label(attack)} on {task_key}"

@@ -6,7 +6,7 @@ number by hand. Metrics are percentages, as the downstream stage reports them.
 """
 import statistics
 
-from .methods import BASELINES, MIMIC, label
+from .methods import BADENCODER, BASELINES, MIMIC, attack_label, label, matrix_row
 
 METRIC_LABELS = {"acc": "ACC", "asr": "ASR", "asr_excluding_target": "ASR excl. target"}
 
@@ -94,11 +94,54 @@ def _table(first_header, rows, unit="%"):
     return lines
 
 
-def markdown_seed_table(summary_stats, paired, reference=MIMIC):
-    """Markdown: one table per task (rows = encoders, by method id), then the paired-difference table."""
+def table_title(attacks, table):
+    """The heading of a summary table: its key, BadEncoder's prefixed with the attack when other
+    attacks ran too (the others' keys carry theirs, report.methods.table_key)."""
+    kinds = {a["attack"] for a in attacks.values()}
+    attack = attacks.get(table, {}).get("attack", BADENCODER)
+    return f"{attack_label(attack)}: {table}" if attack == BADENCODER and len(kinds) > 1 else table
+
+
+def several_attacks(attacks):
+    """True when the tables of `attacks` ({table key: {"attack", "task"}}) come from more than one
+    attack: only then do summaries show the attacks x defences table and its figure."""
+    return len({a["attack"] for a in attacks.values()}) > 1
+
+
+def asr_matrix(stats, attacks, metric="asr"):
+    """The attacks x defences table: {row: {method id: spread}} from summarize_seeds() output.
+
+    attacks: {table key: {"attack", "task"}} as a Summary holds it; a table it does not name is
+    BadEncoder's on the task of that name. Rows (report.methods.matrix_row) follow the tables' order."""
+    out = {}
+    for table, rows in stats.items():
+        who = attacks.get(table, {"attack": BADENCODER, "task": table})
+        out[matrix_row(who["attack"], who["task"])] = {m: cells[metric] for m, cells in rows.items() if metric in cells}
+    return out
+
+
+def markdown_asr_matrix(matrix, metric="asr"):
+    """Markdown: rows = attack on task, columns = encoders (method ids, shown by label); each cell
+    the mean ± sample std over seeds, the value alone with one seed."""
+    methods = _ordered_union(matrix.values())
+    seeds = max((len(c["values"]) for cells in matrix.values() for c in cells.values()), default=0)
+    over = f"mean ± std over {seeds} seeds" if seeds > 1 else "one seed"
+    lines = [f"### {METRIC_LABELS.get(metric, metric)} (%) by attack and defence ({over})", "",
+             "| attack | " + " | ".join(label(m) for m in methods) + " |", "|" + "---|" * (len(methods) + 1)]
+    for row, cells in matrix.items():
+        shown = [(mean_std(cells[m]) if seeds > 1 else f"{cells[m]['mean']:.1f}") if m in cells else ""
+                 for m in methods]
+        lines.append(f"| {row} | " + " | ".join(shown) + " |")
+    return "\n".join(lines + [""])
+
+
+def markdown_seed_table(summary_stats, paired, reference=MIMIC, attacks=None):
+    """Markdown: one table per attack and task (rows = encoders, by method id), then the
+    paired-difference table."""
     lines = []
     for task, rows in summary_stats.items():
-        lines += [f"### {task}", ""] + _table("encoder", {label(m): cells for m, cells in rows.items()}) + [""]
+        lines += [f"### {table_title(attacks or {}, task)}", ""]
+        lines += _table("encoder", {label(m): cells for m, cells in rows.items()}) + [""]
     if paired:
         lines += [f"### Paired differences: {label(reference)} minus other encoder, same seed (percentage points)",
                   ""]

@@ -69,7 +69,8 @@ class _Record:
 class Results(_Record):
     """results.json of a stage. Training stages name their final model file `encoder`, relative to
     the folder (a copied folder names its own); stage 3 names the evaluated encoder's full path
-    there and fills the metrics and `curve` (its per-epoch rows)."""
+    there and fills the metrics, `trigger` (the description of the trigger its ASR used,
+    datasets.trigger) and `curve` (its per-epoch rows)."""
     stage: str
     args: dict
     epochs: int = 0
@@ -81,6 +82,7 @@ class Results(_Record):
     asr_excluding_target: float = None
     dataset: str = None
     target_label: int = None
+    trigger: dict = None
     curve: list = None
 
     def metrics(self):
@@ -119,7 +121,9 @@ class Summary(_Record):
     """summary.json of one seed of run_pipeline.py. `results`: {task: {method id: {metric: value}}};
     `mi`: {task: MIRecord.per_block()}; `backdoor_left`: {task: {method id: bool}}, whether a
     defence left the backdoor in place (pipeline.summary.BACKDOOR_LEFT); `checks`:
-    [{"check", "passed"}] of the demo; `stage_seconds`: wall time of each stage run this time."""
+    [{"check", "passed"}] of the demo; `stage_seconds`: wall time of each stage run this time;
+    `attacks`: {task: {"attack": attack id, "task": the task's own key}} (report.methods.ATTACKS;
+    a task it lacks is BadEncoder's); `asr_matrix`: {attack on task: {method id: spread of ASR}}."""
     preset: str
     seed: int
     results: dict
@@ -130,12 +134,15 @@ class Summary(_Record):
     total_seconds: float = 0.0
     config: dict = field(default_factory=dict)
     checks: list = None
+    attacks: dict = field(default_factory=dict)
+    asr_matrix: dict = field(default_factory=dict)
 
 
 @dataclass
 class SeedsSummary(_Record):
     """summary.json over seeds: `stats` {task: {method id: {metric: spread}}} (report.stats),
-    MIMIC's `paired_differences`, per-seed MI and checks, and times."""
+    MIMIC's `paired_differences`, per-seed MI and checks, times, and the attacks x defences
+    `asr_matrix` over seeds (as in Summary)."""
     preset: str
     seeds: list
     stats: dict
@@ -146,6 +153,8 @@ class SeedsSummary(_Record):
     seed_seconds: dict = field(default_factory=dict)
     wall_seconds: float = None
     checks: dict = None
+    attacks: dict = field(default_factory=dict)
+    asr_matrix: dict = field(default_factory=dict)
 
 
 def read_log(path):
