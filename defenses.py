@@ -206,10 +206,12 @@ def nad_teacher(args, ctx, out_dir, ckpt, parsed):
     with preserved_rng():
         if ckpt is not None:      # the teacher's model file was written before the student's first checkpoint
             recorded, current = ckpt.get("nad_teacher_sha256"), file_hash(path) if path.is_file() else None
-            if recorded is None or current != recorded:
-                found = "is missing" if current is None else "is not the file the student trained with " \
-                    f"(sha256 {(recorded or 'unrecorded')[:4]}.. -> {current[:4]}..)"
-                raise UserError(f"--resume: NAD's teacher {path} {found}; start a new --results_dir")
+            if current is None:
+                raise UserError(f"--resume: NAD's teacher {path} is missing; start a new --results_dir")
+            if current != recorded:
+                was = f"sha256 {recorded[:4]}.. -> {current[:4]}.." if recorded else "the student recorded no hash"
+                raise UserError(f"--resume: NAD's teacher {path} is not the file the student trained with ({was}); "
+                                f"start a new --results_dir")
             teacher, _ = load_encoder(path)
         else:
             folder.mkdir(exist_ok=True)

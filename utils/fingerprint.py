@@ -31,17 +31,18 @@ FREE = ("results_dir", "device", "num_workers", "debug", "resume", "overwrite", 
 # Flags that name input files; the files' hashes stand in for them.
 PATH_FLAGS = ("data_dir", "teacher", "suspect", "pretrained_encoder", "encoder", "trigger_file", "reference_file")
 
-_CACHE = {}         # (path, size, mtime_ns) -> sha256, within one process
+# (path, size, mtime, ctime, inode) -> sha256 (and ("usage", ...) -> dataset), within one process
+_CACHE = {}
 _CHUNK = 1 << 20
 
 
 def file_hash(path):
-    """sha256 (hex) of a file's bytes, read in 1 MiB chunks. A missing or unreadable file is a
-    UserError naming it."""
+    """sha256 (hex) of a file's bytes, read in 1 MiB chunks; cached within the process while the
+    file's size, times and inode stay the same. A missing or unreadable file is a UserError naming it."""
     path = Path(path)
     try:
         stat = path.stat()
-        key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+        key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino)
         if key not in _CACHE:
             digest = hashlib.sha256()
             with open(path, "rb") as fh:
@@ -107,13 +108,18 @@ def encoder_usage(path, name=None):
     unreadable file gives cifar10; the stage reports the file itself when it loads it."""
     if name:
         return name
-    if not Path(path).is_file():
+    path = Path(path)
+    if not path.is_file():
         return "cifar10"
-    try:
-        ckpt = load_checkpoint(path, verify=False)
-    except UserError:
-        return "cifar10"
-    record = ckpt.get("normalization") if isinstance(ckpt, dict) else None
-    dataset = record.get("dataset") if isinstance(record, dict) else None
-    return dataset if isinstance(dataset, str) and dataset else "cifar10"
+    stat = path.stat()
+    key = ("usage", str(path.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino)
+    if key not in _CACHE:
+        try:
+            ckpt = load_checkpoint(path, verify=False)
+        except UserError:
+            ckpt = None
+        record = ckpt.get("normalization") if isinstance(ckpt, dict) else None
+        dataset = record.get("dataset") if isinstance(record, dict) else None
+        _CACHE[key] = dataset if isinstance(dataset, str) and dataset else "cifar10"
+    return _CACHE[key]
 
