@@ -23,7 +23,8 @@ from dataclasses import fields
 
 import torch
 
-from datasets import encoder_normalization, load_split, normalization_record, pretraining_split
+from datasets import (NORMALIZATION, encoder_normalization, load_split, normalization_record, pretraining_split,
+                      split_input)
 from datasets.loader import ViewLoader, clean_subset, to_input
 from models import BLOCKS, build_encoder, encoder_checkpoint, estimate_mi, load_encoder, mi_to_weights, mi_warnings
 from models.distill import distill_epoch
@@ -31,15 +32,16 @@ from models.encoder import INITS
 from models.health import check_finite_encoder
 from models.mine import (AUTHORS as MI_AUTHORS, EVAL_PERMUTATIONS, EVALUATIONS, FIRST_LAYERS, ORDERS, SCHEDULES,
                          STANDARDIZATIONS, MISettings, holdout_split)
-from utils.cli import (StageParser, add_clean_subset, add_distributed_args, add_init_flag, add_pretraining_split,
-                       add_protocol, add_run_args, learning_rate, nonnegative_float, positive_float, positive_int,
-                       run_cli, unit_interval)
+from utils.cli import (MAX_HIDDEN, StageParser, add_clean_subset, add_distributed_args, add_init_flag,
+                       add_pretraining_split, add_protocol, add_run_args, int_in, learning_rate, nonnegative_float,
+                       positive_float, positive_int, run_cli, unit_interval)
 from utils.device import fast_paths, place
 from utils.distributed import distribute, gather_objects, get_rank, get_world_size, global_batch, is_main
 from utils.errors import UserError
+from utils.fingerprint import encoder_usage, stage_fingerprint
 from utils.logs import progress
 from utils.records import MI, MIRecord
-from utils.stage import TrainingRun, start_run
+from utils.stage import TrainingRun, check_batchnorm_batch, start_run
 
 # --protocol authors: this stage as the authors' code runs it (SPEC section 10, docs/fidelity.md).
 # The estimator's part is models.mine.AUTHORS, flag by flag (--mi_<field>; the seed is --seed's).
@@ -94,7 +96,7 @@ def get_parser():
     mi.add_argument("--mi_lr", type=learning_rate, default=d.lr, help=f"estimator Adam learning rate (default: {d.lr:g})")
     mi.add_argument("--mi_weight_decay", type=nonnegative_float, default=d.weight_decay,
                     help=f"estimator Adam weight decay (default: {d.weight_decay:g})")
-    mi.add_argument("--mi_hidden", type=positive_int, default=d.hidden,
+    mi.add_argument("--mi_hidden", type=int_in(1, MAX_HIDDEN), default=d.hidden,
                     help=f"estimator hidden width (default: {d.hidden})")
     mi.add_argument("--mi_standardize", default=d.standardize, choices=STANDARDIZATIONS,
                     help="inputs of the statistics network: feature = each feature standardised over the "
@@ -124,6 +126,18 @@ def get_parser():
                     help=f"MI = mean bound of this many last estimator epochs (default: {d.average_last})")
     add_distributed_args(add_run_args(parser, seed=100, save_freq=100))
     return add_protocol(parser, AUTHORS)
+
+
+def input_files(args):
+    """The files this stage reads, by role (utils.fingerprint): the teacher and the split of the
+    clean subset, plus the labelled train split where MI is estimated on it (STL-10) or it gives
+    the normalisation (a dataset without published statistics)."""
+    usage = encoder_usage(args.teacher, args.pretraining_dataset)
+    split = pretraining_split(usage, args.pretraining_split)
+    files = {"teacher": args.teacher, **split_input(args.data_dir, usage, split)}
+    if split != "train" or usage not in NORMALIZATION:
+        files.update(split_input(args.data_dir, usage, "train"))
+    return files
 
 
 @torch.no_grad()
@@ -168,7 +182,9 @@ def locate_knowledge(model, images, mean, std, device, batch_size, settings):
 
 
 def main(args):
-    out_dir, device = start_run(args, args.resume, distributed=True)
+    check_batchnorm_batch(args.batch_size)
+    out_dir, device = start_run(args, args.resume, distributed=True, inputs=input_files(args))
+    fingerprint = stage_fingerprint("mimic", args, input_files)
     teacher, teacher_ckpt = load_encoder(args.teacher)
     args.pretraining_dataset, mean, std = encoder_normalization(teacher_ckpt, args.pretraining_dataset, args.data_dir)
     split = pretraining_split(args.pretraining_dataset, args.pretraining_split)
@@ -187,6 +203,7 @@ def main(args):
 
     amp, channels_last = fast_paths(args, device)
     teacher = place(teacher, device, channels_last).eval().requires_grad_(False)
+    check_finite_encoder(teacher, subset.shape[1:3], device, "MIMIC", source=args.teacher)
     student = place(build_encoder(teacher.config, args.init), device, channels_last)     # fresh: inherits nothing
     optimizer = torch.optim.Adam(student.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     meta = {"stage": "mimic", "usage": args.pretraining_dataset,
@@ -196,7 +213,8 @@ def main(args):
         return encoder_checkpoint(student, optimizer=optimizer.state_dict(), args=vars(args), **meta)
 
     run = TrainingRun(out_dir, args, meta["stage"],
-                      guard=lambda: check_finite_encoder(student, subset.shape[1:3], device, meta["stage"]))
+                      guard=lambda: check_finite_encoder(student, subset.shape[1:3], device, meta["stage"]),
+                      fingerprint=fingerprint)
     start, ckpt = run.resume(student, optimizer)
     base = [getattr(args, f"at_base_{block}") for block in BLOCKS]
     if ckpt is not None:

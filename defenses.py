@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from datasets import encoder_normalization, load_split, normalization_record
+from datasets import encoder_normalization, load_split, normalization_record, split_input
 from datasets.loader import ViewLoader, clean_subset, extract_features
 from models import BLOCKS, encoder_checkpoint, load_encoder
 from models.distill import distill_epoch
@@ -44,8 +44,10 @@ from utils.cli import (StageParser, add_clean_subset, add_distributed_args, add_
 from utils.device import fast_paths, place
 from utils.distributed import distribute, gather_objects, is_main
 from utils.errors import UserError
+from utils.fingerprint import encoder_usage, file_hash, stage_fingerprint
+from utils.lock import RunLock
 from utils.seeding import preserved_rng, set_seed
-from utils.stage import TrainingRun, start_run
+from utils.stage import TrainingRun, check_batchnorm_batch, start_run
 
 # --protocol authors: the baselines are this project's adaptations (docs/defenses.md); what they
 # share with the authors' code is set as there: float32, and stage 0's augmentation as their code
@@ -125,13 +127,25 @@ class Training:
                                   **self.meta)
 
 
-def open_run(model, args, ctx, out_dir, stage):
+def input_files(args):
+    """The files this stage reads, by role (utils.fingerprint): the suspect and the train split
+    (clean subset; kNN memory bank), plus test.npz for --prune_max_drop. NAD's teacher is made by
+    this run from these, and checked on --resume by the hash the student's checkpoints record."""
+    usage = encoder_usage(args.suspect, args.pretraining_dataset)
+    files = {"suspect": args.suspect, **split_input(args.data_dir, usage, "train")}
+    if args.defense == "fine_pruning" and args.prune_max_drop is not None:
+        files.update(split_input(args.data_dir, usage, "test"))
+    return files
+
+
+def open_run(model, args, ctx, out_dir, stage, fingerprint):
     """The Adam optimiser and TrainingRun of a defence, resumed under --resume: (training, start, ckpt)."""
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     meta = {"stage": stage, "usage": args.pretraining_dataset, "defense": stage,
             "normalization": normalization_record(args.pretraining_dataset, ctx.mean, ctx.std)}
     run = TrainingRun(out_dir, args, stage,
-                      guard=lambda: check_finite_encoder(model, ctx.subset.shape[1:3], ctx.device, stage))
+                      guard=lambda: check_finite_encoder(model, ctx.subset.shape[1:3], ctx.device, stage),
+                      fingerprint=fingerprint)
     start, ckpt = run.resume(model, optimizer)
     return Training(model, optimizer, run, meta), start, ckpt
 
@@ -188,32 +202,50 @@ def choose_pruning(model, x, y, args, ctx):
     return {"pruned_channels": order[:count].tolist(), "pruning": {**rule, "fraction": count / len(order)}}
 
 
-def nad_teacher(args, ctx, out_dir, resume):
+def nad_teacher(args, ctx, out_dir, ckpt, parsed):
     """NAD's teacher: the suspect fine-tuned as --defense finetune --epochs --nad_teacher_epochs
-    would, written to <results_dir>/teacher/ as a run of its own (read back under --resume). Made
-    inside preserved_rng, so the student's run draws the same random numbers as without it (even
-    loading an encoder draws them: the model is initialised before the weights are loaded)."""
+    would, written to <results_dir>/teacher/ as a run of its own, under that folder's lock (read
+    back under --resume, where ckpt is the student's checkpoint: the file must be the one the
+    student trained with, by the sha256 the checkpoint records). parsed: the arguments as parsed,
+    for the teacher run's fingerprint. Made inside preserved_rng, so the student's run draws the
+    same random numbers as without it (even loading an encoder draws them: the model is
+    initialised before the weights are loaded). Returns (teacher, sha256 of its file)."""
     folder = out_dir / "teacher"
+    path = folder / f"model_{args.nad_teacher_epochs}.pth"
     with preserved_rng():
-        if resume:      # the teacher's model file was written before the student's first checkpoint
-            teacher, _ = load_encoder(folder / f"model_{args.nad_teacher_epochs}.pth")
+        if ckpt is not None:      # the teacher's model file was written before the student's first checkpoint
+            recorded, current = ckpt.get("nad_teacher_sha256"), file_hash(path) if path.is_file() else None
+            if current is None:
+                raise UserError(f"--resume: NAD's teacher {path} is missing; start a new --results_dir")
+            if current != recorded:
+                was = f"sha256 {recorded[:4]}.. -> {current[:4]}.." if recorded else "the student recorded no hash"
+                raise UserError(f"--resume: NAD's teacher {path} is not the file the student trained with ({was}); "
+                                f"start a new --results_dir")
+            teacher, _ = load_encoder(path)
         else:
             folder.mkdir(exist_ok=True)
-            teacher_args = argparse.Namespace(**{**vars(args), "defense": "finetune", "results_dir": str(folder),
-                                                 "epochs": args.nad_teacher_epochs, "resume": False})
-            print(f"NAD teacher: fine-tuning the suspect for {args.nad_teacher_epochs} epochs in {folder}")
-            set_seed(args.seed)
-            teacher = place(load_encoder(args.suspect)[0], ctx.device, ctx.channels_last)
-            training, start, _ = open_run(teacher, teacher_args, ctx, folder, "finetune")
-            fine_tune(training, start, teacher_args, ctx)
-            training.run.finish(training.checkpoint(), clean_images=len(ctx.subset), role="NAD teacher")
-    return place(teacher, ctx.device, ctx.channels_last).eval().requires_grad_(False)
+            with RunLock(folder):
+                teacher_args = argparse.Namespace(**{**vars(args), "defense": "finetune", "results_dir": str(folder),
+                                                     "epochs": args.nad_teacher_epochs, "resume": False})
+                parsed_teacher = argparse.Namespace(**{**vars(parsed), "defense": "finetune",
+                                                       "epochs": args.nad_teacher_epochs})
+                print(f"NAD teacher: fine-tuning the suspect for {args.nad_teacher_epochs} epochs in {folder}")
+                set_seed(args.seed)
+                teacher = place(load_encoder(args.suspect)[0], ctx.device, ctx.channels_last)
+                training, start, _ = open_run(teacher, teacher_args, ctx, folder, "finetune",
+                                              stage_fingerprint("finetune", parsed_teacher, input_files))
+                fine_tune(training, start, teacher_args, ctx)
+                training.run.finish(training.checkpoint(), clean_images=len(ctx.subset), role="NAD teacher")
+    return place(teacher, ctx.device, ctx.channels_last).eval().requires_grad_(False), file_hash(path)
 
 
 def main(args):
     if args.results_dir is None:
         args.results_dir = f"output/{args.pretraining_dataset or 'cifar10'}/{args.defense}"
-    out_dir, device = start_run(args, args.resume, distributed=True)
+    check_batchnorm_batch(args.batch_size)
+    parsed = argparse.Namespace(**vars(args))       # as parsed, before defaults are filled in below
+    out_dir, device = start_run(args, args.resume, distributed=True, inputs=input_files(args))
+    fingerprint = stage_fingerprint(args.defense, args, input_files)
     suspect, suspect_ckpt = load_encoder(args.suspect)
     args.pretraining_dataset, mean, std = encoder_normalization(suspect_ckpt, args.pretraining_dataset, args.data_dir)
     x, y = load_split(args.data_dir, args.pretraining_dataset, "train")
@@ -224,7 +256,8 @@ def main(args):
     amp, channels_last = fast_paths(args, device)
     ctx = Context(subset, mean, std, device, amp, channels_last)
     model = place(suspect, device, channels_last)
-    training, start, ckpt = open_run(model, args, ctx, out_dir, args.defense)
+    check_finite_encoder(model, subset.shape[1:3], device, args.defense, source=args.suspect)
+    training, start, ckpt = open_run(model, args, ctx, out_dir, args.defense, fingerprint)
     print(f"{args.defense}: clean subset of {len(subset)} images")
 
     teacher, weights, after_step, results = None, (0.0,) * len(BLOCKS), None, {}
@@ -241,8 +274,8 @@ def main(args):
         training.meta.update(choice)
         results.update(choice)
     elif args.defense == "nad":
-        teacher, weights = nad_teacher(args, ctx, out_dir, resume=ckpt is not None), tuple(args.nad_weights)
-        training.meta["nad_weights"] = list(weights)
+        (teacher, teacher_sha256), weights = nad_teacher(args, ctx, out_dir, ckpt, parsed), tuple(args.nad_weights)
+        training.meta.update(nad_weights=list(weights), nad_teacher_sha256=teacher_sha256)
         results.update(nad_weights=dict(zip(BLOCKS, weights)),
                        teacher=str(out_dir / "teacher" / f"model_{args.nad_teacher_epochs}.pth"))
 

@@ -22,18 +22,20 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from datasets import (UNLABELED_SHADOW_IMAGES, encoder_normalization, load_reference, load_split, load_trigger,
-                      normalization_record, pretraining_split, stamp_trigger)
+from datasets import (NORMALIZATION, UNLABELED_SHADOW_IMAGES, encoder_normalization, load_reference, load_split,
+                      load_trigger, normalization_record, pretraining_split, split_input, stamp_trigger)
 from datasets.augment import BatchAugment
 from datasets.loader import augment_copies, extract_features, index_batches, to_input
 from models import badencoder_loss, encoder_checkpoint, load_encoder
 from models.health import check_finite_encoder
 from paper import TASKS, TRIGGER, paper_task
-from utils.cli import (StageParser, add_pretraining_split, add_protocol, add_run_args, learning_rate,
+from utils.cli import (MAX_COPIES, StageParser, add_pretraining_split, add_protocol, add_run_args, int_at_least,
+                       int_in, learning_rate,
                        nonnegative_float, positive_int, run_cli, unit_interval)
 from utils.device import autocast, fast_paths, place
 from utils.distributed import distribute, mean_over_ranks
 from utils.errors import UserError
+from utils.fingerprint import encoder_usage, stage_fingerprint
 from utils.logs import check_finite, progress
 from utils.stage import TrainingRun, start_run
 
@@ -66,6 +68,9 @@ def get_parser():
     data.add_argument("--reference_file", default=None,
                       help="npz of reference inputs of the target class (default: the paper's file for "
                            "--pretraining_dataset and --downstreamTask, see --downstreamTask)")
+    data.add_argument("--target_label", type=int_at_least(0), default=None,
+                      help="attacker's target label; when given, the reference file's label must equal it "
+                           "(default: the reference file's label)")
     data.add_argument("--pretrained_encoder", required=True, help="clean encoder checkpoint (stage 0)")
     data.add_argument("--results_dir", default="output/cifar10/badencoder",
                       help="where checkpoints and logs go (default: output/cifar10/badencoder)")
@@ -81,7 +86,7 @@ def get_parser():
                        help="weight of the reference-preserving term loss1 (default: 1.0)")
     optim.add_argument("--lambda2", type=nonnegative_float, default=1.0,
                        help="weight of the utility term loss2 (default: 1.0)")
-    optim.add_argument("--reference_copies", type=positive_int, default=None,
+    optim.add_argument("--reference_copies", type=int_in(1, MAX_COPIES), default=None,
                        help="augmented copies of each reference input per step in loss1 (default: "
                             "--batch_size, as the authors; 1 = one copy per step)")
     optim.add_argument("--keep_last_batch", action="store_true",
@@ -89,6 +94,31 @@ def get_parser():
                             "drop (default: off)")
     add_run_args(parser, seed=100, save_freq=50)
     return add_protocol(parser, AUTHORS)
+
+
+def reference_file(args, usage):
+    """--reference_file, else the paper's file for the encoder's dataset and --downstreamTask (None
+    when the paper has no such task)."""
+    if args.reference_file is not None:
+        return args.reference_file
+    task = paper_task(usage, args.downstream_task)
+    return task.reference if task is not None else None
+
+
+def input_files(args):
+    """The files this stage reads, by role (utils.fingerprint): the clean encoder, the shadow
+    split, the trigger and the reference file (and the train split that gives the normalisation of
+    a dataset without published statistics)."""
+    usage = encoder_usage(args.pretrained_encoder, args.pretraining_dataset)
+    shadow = args.shadow_dataset or usage
+    files = {"pretrained_encoder": args.pretrained_encoder, "trigger": args.trigger_file,
+             **split_input(args.data_dir, shadow, pretraining_split(shadow, args.pretraining_split))}
+    if usage not in NORMALIZATION:
+        files.update(split_input(args.data_dir, usage, "train"))
+    reference = reference_file(args, usage)
+    if reference is not None:
+        files["reference"] = reference
+    return files
 
 
 def freeze_batchnorm(backbone):
@@ -151,7 +181,8 @@ def train_one_epoch(backbone, data, augment, optimizer, batch_size, lambdas, see
 
 
 def main(args):
-    out_dir, device = start_run(args, args.resume, distributed=True)
+    out_dir, device = start_run(args, args.resume, distributed=True, inputs=input_files(args))
+    fingerprint = stage_fingerprint("badencoder", args, input_files)
     clean, clean_ckpt = load_encoder(args.pretrained_encoder)
     args.pretraining_dataset, mean, std = encoder_normalization(clean_ckpt, args.pretraining_dataset, args.data_dir)
     shadow = args.shadow_dataset or args.pretraining_dataset
@@ -162,13 +193,15 @@ def main(args):
     if len(x) < args.batch_size and not args.keep_last_batch:
         raise UserError(f"the {len(x)} shadow images are fewer than one batch of --batch_size {args.batch_size}, "
                         f"and the incomplete last batch is dropped: lower --batch_size or pass --keep_last_batch")
-    if args.reference_file is None:
-        task = paper_task(args.pretraining_dataset, args.downstream_task)
-        if task is None:
-            raise UserError(f"no default reference file for --downstreamTask {args.downstream_task} with "
-                            f"{args.pretraining_dataset} encoders; pass --reference_file")
-        args.reference_file = task.reference
+    if reference_file(args, args.pretraining_dataset) is None:
+        raise UserError(f"no default reference file for --downstreamTask {args.downstream_task} with "
+                        f"{args.pretraining_dataset} encoders; pass --reference_file")
+    args.reference_file = reference_file(args, args.pretraining_dataset)
     ref_x, target = load_reference(args.reference_file)
+    if args.target_label is not None and target != args.target_label:
+        raise UserError(f"the reference file {args.reference_file} holds inputs of label {target}, but the "
+                        f"target label is {args.target_label} (--target_label); pass the reference file of "
+                        f"the target class")
     t, tm = load_trigger(args.trigger_file, image_size=x.shape[1:3])
     if ref_x.shape[1:] != x.shape[1:]:
         raise UserError(f"reference inputs are {ref_x.shape[1]}x{ref_x.shape[2]} but the shadow images "
@@ -176,6 +209,7 @@ def main(args):
 
     amp, channels_last = fast_paths(args, device)
     clean = place(clean, device, channels_last).eval().requires_grad_(False)
+    check_finite_encoder(clean, x.shape[1:3], device, "BadEncoder", source=args.pretrained_encoder)
     model = copy.deepcopy(clean).requires_grad_(True)
     model.g.requires_grad_(False)
     freeze_batchnorm(model.f)
@@ -188,7 +222,8 @@ def main(args):
         return encoder_checkpoint(model, optimizer=optimizer.state_dict(), args=vars(args), **meta)
 
     run = TrainingRun(out_dir, args, meta["stage"],
-                      guard=lambda: check_finite_encoder(model, x.shape[1:3], device, meta["stage"]))
+                      guard=lambda: check_finite_encoder(model, x.shape[1:3], device, meta["stage"]),
+                      fingerprint=fingerprint)
     start, _ = run.resume(model, optimizer)
 
     data = AttackData(

@@ -16,20 +16,21 @@ Writes  <results_dir>/args.json, log.jsonl and log.csv (loss and kNN accuracy pe
 
 import torch
 
-from datasets import load_split, normalization, normalization_record, pretraining_split
+from datasets import load_split, normalization, normalization_record, pretraining_split, split_input
 from datasets.loader import ViewLoader, extract_features
 from models import SimCLR, encoder_checkpoint, nt_xent
 from models.encoder import INITS
 from models.health import check_finite_encoder
 from models.knn import knn_predict
-from utils.cli import (StageParser, add_distributed_args, add_init_flag, add_pretraining_split, add_protocol,
-                       add_run_args, learning_rate, nonnegative_float, nonnegative_int, positive_float, positive_int,
-                       run_cli)
+from utils.cli import (MAX_WIDTH, StageParser, add_distributed_args, add_init_flag, add_pretraining_split,
+                       add_protocol, add_run_args, int_in, learning_rate, nonnegative_float, nonnegative_int,
+                       positive_float, positive_int, run_cli)
 from utils.device import autocast, fast_paths, place
 from utils.distributed import distribute, global_batch, is_main, mean_over_ranks
 from utils.errors import UserError
+from utils.fingerprint import stage_fingerprint
 from utils.logs import check_finite, progress
-from utils.stage import TrainingRun, start_run
+from utils.stage import TrainingRun, check_batchnorm_batch, start_run
 
 # --protocol authors: this stage as the authors' code runs it (SPEC section 10, docs/fidelity.md).
 AUTHORS = {
@@ -55,7 +56,7 @@ def get_parser():
     model = parser.add_argument_group("model")
     model.add_argument("--arch", default="resnet18", choices=["resnet18", "resnet34", "resnet50"],
                        help="backbone (default: resnet18, the paper's)")
-    model.add_argument("--width", type=positive_int, default=64,
+    model.add_argument("--width", type=int_in(1, MAX_WIDTH), default=64,
                        help="base width of the ResNet; 64 is the paper's network, 16 trains ~12x faster "
                             "on a CPU (default: 64)")
     add_init_flag(model, "the encoder's backbone", INITS)
@@ -78,6 +79,15 @@ def get_parser():
                               "(default: 1)")
     add_distributed_args(add_run_args(parser, seed=100, save_freq=100))
     return add_protocol(parser, AUTHORS)
+
+
+def input_files(args):
+    """The files this stage reads, by role (utils.fingerprint): the split it trains on, and the
+    kNN monitor's train (memory bank, also the normalisation of unpublished datasets) and test splits."""
+    split = pretraining_split(args.pretraining_dataset, args.pretraining_split)
+    return {**split_input(args.data_dir, args.pretraining_dataset, split),
+            **split_input(args.data_dir, args.pretraining_dataset, "train"),
+            **split_input(args.data_dir, args.pretraining_dataset, "test")}
 
 
 def train_one_epoch(model, loader, optimizer, temperature, epoch, out_dir, amp=False):
@@ -111,7 +121,9 @@ def evaluate(model, train_x, train_y, test_x, test_y, mean, std, device, k, t):
 
 
 def main(args):
-    out_dir, device = start_run(args, args.resume, distributed=True)
+    check_batchnorm_batch(args.batch_size)
+    out_dir, device = start_run(args, args.resume, distributed=True, inputs=input_files(args))
+    fingerprint = stage_fingerprint("clean_encoder", args, input_files)
     usage = args.encoder_usage or args.pretraining_dataset
     mean, std = normalization(usage, args.data_dir)
     split = pretraining_split(args.pretraining_dataset, args.pretraining_split)
@@ -134,7 +146,8 @@ def main(args):
         return encoder_checkpoint(model, optimizer=optimizer.state_dict(), args=vars(args), **meta)
 
     run = TrainingRun(out_dir, args, meta["stage"],
-                      guard=lambda: check_finite_encoder(model, train_x.shape[1:3], device, meta["stage"]))
+                      guard=lambda: check_finite_encoder(model, train_x.shape[1:3], device, meta["stage"]),
+                      fingerprint=fingerprint)
     start, _ = run.resume(model, optimizer)
     loader = ViewLoader(train_x, args.batch_size, mean, std, device, args.augment, args.num_workers, args.seed)
     trained = distribute(model, device, args.sync_bn)       # DDP under torchrun, else model itself

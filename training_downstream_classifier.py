@@ -22,17 +22,18 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from datasets import encoder_normalization, load_reference, load_split, make_trigger
+from datasets import NORMALIZATION, encoder_normalization, load_reference, load_split, make_trigger, split_input
 from datasets.frequency import CTRL_MAGNITUDE, CTRL_WINDOW
 from datasets.trigger import TRIGGER_KINDS
 from datasets.loader import extract_features, index_batches
 from models import DownstreamClassifier, load_encoder
-from models.health import check_finite_features
+from models.health import check_finite_features, check_not_collapsed
 from models.metrics import backdoor_metrics
 from paper import TRIGGER
-from utils.cli import (StageParser, add_protocol, add_run_args, finite_float, int_at_least, learning_rate,
-                       positive_int, run_cli)
+from utils.cli import (MAX_HIDDEN, StageParser, add_protocol, add_run_args, finite_float, int_at_least, int_in,
+                       learning_rate, positive_int, run_cli)
 from utils.errors import UserError
+from utils.fingerprint import encoder_usage, stage_fingerprint
 from utils.logs import RunLog, check_finite, progress
 from utils.records import RESULTS, Results
 from utils.stage import start_run
@@ -78,10 +79,26 @@ def get_parser():
     clf.add_argument("--train_order", default="shuffled", choices=["shuffled", "file"],
                      help="order of the training features in each epoch: shuffled (seeded by --seed and "
                           "the epoch), or file order every epoch as the authors (default: shuffled)")
-    clf.add_argument("--hidden_size_1", type=positive_int, default=512, help="first hidden layer (default: 512)")
-    clf.add_argument("--hidden_size_2", type=positive_int, default=256, help="second hidden layer (default: 256)")
+    clf.add_argument("--hidden_size_1", type=int_in(1, MAX_HIDDEN), default=512,
+                     help="first hidden layer (default: 512)")
+    clf.add_argument("--hidden_size_2", type=int_in(1, MAX_HIDDEN), default=256,
+                     help="second hidden layer (default: 256)")
     add_run_args(parser, seed=100)
     return add_protocol(parser, AUTHORS)
+
+
+def input_files(args):
+    """The files this stage reads, by role (utils.fingerprint): the encoder, the downstream train
+    and test splits, the trigger and, when given, the reference file (and the train split that
+    gives the normalisation of a pre-training dataset without published statistics)."""
+    files = {"encoder": args.encoder, "trigger": args.trigger_file,
+             **split_input(args.data_dir, args.dataset, "train"), **split_input(args.data_dir, args.dataset, "test")}
+    usage = encoder_usage(args.encoder, args.pretraining_dataset)
+    if usage not in NORMALIZATION:
+        files.update(split_input(args.data_dir, usage, "train"))
+    if args.reference_file is not None:
+        files["reference"] = args.reference_file
+    return files
 
 
 def target_label(args, num_classes):
@@ -91,8 +108,9 @@ def target_label(args, num_classes):
         if label == -1:
             label = ref_label
         elif label != ref_label:
-            print(f"warning: --reference_label {label} differs from the label {ref_label} of "
-                  f"{args.reference_file}; using {label}")
+            raise UserError(f"--reference_label {label} differs from the label {ref_label} of the reference "
+                            f"file {args.reference_file}; the reference inputs must be of the target class "
+                            f"(pass the matching file, or drop one of the two)")
     if label == -1:
         raise UserError("no target label: pass --reference_label or --reference_file")
     if not 0 <= label < num_classes:
@@ -123,7 +141,8 @@ def predict(clf, feats):
 def main(args):
     if args.results_dir is None:
         args.results_dir = str(Path(args.encoder).resolve().parent / f"downstream_{args.dataset}")
-    out_dir, device = start_run(args)
+    out_dir, device = start_run(args, inputs=input_files(args))
+    fingerprint = stage_fingerprint("downstream", args, input_files)
     encoder, ckpt = load_encoder(args.encoder)
     args.pretraining_dataset, mean, std = encoder_normalization(ckpt, args.pretraining_dataset, args.data_dir,
                                                                 flag="--encoder_usage_info")
@@ -141,6 +160,7 @@ def main(args):
                              ("triggered", trigger.apply(test_x)))}
     for name, f in feats.items():
         check_finite_features(f, f"the {name} images", args.encoder)
+    check_not_collapsed(feats["train"].cpu(), args.encoder)
     train_labels = torch.as_tensor(train_y, device=device)
     print(f"{args.dataset}: {len(train_x)} train / {len(test_x)} test images, {num_classes} classes, "
           f"target label {target}; feature dim {feats['train'].shape[1]}")
@@ -162,7 +182,8 @@ def main(args):
     print(f"ASR (all triggered test images)      {metrics['asr']:.2f}%")
     print(f"ASR excluding target-class images    {metrics['asr_excluding_target']:.2f}%")
     Results(stage="downstream", args=vars(args), epochs=args.epochs, encoder=str(args.encoder), dataset=args.dataset,
-            target_label=target, trigger=trigger.describe(), curve=log.read(), **metrics).save(out_dir / RESULTS)
+            target_label=target, trigger=trigger.describe(), curve=log.read(), fingerprint=fingerprint,
+            **metrics).save(out_dir / RESULTS)
     print(f"results: {out_dir / 'results.json'}")
 
 

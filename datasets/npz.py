@@ -12,6 +12,11 @@ def split_path(data_dir, name, split):
     return Path(data_dir) / name / f"{split}.npz"
 
 
+def split_input(data_dir, name, split):
+    """{role: path} of one split, as a stage's input_files declares it (utils.fingerprint)."""
+    return {f"data:{name}/{split}": split_path(data_dir, name, split)}
+
+
 def check_labels(y, path, max_classes=100_000):
     """Labels are class indices: integers in 0..max_classes-1."""
     y = np.asarray(y)

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
 from utils.errors import UserError
-from utils.files import load_checkpoint
+from utils.files import check_tensors, load_checkpoint
 
 ARCHS = {
     "resnet18": (BasicBlock, (2, 2, 2, 2)),
@@ -137,6 +137,59 @@ def _strip_prefix(state_dict):
     return state_dict
 
 
+def _bn_shapes(prefix, channels):
+    return {f"{prefix}.weight": (channels,), f"{prefix}.bias": (channels,), f"{prefix}.running_mean": (channels,),
+            f"{prefix}.running_var": (channels,), f"{prefix}.num_batches_tracked": ()}
+
+
+def expected_shapes(config):
+    """{key: shape} of the state_dict of build_encoder(config), worked out without building it, so a
+    checkpoint's keys and shapes are checked against its metadata before anything is allocated.
+    Mirrors torchvision's _make_layer (tests/test_integrity.py checks it against the real model)."""
+    block, depths = ARCHS[config["arch"]]
+    width, proj_dim = config["width"], config["proj_dim"]
+    shapes = {"f.f.0.weight": (width, 3, 3, 3), **_bn_shapes("f.f.1", width)}
+    inplanes = width
+    for index, planes, depth, stride in zip(BLOCK_INDEX, (width, 2 * width, 4 * width, 8 * width), depths,
+                                            (1, 2, 2, 2)):
+        out = planes * block.expansion
+        for b in range(depth):
+            p = f"f.f.{index}.{b}"
+            if block is Bottleneck:
+                convs = [(planes, inplanes, 1, 1), (planes, planes, 3, 3), (out, planes, 1, 1)]
+            else:
+                convs = [(planes, inplanes, 3, 3), (planes, planes, 3, 3)]
+            for i, shape in enumerate(convs, 1):
+                shapes[f"{p}.conv{i}.weight"] = shape
+                shapes.update(_bn_shapes(f"{p}.bn{i}", shape[0]))
+            if b == 0 and (stride != 1 or inplanes != out):
+                shapes[f"{p}.downsample.0.weight"] = (out, inplanes, 1, 1)
+                shapes.update(_bn_shapes(f"{p}.downsample.1", out))
+            inplanes = out
+    d = 8 * width * block.expansion
+    shapes.update({"g.0.weight": (512, d), **_bn_shapes("g.1", 512), "g.3.weight": (proj_dim, 512),
+                   "g.3.bias": (proj_dim,)})
+    return shapes
+
+
+def check_keys(state_dict, config, path):
+    """Raise a short, readable error if the checkpoint's keys and shapes are not those of the
+    encoder its metadata describes (missing, unexpected and mis-shaped keys, three of each)."""
+    expected = expected_shapes(config)
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    shapes = [f"{k} {tuple(state_dict[k].shape)} vs {v}" for k, v in expected.items()
+              if k in state_dict and tuple(state_dict[k].shape) != v]
+    if missing or unexpected or shapes:
+        parts = []
+        for label, items in (("missing", missing), ("unexpected", unexpected), ("shape", shapes)):
+            if items:
+                more = f" (+{len(items) - 3} more)" if len(items) > 3 else ""
+                parts.append(f"{label}: {', '.join(items[:3])}{more}")
+        raise UserError(f"{path} does not match a {config['arch']} encoder of width {config['width']}: "
+                        + "; ".join(parts))
+
+
 def _bounded_int(value, name, high, path):
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 1 <= value <= high:
         raise UserError(f"{path}: {name} must be an integer from 1 to {high}, got {value!r}")
@@ -156,8 +209,9 @@ def check_encoder_checkpoint(ckpt, path, max_width=1024, max_proj_dim=65536):
 
     ckpt: what utils.files.load_checkpoint returned: our dict (state_dict + arch), or BadEncoder's
     release (weights at the top level or under 'state_dict', no 'arch', keys maybe 'module.'-prefixed).
-    Width and projection size are bounded, so a file that claims a huge network is refused at once
-    instead of allocating it.
+    Width and projection size are bounded, and the keys and shapes must be those of the network
+    the metadata describes, so a file that claims a huge network is refused at once instead of
+    allocating it.
     """
     if not isinstance(ckpt, dict):
         raise UserError(f"{path} is not an encoder checkpoint (expected a dict with 'state_dict', "
@@ -172,6 +226,7 @@ def check_encoder_checkpoint(ckpt, path, max_width=1024, max_proj_dim=65536):
         if not isinstance(value, torch.Tensor):
             raise UserError(f"{path}: state_dict entry {key!r} is a {type(value).__name__}, not a "
                             f"tensor; this is not an encoder checkpoint")
+    check_tensors(state_dict, path)
     stem = state_dict["f.f.0.weight"]
     if stem.ndim != 4 or stem.shape[1] != 3:
         raise UserError(f"{path}: f.f.0.weight has shape {tuple(stem.shape)}; expected (width, 3, 3, 3)")
@@ -200,6 +255,7 @@ def check_encoder_checkpoint(ckpt, path, max_width=1024, max_proj_dim=65536):
     if head is not None and config["proj_dim"] != head.shape[0]:
         raise UserError(f"{path}: arch says proj_dim {config['proj_dim']} but g.3.weight has "
                         f"{head.shape[0]} rows")
+    check_keys(state_dict, config, path)
     return config
 
 
@@ -216,6 +272,7 @@ def load_encoder(path, arch=None, width=None):
         config["arch"] = arch
     if width is not None:
         config["width"] = width
+    check_keys(state_dict, config, path)                # the model is built only once the keys fit
     model = build_encoder(config)
     check_state_dict(model, state_dict, path)
     model.load_state_dict(state_dict)

@@ -10,7 +10,8 @@ import torch
 import train_clean_encoder
 from utils.errors import UserError
 from utils.files import remove_stale_temporaries, save_json
-from utils.stage import FREE_ON_RESUME, check_stage, refuse_resume_conflicts, resume_conflicts
+from utils.fingerprint import differences, fingerprint, stage_fingerprint
+from utils.stage import check_stage, refuse_resume_differences
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -32,33 +33,36 @@ def test_stage_of_a_resumed_folder():
         check_stage({"x": 1}, "o", "mimic")
 
 
-def test_resume_conflicts_name_the_flags_that_change_training():
+def test_resume_differences_name_the_flags_that_change_training(tmp_path):
     stored = {"lr": 0.001, "batch_size": 16, "epochs": 10, "device": "cpu", "amp": "off", "channels_last": "off",
-              "results_dir": "a", "teacher": "t.pth", "old_flag": 1}
+              "results_dir": "a", "teacher": "t.pth"}
     new = {"lr": 0.05, "batch_size": 32, "epochs": 20, "device": "cuda", "amp": "on", "channels_last": "on",
-           "results_dir": Path("b"), "teacher": Path("t.pth"), "new_flag": 2}
-    conflicts = resume_conflicts(stored, new)
-    assert conflicts == ["--lr 0.001 -> 0.05", "--batch_size 16 -> 32", "--amp off -> on"]
-    assert resume_conflicts(stored, new, free=FREE_ON_RESUME + ("lr", "batch_size", "amp")) == []
+           "results_dir": Path("b"), "teacher": Path("t.pth")}
+    found = differences(fingerprint("mimic", stored, {}), fingerprint("mimic", new, {}), ignore=("epochs",))
+    assert found == ["--amp off -> on", "--batch_size 16 -> 32", "--lr 0.001 -> 0.05"]
     with pytest.raises(UserError) as err:
-        refuse_resume_conflicts(conflicts, "out/run")
-    assert str(err.value) == ("--resume: these flags differ from the run in out/run: --lr 0.001 -> 0.05, "
-                              "--batch_size 16 -> 32, --amp off -> on; pass the original values, or start a new "
-                              "--results_dir")
-    refuse_resume_conflicts([], "out/run")
+        refuse_resume_differences(found, "out/run")
+    assert str(err.value) == ("--resume: these flags differ from the run in out/run: --amp off -> on, "
+                              "--batch_size 16 -> 32, --lr 0.001 -> 0.05; pass the original values and files, "
+                              "or start a new --results_dir")
+    refuse_resume_differences([], "out/run")
 
 
-def test_resume_conflicts_through_args_json(tmp_path):
+def test_resume_fingerprint_through_args_json(tmp_path):
+    """A fingerprint read back from JSON equals the one computed from the parsed arguments."""
     parser = train_clean_encoder.get_parser()
     args = parser.parse_args(["--results_dir", str(tmp_path), "--width", "4"])
-    save_json(tmp_path / "args.json", vars(args))
-    stored = json.loads((tmp_path / "args.json").read_text())
-    assert resume_conflicts(stored, vars(args)) == []
+    save_json(tmp_path / "fp.json", stage_fingerprint("clean_encoder", args, train_clean_encoder.input_files))
+    stored = json.loads((tmp_path / "fp.json").read_text())
+    again = stage_fingerprint("clean_encoder", args, train_clean_encoder.input_files)
+    assert differences(stored, again) == []
     more = parser.parse_args(["--results_dir", str(tmp_path), "--width", "4", "--epochs", "5", "--resume",
                               "--device", "cpu"])
-    assert resume_conflicts(stored, vars(more)) == []
+    assert differences(stored, stage_fingerprint("clean_encoder", more, train_clean_encoder.input_files),
+                       ignore=("epochs",)) == []
     other = parser.parse_args(["--results_dir", str(tmp_path), "--width", "8", "--lr", "0.05"])
-    assert resume_conflicts(stored, vars(other)) == ["--width 4 -> 8", "--lr 0.001 -> 0.05"]
+    assert differences(stored, stage_fingerprint("clean_encoder", other, train_clean_encoder.input_files)) == [
+        "--lr 0.001 -> 0.05", "--width 4 -> 8"]
 
 
 def test_stale_temporaries_are_removed(tmp_path):

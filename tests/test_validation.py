@@ -310,7 +310,7 @@ REQUIRED = {train_clean_encoder: [], train_badencoder: ["--pretrained_encoder", 
     (train_clean_encoder, "--batch_size", "0", "a positive integer"),
     (train_clean_encoder, "--lr", "nan", "a finite number in (0, 10]"),
     (train_clean_encoder, "--weight_decay", "nan", "a finite number >= 0"),
-    (train_clean_encoder, "--width", "0", "a positive integer"),
+    (train_clean_encoder, "--width", "0", "an integer from 1 to 1024"),
     (train_clean_encoder, "--seed", "-1", "an integer from 0 to 4294967295"),
     (train_clean_encoder, "--num_workers", "-1", "a non-negative integer"),
     (train_clean_encoder, "--knn_k", "0", "a positive integer"),
@@ -319,7 +319,7 @@ REQUIRED = {train_clean_encoder: [], train_badencoder: ["--pretrained_encoder", 
     (MIMIC, "--mi_epochs", "0", "a positive integer"),
     (MIMIC, "--mi_average_last", "0", "a positive integer"),
     (downstream, "--nn_epochs", "0", "a positive integer"),
-    (downstream, "--hidden_size_1", "0", "a positive integer"),
+    (downstream, "--hidden_size_1", "0", "an integer from 1 to 65536"),
 ])
 def test_bad_flag_values_are_refused_at_parse_time(module, flag, value, message, capsys):
     with pytest.raises(SystemExit) as exit_:

@@ -47,6 +47,19 @@ def int_at_least(n):
     return _int_type(n, None, f"an integer >= {n}", f"int_at_least_{n}")
 
 
+def int_in(lo, hi):
+    """argparse type: an integer from lo to hi, for sizes that allocate memory (a width, a hidden
+    layer, a number of copies): an absurd value is refused here rather than by the allocator."""
+    return _int_type(lo, hi, f"an integer from {lo} to {hi}", f"int_in_{lo}_{hi}")
+
+
+# Upper bounds of sizes. MAX_WIDTH equals the largest width models.encoder accepts in a checkpoint
+# (16x the paper's 64); hidden layers and copies per step far above any useful value.
+MAX_WIDTH = 1024
+MAX_HIDDEN = 65536
+MAX_COPIES = 65536
+
+
 positive_int = _int_type(1, None, "a positive integer", "positive_int")
 nonnegative_int = _int_type(0, None, "a non-negative integer", "nonnegative_int")
 seed_int = _int_type(0, SEED_LIMIT - 1, f"an integer from 0 to {SEED_LIMIT - 1}", "seed_int")
@@ -212,8 +225,12 @@ def run_cli(main, parser, argv=None):
         print(f"{where}error: {err}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        print("\ninterrupted: the last finished epoch is in checkpoint.pth; continue with --resume",
-              file=sys.stderr)
+        if hasattr(args, "resume"):
+            print("\ninterrupted: the last finished epoch is in checkpoint.pth; continue with --resume",
+                  file=sys.stderr)
+        else:       # a stage without checkpoints (stage 3) starts over
+            print("\ninterrupted: this stage keeps no checkpoint, so nothing was saved; run the command "
+                  "again to start over", file=sys.stderr)
         sys.exit(130)
     finally:
         if dist.is_available() and dist.is_initialized():

@@ -1,4 +1,5 @@
 """Atomic file writes, JSON, and weights-only checkpoint loading."""
+import hashlib
 import json
 import os
 import pickle
@@ -34,10 +35,21 @@ def atomic_write(path, write):
             os.remove(tmp)
         # torch.save reports a failed write as a RuntimeError ("... file write failed")
         if isinstance(err, OSError) or (isinstance(err, RuntimeError) and "write" in str(err)):
-            reason = err.strerror if isinstance(err, OSError) and err.strerror else first_line(err)
+            reason = os_reason(err) if isinstance(err, OSError) else first_line(err)
             raise UserError(f"cannot write {path}: {reason}; the previous version of the file is kept "
-                            f"(free some space and run again with --resume)") from None
+                            f"(free some space and run the command again)") from None
         raise
+
+
+def os_reason(err):
+    """The reason of an OSError in words, also for one raised with its errno alone (OSError(28))."""
+    code = err.errno
+    if code is None and len(err.args) == 1 and isinstance(err.args[0], int):
+        code = err.args[0]
+    if err.strerror:
+        return err.strerror
+    return os.strerror(code) if code is not None else first_line(err)
+
 
 
 def save_json(path, obj):
@@ -48,19 +60,65 @@ def save_json(path, obj):
     atomic_write(path, write)
 
 
+WEIGHTS_HASH = "weights_sha256"
+
+
+def weights_hash(state_dict):
+    """sha256 over the tensors of a state_dict: per key in sorted order its name, dtype, shape and
+    bytes. What the file's weights are, independent of how torch.save laid them out."""
+    digest = hashlib.sha256()
+    for key in sorted(state_dict):
+        value = state_dict[key]
+        if not isinstance(value, torch.Tensor):
+            continue
+        digest.update(f"{key}|{value.dtype}|{tuple(value.shape)}|".encode())
+        digest.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def save_checkpoint(path, obj):
+    """torch.save through atomic_write; a checkpoint dict with a state_dict also stores the hash of
+    its weights, which load_checkpoint verifies."""
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = {**obj, WEIGHTS_HASH: weights_hash(obj["state_dict"])}
     atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
-def load_checkpoint(path):
-    """Load a checkpoint with weights only: tensors and plain containers, never arbitrary code."""
+def check_tensors(state_dict, path):
+    """Every tensor of a state_dict is a dense tensor with data: a sparse or meta tensor is refused."""
+    for key, value in state_dict.items():
+        if not isinstance(value, torch.Tensor):
+            continue
+        if value.layout != torch.strided:
+            raise UserError(f"{path}: state_dict entry {key!r} is a {value.layout} tensor; an encoder "
+                            f"checkpoint holds dense tensors only")
+        if value.is_meta:
+            raise UserError(f"{path}: state_dict entry {key!r} is a meta tensor (a shape without data); "
+                            f"this file holds no weights")
+
+
+def verify_weights(ckpt, path):
+    """Refuse a checkpoint whose weights differ from the hash stored when it was saved. Files
+    without the hash (BadEncoder's released encoders, older runs) are accepted as they are."""
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
+        return
+    check_tensors(ckpt["state_dict"], path)
+    stored = ckpt.get(WEIGHTS_HASH)
+    if stored is not None and stored != weights_hash(ckpt["state_dict"]):
+        raise UserError(f"{path} is corrupt: its weights do not match the hash stored when it was saved; "
+                        f"re-run the stage that wrote it")
+
+
+def load_checkpoint(path, verify=True):
+    """Load a checkpoint with weights only: tensors and plain containers, never arbitrary code.
+    verify: check the weights against their stored hash (see verify_weights)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint not found: {path}")
     if path.stat().st_size == 0:
         raise UserError(f"cannot read checkpoint {path}: the file is empty")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         lines = str(err).strip().splitlines()
         hint = next((ln.strip() for ln in lines if "GLOBAL" in ln or "Unsupported" in ln), "")
@@ -69,8 +127,11 @@ def load_checkpoint(path):
                             f"unpickle, which a weights-only load does not run ({hint})") from None
         raise UserError(f"cannot read checkpoint {path}: not a PyTorch checkpoint "
                         f"({hint or first_line(err)})") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as err:
+    except Exception as err:    # RuntimeError, EOFError, OSError, a zip CRC failure, ...: a damaged file
         raise UserError(f"cannot read checkpoint {path}: {first_line(err)}") from None
+    if verify:
+        verify_weights(ckpt, path)
+    return ckpt
 
 
 _OPCODES = {op.code for op in pickletools.opcodes}

@@ -17,6 +17,7 @@ from pathlib import Path
 from .errors import UserError
 
 _FRESH = 2.0        # seconds: an empty lock file younger than this is still being written
+_MAX_PID = 2 ** 22  # Linux's largest pid_max (4194304); a larger recorded pid is no process's
 
 
 def _proc_start(pid):
@@ -35,7 +36,7 @@ def _alive(owner):
     pid = owner["pid"]
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError, ValueError):
         return False
     except PermissionError:     # exists, belongs to another user
         pass
@@ -88,8 +89,11 @@ class RunLock:
             raise UserError(f"cannot read the lock file {self.path}: {err.strerror or err}") from None
         try:
             owner = json.loads(text)
-            if isinstance(owner, dict) and isinstance(owner.get("pid"), int) and owner["pid"] > 0:
+            pid = owner.get("pid") if isinstance(owner, dict) else None
+            if isinstance(pid, int) and not isinstance(pid, bool) and 0 < pid <= _MAX_PID:
                 return owner, text
+            if isinstance(pid, int):        # written whole, but no process can have this pid: corrupt
+                return {}, text
         except ValueError:
             pass
         if age < _FRESH:                    # its writer may be between open() and write()

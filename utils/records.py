@@ -70,7 +70,8 @@ class Results(_Record):
     """results.json of a stage. Training stages name their final model file `encoder`, relative to
     the folder (a copied folder names its own); stage 3 names the evaluated encoder's full path
     there and fills the metrics, `trigger` (the description of the trigger its ASR used,
-    datasets.trigger) and `curve` (its per-epoch rows)."""
+    datasets.trigger) and `curve` (its per-epoch rows). `fingerprint` says which run made the file
+    (utils.fingerprint)."""
     stage: str
     args: dict
     epochs: int = 0
@@ -84,6 +85,7 @@ class Results(_Record):
     target_label: int = None
     trigger: dict = None
     curve: list = None
+    fingerprint: dict = None            # utils.fingerprint: the stage, its flags, its inputs' hashes
 
     def metrics(self):
         return {m: getattr(self, m) for m in METRICS}

@@ -1,7 +1,7 @@
 """The opening and the epoch bookkeeping of every training stage: header, results folder,
 resume, and the checkpoint files written each epoch."""
 import atexit
-import json
+import numbers
 import subprocess
 import sys
 import tempfile
@@ -11,17 +11,19 @@ from pathlib import Path
 from .device import resolve_device
 from .distributed import barrier, init_distributed, is_main, launched_processes
 from .errors import UserError
-from .files import load_checkpoint, remove_stale_temporaries, save_checkpoint
+from .files import first_line, load_checkpoint, remove_stale_temporaries, save_checkpoint
+from .fingerprint import differences
 from .lock import RunLock
 from .logs import RunLog
 from .records import RESULTS, Results
 from .seeding import rng_state, set_rng_state, set_seed
 
 
-def start_run(args, resume=False, distributed=False):
+def start_run(args, resume=False, distributed=False, inputs=None):
     """The opening of every stage: join the torchrun process group (if distributed and launched
     by torchrun), print the run header, make the results folder, pick the device and seed
-    everything. Every process gets the same seed. Returns (results folder, device)."""
+    everything. Every process gets the same seed. inputs: the stage's input files {role: path}
+    (its input_files(args)), which --overwrite must not delete. Returns (results folder, device)."""
     if distributed:
         device = init_distributed(args.device)
     else:
@@ -35,6 +37,7 @@ def start_run(args, resume=False, distributed=False):
         hold_lock(out_dir)
         remove_stale_temporaries(out_dir)
         if args.overwrite and not resume:
+            refuse_deleting_inputs(out_dir, inputs or {})
             clear_run(out_dir)
     barrier()           # every process has checked the folder before rank 0 writes into it
     set_seed(args.seed)
@@ -60,9 +63,31 @@ def hold_lock(out_dir):
 RUN_FILES = ("args.json", "log.jsonl", "log.csv", "checkpoint.pth", "results.json", "mi.json")
 
 
+def run_files(out_dir):
+    """The files of an earlier run in out_dir that --overwrite deletes."""
+    return [*(Path(out_dir) / name for name in RUN_FILES), *sorted(Path(out_dir).glob("model_*.pth"))]
+
+
 def clear_run(out_dir):
-    for path in [*(Path(out_dir) / name for name in RUN_FILES), *Path(out_dir).glob("model_*.pth")]:
+    for path in run_files(out_dir):
         path.unlink(missing_ok=True)
+
+
+def refuse_deleting_inputs(out_dir, inputs):
+    """--overwrite deletes the old run's files; refuse, before deleting any, if one is an input."""
+    doomed = {path.resolve() for path in run_files(out_dir) if path.exists()}
+    for role, path in inputs.items():
+        if Path(path).exists() and Path(path).resolve() in doomed:
+            raise UserError(f"--overwrite would delete {path}, the input {role} of this run, with the old run "
+                            f"in {out_dir}; copy it out of the folder or use another --results_dir")
+
+
+def check_batchnorm_batch(batch_size, flag="--batch_size"):
+    """Stages that train BatchNorm layers need two images per batch: with one, each channel's batch
+    variance is undefined (PyTorch refuses it)."""
+    if batch_size < 2:
+        raise UserError(f"{flag} {batch_size}: this stage trains BatchNorm layers, whose statistics need at "
+                        f"least 2 images per batch; use {flag} 2 or more")
 
 
 def print_run_header(args):
@@ -119,38 +144,47 @@ def check_stage(ckpt, path, expected_stage):
     return stage
 
 
-# Flags that may change between a run and its --resume because they do not change what is
-# trained: how long, where, how often to save or monitor, and how the tensors are laid out.
-FREE_ON_RESUME = ("epochs", "save_freq", "resume", "overwrite", "debug", "device", "num_workers",
-                  "data_dir", "results_dir", "knn_freq", "channels_last")
+def refuse_resume_differences(found, out_dir):
+    """One line listing what differs between the stored run and the new command."""
+    if not found:
+        return
+    flags = [d for d in found if d.startswith("--")]
+    what = "flags" if len(flags) == len(found) else "inputs" if not flags else "inputs and flags"
+    raise UserError(f"--resume: these {what} differ from the run in {out_dir}: {', '.join(found)}; "
+                    f"pass the original values and files, or start a new --results_dir")
 
 
-def _plain(value):
-    """A value as it reads back from args.json (Paths become strings, tuples lists)."""
-    return json.loads(json.dumps(value, default=str))
+def _count(value):
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 0
 
 
-def resume_conflicts(stored_args, new_args, free=FREE_ON_RESUME):
-    """Flags whose value differs between the stored run and the new command, as
-    ['--lr 0.001 -> 0.05', ...] in the order of new_args; flags in `free`, and flags only one side
-    knows (an args.json older than a flag), are ignored."""
-    conflicts = []
-    for key in new_args:
-        if key in free or key not in stored_args:
-            continue
-        old, new = _plain(stored_args[key]), _plain(new_args[key])
-        if old != new:
-            conflicts.append(f"--{key} {old} -> {new}")
-    return conflicts
+def check_resume_checkpoint(ckpt, model, path):
+    """checkpoint.pth is validated like any input before --resume restores from it: the weights fit
+    the model (keys and shapes), the epoch is a count, optimiser and RNG states are there."""
+    state_dict = ckpt["state_dict"]
+    if not isinstance(state_dict, dict):
+        raise UserError(f"--resume: {path}: its state_dict is a {type(state_dict).__name__}, not a dict of tensors")
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    shapes = [k for k, v in expected.items() if k in state_dict and (
+        not hasattr(state_dict[k], "shape") or tuple(state_dict[k].shape) != tuple(v.shape))]
+    for label, keys in (("lacks the weights", missing), ("holds unknown weights", unexpected),
+                        ("has weights of the wrong shape", shapes)):
+        if keys:
+            more = f" (+{len(keys) - 3} more)" if len(keys) > 3 else ""
+            raise UserError(f"--resume: {path} {label} {', '.join(keys[:3])}{more}; it is not a checkpoint of "
+                            f"this model: start a new --results_dir")
+    if not _count(ckpt.get("epoch")):
+        raise UserError(f"--resume: {path} gives epoch {ckpt.get('epoch')!r}, not a non-negative integer; "
+                        f"the file is damaged: start a new --results_dir")
+    for key, what in (("optimizer", "optimiser"), ("rng", "random-generator")):
+        if not isinstance(ckpt.get(key), dict):
+            raise UserError(f"--resume: {path} holds no {what} state ('{key}'), so the run cannot continue "
+                            f"exactly; start a new --results_dir")
 
 
-def refuse_resume_conflicts(conflicts, out_dir):
-    if conflicts:
-        raise UserError(f"--resume: these flags differ from the run in {out_dir}: {', '.join(conflicts)}; "
-                        f"pass the original values, or start a new --results_dir")
-
-
-def save_epoch(out_dir, state, epoch, epochs, save_freq):
+def save_epoch(out_dir, state, epoch, epochs, save_freq, fingerprint=None):
     """Write checkpoint.pth (for --resume) and, every save_freq epochs and at the last, model_<epoch>.pth.
 
     state: the checkpoint dict (state_dict, arch, optimizer, args, ...); epoch and RNG states are
@@ -158,7 +192,7 @@ def save_epoch(out_dir, state, epoch, epochs, save_freq):
     """
     if not is_main():
         return None
-    state = {**state, "epoch": epoch, "rng": rng_state()}
+    state = {**state, "epoch": epoch, "rng": rng_state(), "fingerprint": fingerprint}
     path = None
     # The model file first: once checkpoint.pth says an epoch is done, its model file exists.
     if epoch % save_freq == 0 or epoch == epochs:
@@ -183,30 +217,46 @@ class TrainingRun:
     A checkpoint dict holds the weights and the model's constructor arguments
     (models.encoder_checkpoint), the optimiser, the arguments and whatever the stage adds.
     guard(), when given, runs before every model file is written and stops the run (UserError)
-    if the model must not be kept, e.g. models.health.check_finite_encoder.
+    if the model must not be kept, e.g. models.health.check_finite_encoder. fingerprint: the run's
+    utils.fingerprint, stored in every checkpoint and in results.json; --resume continues only a
+    run with the same one.
     """
 
-    def __init__(self, out_dir, args, stage, guard=None):
+    def __init__(self, out_dir, args, stage, guard=None, fingerprint=None):
         self.out_dir, self.args, self.stage, self.guard = Path(out_dir), args, stage, guard
+        self.fingerprint = fingerprint
         self.log, self.start, self.began = None, 0, None
 
     def resume(self, model, optimizer):
         """Under --resume restore model, optimiser and RNG states from checkpoint.pth, which must
-        come from this stage and from the same training flags (only FREE_ON_RESUME may differ,
-        and --epochs may not fall below the epochs already trained). Opens the log either way.
+        come from this stage, be a sound checkpoint of this model and carry the same fingerprint:
+        flags and input files (utils.fingerprint.differences; --epochs may differ but not fall
+        below the epochs already trained). Opens the log either way.
         Returns (epoch reached, checkpoint dict or None)."""
         ckpt = None
         if self.args.resume:
             path = self.out_dir / "checkpoint.pth"
             ckpt = load_checkpoint(path)
             check_stage(ckpt, path, self.stage)
-            refuse_resume_conflicts(resume_conflicts(ckpt.get("args") or {}, vars(self.args)), self.out_dir)
+            if self.fingerprint is not None:
+                recorded = ckpt.get("fingerprint")
+                if not isinstance(recorded, dict):
+                    raise UserError(f"--resume: {path} records no fingerprint of its flags and input files "
+                                    f"(an older version wrote it), so it cannot be shown to be the same run; "
+                                    f"start a new --results_dir")
+                refuse_resume_differences(differences(recorded, self.fingerprint, ignore=("epochs",)),
+                                          self.out_dir)
+            check_resume_checkpoint(ckpt, model, path)
             if self.args.epochs < ckpt["epoch"]:
                 raise UserError(f"--resume: {self.out_dir} has trained {ckpt['epoch']} epochs already, more "
                                 f"than --epochs {self.args.epochs}; pass --epochs {ckpt['epoch']} or more")
             model.load_state_dict(ckpt["state_dict"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-            set_rng_state(ckpt["rng"])
+            try:
+                optimizer.load_state_dict(ckpt["optimizer"])
+                set_rng_state(ckpt["rng"])
+            except (ValueError, KeyError, TypeError, RuntimeError) as err:
+                raise UserError(f"--resume: {path} holds an optimiser or random-generator state that does not "
+                                f"fit this run ({first_line(err)}); start a new --results_dir") from None
             self.start = ckpt["epoch"]
             print(f"resumed from {path} at epoch {self.start}")
         self.log = RunLog(self.out_dir, self.args, resume_epoch=self.start if self.args.resume else None)
@@ -225,7 +275,7 @@ class TrainingRun:
         """checkpoint.pth, and model_<epoch>.pth every --save_freq epochs and at the last."""
         if self.guard is not None:
             self.guard()
-        save_epoch(self.out_dir, state, epoch, self.args.epochs, self.args.save_freq)
+        save_epoch(self.out_dir, state, epoch, self.args.epochs, self.args.save_freq, self.fingerprint)
         self.epoch_began = time.time()
 
     @property
@@ -239,11 +289,13 @@ class TrainingRun:
         if is_main() and not self.encoder_path.exists():
             if self.guard is not None:
                 self.guard()
-            save_checkpoint(self.encoder_path, {**state, "epoch": self.args.epochs, "rng": rng_state()})
+            save_checkpoint(self.encoder_path, {**state, "epoch": self.args.epochs, "rng": rng_state(),
+                                                "fingerprint": self.fingerprint})
         rows = self.log.read()
         if is_main():
             Results(stage=self.stage, args=vars(self.args), epochs=self.args.epochs, encoder=self.encoder_path.name,
-                    final=rows[-1] if rows else {}, extra=results).save(self.out_dir / RESULTS)
+                    final=rows[-1] if rows else {}, fingerprint=self.fingerprint,
+                    extra=results).save(self.out_dir / RESULTS)
         return self.encoder_path
 
 
