@@ -11,7 +11,7 @@ stages' output goes to <results_dir>/logs/<job>.log and the runner prints one li
 """
 import ctypes
 import difflib
-import hashlib
+import importlib
 import json
 import os
 import shlex
@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from utils.errors import UserError
+from utils.fingerprint import differences, file_hash, stage_fingerprint
 from utils.files import save_json
 from utils.lock import RunLock
 from utils.records import RESULTS, Results
@@ -68,10 +69,20 @@ class Runner:
 
     def record(self, job, done):
         """What decides the stage's result, as runner.json holds it: its command (without
-        --results_dir and restart flags) and the content hash of every file the command names."""
+        --results_dir and restart flags) and the stage's fingerprint for that command
+        (utils.fingerprint, computed by the stage script's own parser and input_files, as the stage
+        itself computes it: its result-changing flags and the sha256 of every file it reads), plus
+        the hash of the job's extra inputs. A script that is no stage module of this repository
+        (tests) is fingerprinted by the files its command names."""
         command = [job.script, *map(str, job.args(done)), *self.common]
-        named = [t for t in command if (ROOT / t).is_file()] + [str(p) for p in job.inputs]
-        return {"command": command, "inputs": {t: file_hash(ROOT / t) for t in named}}
+        extra = {str(p): file_hash(ROOT / p) for p in job.inputs}
+        module = stage_module(job.script)
+        if module is None:
+            named = [t for t in command if (ROOT / t).is_file()]
+            return {"command": command, "inputs": {**{t: file_hash(ROOT / t) for t in named}, **extra}}
+        args = module.get_parser().parse_args(command[1:])
+        return {"command": command, "fingerprint": stage_fingerprint(job.script, args, module.input_files),
+                "inputs": extra}
 
     def reusable(self, job, record):
         """The job's Results when its folder holds the finished run of this very record, else None."""
@@ -159,8 +170,25 @@ def recorded(folder):
         return None
 
 
+def stage_module(script):
+    """The stage script's module (imported once, from the repository root), or None for a script
+    that is not one of this repository's stages."""
+    path = ROOT / script
+    if path.parent != ROOT or not path.is_file():
+        return None
+    try:
+        module = importlib.import_module(path.stem)
+    except ImportError:
+        return None
+    return module if hasattr(module, "input_files") and hasattr(module, "get_parser") else None
+
+
 def changes(old, new):
     """How two runner.json records differ, in a few words."""
+    if old.get("command") == new["command"] and "fingerprint" in old and "fingerprint" in new:
+        found = differences(old["fingerprint"], new["fingerprint"])
+        if found:
+            return f"its inputs changed ({'; '.join(found)})"
     before, now = old.get("command", []), new["command"]
     edits = [(before[a:b], now[c:d]) for tag, a, b, c, d in difflib.SequenceMatcher(a=before, b=now).get_opcodes()
              if tag != "equal"]
@@ -169,15 +197,6 @@ def changes(old, new):
         return f"its flags changed (before: {gone or '-'}; now: {added or '-'})"
     changed = [p for p, h in new["inputs"].items() if old.get("inputs", {}).get(p) != h]
     return f"its input {', '.join(changed)} changed" if changed else "its record changed"
-
-
-def file_hash(path, chunk=1 << 20):
-    """sha256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def finished(folder):

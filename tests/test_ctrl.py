@@ -218,7 +218,7 @@ def test_matrix_runs_every_cell_into_its_own_folder(tmp_path, fake_matrix, capsy
     run_pipeline.main(matrix_args(data, tmp_path, "--defenses", "mimic,finetune", "--no_controls",
                                   "--ctrl_poison_ratio", "0.2"))
     assert [Path(flag(a, "--results_dir")).name for _, a in fake_matrix.commands[15:]] == ["ctrl_toy"]
-    assert f"its input {poisoned} changed" in capsys.readouterr().out
+    assert "its inputs changed (input data:toy_ctrl/train changed (sha256" in capsys.readouterr().out
 
 
 def test_badencoder_alone_keeps_todays_folders_and_summary(tmp_path, fake_matrix):
