@@ -4,6 +4,7 @@ neither kept nor scored, and every hostile input ends with one `error: ...` line
 
 The stages run in this process through utils.cli.run_cli, as in tests/test_validation.py."""
 import errno
+import functools
 import hashlib
 import json
 import os
@@ -25,50 +26,31 @@ from models import SimCLR, encoder
 from models.encoder import ARCHS, expected_shapes, load_encoder
 from models.health import MIN_SPREAD, collapse_reason, feature_spread
 from utils import files
-from utils.cli import run_cli
 from utils.errors import UserError
 from utils.fingerprint import differences, file_hash, fingerprint
 from utils.lock import RunLock
 
+import stage_cli
+from stage_cli import TRIGGER, bad, cli, copy_run, error, mimic
+
+# One epoch everywhere: these tests need a finished run, not a trained one.
+clean = functools.partial(stage_cli.clean, epochs=1)
+evaluate = functools.partial(stage_cli.evaluate, epochs=1)
+
 ROOT = Path(__file__).resolve().parent.parent
-TRIGGER = str(ROOT / "trigger/trigger_pt_white_21_10_ap_replace.npz")
 CIFAR10 = ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010))
 
 
-def cli(module, *argv):
-    try:
-        run_cli(module.main, module.get_parser(), [str(a) for a in argv])
-    except SystemExit as exit_:
-        return exit_.code
-    return 0
 
 
-def clean(tiny, out, *extra, data=None):
-    return cli(train_clean_encoder, "--data_dir", data or tiny / "data", "--results_dir", out, "--width", "4",
-               "--batch_size", "16", "--epochs", "1", "--device", "cpu", "--knn_freq", "0", *extra)
 
 
-def bad(tiny, enc, out, *extra):
-    return cli(train_badencoder, "--data_dir", tiny / "data", "--pretrained_encoder", enc, "--results_dir", out,
-               "--reference_file", tiny / "priority.npz", "--trigger_file", TRIGGER, "--batch_size", "16",
-               "--epochs", "1", "--device", "cpu", *extra)
 
 
-def mimic(tiny, teacher, out, *extra):
-    return cli(MIMIC, "--data_dir", tiny / "data", "--teacher", teacher, "--results_dir", out, "--ratio", "0.5",
-               "--batch_size", "16", "--epochs", "1", "--attention", "uniform", "--device", "cpu", *extra)
 
 
-def evaluate(tiny, enc, out, *extra):
-    return cli(downstream, "--data_dir", tiny / "data", "--encoder", enc, "--results_dir", out,
-               "--reference_label", "1", "--trigger_file", TRIGGER, "--nn_epochs", "1", "--batch_size", "16",
-               "--device", "cpu", *extra)
 
 
-def error(capsys):
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    return err.strip().splitlines()[-1]
 
 
 def save_encoder(path, model, **extra):
@@ -91,9 +73,6 @@ def finished(tiny, tmp_path_factory):
     return out
 
 
-def copy_run(src, dst):
-    shutil.copytree(src, dst, ignore=shutil.ignore_patterns(".lock"))
-    return dst
 
 
 # ---------------------------------------------------------------- 1. fingerprints decide --resume

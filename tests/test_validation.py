@@ -25,43 +25,20 @@ from datasets import save_split
 from datasets.trigger import save_trigger
 from models import SimCLR
 from utils import files
-from utils.cli import run_cli
+
+from stage_cli import bad, clean, cli, copy_run, error, evaluate
 
 ROOT = Path(__file__).resolve().parent.parent
-TRIGGER = str(ROOT / "trigger/trigger_pt_white_21_10_ap_replace.npz")
 
 
-def cli(module, *argv):
-    """Run a stage's command line in this process; return its exit code (0 when main returns)."""
-    try:
-        run_cli(module.main, module.get_parser(), [str(a) for a in argv])
-    except SystemExit as exit_:
-        return exit_.code
-    return 0
 
 
-def clean(tiny, out, *extra):
-    return cli(train_clean_encoder, "--data_dir", tiny / "data", "--results_dir", out, "--width", "4",
-               "--batch_size", "16", "--epochs", "2", "--device", "cpu", "--knn_freq", "0", *extra)
 
 
-def bad(tiny, encoder, out, *extra):
-    return cli(train_badencoder, "--data_dir", tiny / "data", "--pretrained_encoder", encoder, "--results_dir", out,
-               "--reference_file", tiny / "priority.npz", "--trigger_file", TRIGGER, "--batch_size", "16",
-               "--epochs", "1", "--device", "cpu", *extra)
 
 
-def evaluate(tiny, encoder, out, *extra):
-    return cli(downstream, "--data_dir", tiny / "data", "--encoder", encoder, "--results_dir", out,
-               "--reference_label", "1", "--trigger_file", TRIGGER, "--nn_epochs", "2", "--batch_size", "16",
-               "--device", "cpu", *extra)
 
 
-def error(capsys):
-    """The `error: ...` line the last command printed (its last stderr line)."""
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    return err.strip().splitlines()[-1]
 
 
 def read(path):
@@ -80,10 +57,6 @@ def finished(tiny, tmp_path_factory):
     return out
 
 
-def copy_run(src, dst):
-    # .lock is this process's lock of the original folder, not a lock of the copy
-    shutil.copytree(src, dst, ignore=shutil.ignore_patterns(".lock"))
-    return dst
 
 
 @pytest.fixture(scope="module")
