@@ -29,52 +29,17 @@ import shlex
 import time
 from pathlib import Path
 
-from datasets import FrequencyTrigger, demo
-from datasets.npz import npz_shape, split_path
-from datasets.poison import CTRL_POISON_RATIO, POISON_RECORD, poison_ctrl
+from datasets.poison import CTRL_POISON_RATIO
 from paper import Task
-from pipeline.data import ROOT, add_references, check_data, name_list, select_data, task_spec
+from pipeline.data import (METHODS, ROOT, attack_list, method_list, name_list, prepare_data, select_data,
+                           task_spec)
 from pipeline.plan import STAGE_ARGS, Plan, seed_jobs
 from pipeline.presets import PRESETS
 from pipeline.runner import Runner, hold_runner_lock
 from pipeline.samples import draw_figures
-from pipeline.summary import seed_markdown, seed_summary, seeds_summary
-from report.methods import ATTACKS, BADENCODER, CTRL, DEFENSES, MIMIC
+from pipeline.summary import write_summaries
+from report.methods import BADENCODER, CTRL, DEFENSES, MIMIC
 from utils.cli import PROTOCOLS, fraction, nonnegative_int, positive_int, run_cli, seed_int
-from utils.records import SUMMARY
-
-METHODS = (MIMIC, *DEFENSES)
-
-
-def method_list(text):
-    """--defenses: comma-separated names of METHODS, in the given order."""
-    names = [n.strip() for n in text.split(",") if n.strip()]
-    unknown = [n for n in names if n not in METHODS]
-    if unknown:
-        raise argparse.ArgumentTypeError(f"unknown {', '.join(unknown)}; choose among {','.join(METHODS)}")
-    return list(dict.fromkeys(names))
-
-
-def attack_list(text):
-    """--attacks: comma-separated attack ids of report.methods.ATTACKS, in table order."""
-    names = [n.strip() for n in text.split(",") if n.strip()]
-    unknown = [n for n in names if n not in ATTACKS]
-    if unknown or not names:
-        raise argparse.ArgumentTypeError(f"unknown {', '.join(unknown) or 'empty list'}; "
-                                         f"choose among {','.join(ATTACKS)}")
-    return [a for a in ATTACKS if a in names]
-
-
-def poison_data(pretraining, target, ratio, data_dir):
-    """CTRL's poisoned copy of the pre-training data, <data_dir>/<pretraining>_ctrl (kept when it is
-    already the one asked for); returns its name."""
-    name = f"{pretraining}_ctrl"
-    trigger = FrequencyTrigger(image_size=tuple(npz_shape(split_path(data_dir, pretraining, "train"), "x")[1:3]))
-    record = poison_ctrl(data_dir, pretraining, name, target, ratio, trigger)
-    print(f"CTRL's poisoned data {data_dir / name}: {record['poisoned']} of {record['images']} images of class "
-          f"{target} triggered ({record['status']}; indices in {POISON_RECORD})")
-    return name
-
 
 def get_parser():
     parser = argparse.ArgumentParser(description="Run stages 0-3, the defences and two controls; summarise "
@@ -155,31 +120,15 @@ def main(args):
         plan.batch(stage)                   # a batch that does not split among the processes: before any work
     lock = hold_runner_lock(out_dir)
     try:
-        if {pretraining, *(t.dataset for t in tasks)} & set(demo.CLASSES):
-            print("== demo data")
-            demo.make_demo_data(data_dir, ROOT / "reference", **demo.DEFAULTS)
-        who = "this run" if own else f"the {args.preset} preset"
-        if BADENCODER in plan.attacks:
-            check_data(pretraining, tasks, data_dir, who)
-        if CTRL in plan.attacks:
-            check_data(pretraining, [plan.ctrl_task], data_dir, f"CTRL in {who}")
-            plan.ctrl_data = poison_data(pretraining, ctrl_target, args.ctrl_poison_ratio, data_dir)
-        if BADENCODER in plan.attacks:
-            plan.tasks = add_references(tasks, data_dir, args.reference_dir)
+        prepare_data(plan, "this run" if own else f"the {args.preset} preset", args.ctrl_poison_ratio,
+                     args.reference_dir)
         seeds = list(dict.fromkeys(args.seeds)) if args.seeds else [args.seed]
         folders = {s: out_dir / f"seed_{s}" if args.seeds else out_dir for s in seeds}
         keys = {s: f"seed_{s}/" if args.seeds else "" for s in seeds}
         runner = Runner(out_dir, [], threads=args.threads, nproc=args.nproc_per_node)
         done = runner.run([j for s in seeds for j in seed_jobs(plan, s, folders[s], keys[s])], parallel=args.jobs)
-        per_seed = {s: seed_summary(plan, s, folders[s], done, keys[s], runner.times) for s in seeds}
-        for s, summary in per_seed.items():
-            summary.save(folders[s] / SUMMARY)
-            (folders[s] / "summary.md").write_text(seed_markdown(summary))
         wall = round(time.time() - began, 1)
-        if args.seeds:
-            summary, text = seeds_summary(per_seed, wall)
-            summary.save(out_dir / SUMMARY)
-            (out_dir / "summary.md").write_text(text)
+        write_summaries(plan, out_dir, folders, keys, done, runner.times, wall, over_seeds=bool(args.seeds))
         print("\n" + (out_dir / "summary.md").read_text())
         draw_figures(out_dir, plan, seeds[0])
         print(f"wall time {wall:.0f} s; summary in {out_dir / 'summary.md'}")

@@ -6,13 +6,48 @@ from pathlib import Path
 
 import numpy as np
 
-from datasets import load_trigger, pretraining_split
+from datasets import FrequencyTrigger, demo, load_trigger, pretraining_split
 from datasets.npz import npz_shape, split_path
+from datasets.poison import POISON_RECORD, poison_ctrl
 from datasets.prepare import PAPER_DATASETS, PAPER_REFERENCES, make_reference, reference_path
 from paper import TRIGGER, Task
+from report.methods import ATTACKS, BADENCODER, CTRL, DEFENSES, MIMIC
 from utils.errors import UserError
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+METHODS = (MIMIC, *DEFENSES)   # what --defenses may name
+
+
+def method_list(text):
+    """--defenses: comma-separated names of METHODS, in the given order."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in METHODS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown {', '.join(unknown)}; choose among {','.join(METHODS)}")
+    return list(dict.fromkeys(names))
+
+
+def attack_list(text):
+    """--attacks: comma-separated attack ids of report.methods.ATTACKS, in table order."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in ATTACKS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown {', '.join(unknown) or 'empty list'}; "
+                                         f"choose among {','.join(ATTACKS)}")
+    return [a for a in ATTACKS if a in names]
+
+
+def poison_data(pretraining, target, ratio, data_dir):
+    """CTRL's poisoned copy of the pre-training data, <data_dir>/<pretraining>_ctrl (kept when it is
+    already the one asked for); returns its name."""
+    name = f"{pretraining}_ctrl"
+    trigger = FrequencyTrigger(image_size=tuple(npz_shape(split_path(data_dir, pretraining, "train"), "x")[1:3]))
+    record = poison_ctrl(data_dir, pretraining, name, target, ratio, trigger)
+    print(f"CTRL's poisoned data {data_dir / name}: {record['poisoned']} of {record['images']} images of class "
+          f"{target} triggered ({record['status']}; indices in {POISON_RECORD})")
+    return name
 
 
 def name_list(text):
@@ -127,3 +162,20 @@ def add_references(tasks, data_dir, reference_dir):
             t = dataclasses.replace(t, reference=str(path))
         done.append(t)
     return done
+
+
+def prepare_data(plan, who, ctrl_poison_ratio, reference_dir):
+    """Everything a run's stages read, made or checked before any of them starts: the demo data
+    (generated when missing), the tasks' files (BadEncoder), CTRL's poisoned copy, and a
+    reference file for every task without one. Fills plan.ctrl_data and plan.tasks."""
+    data_dir = Path(plan.data_dir)
+    if {plan.pretraining, *(t.dataset for t in plan.tasks)} & set(demo.CLASSES):
+        print("== demo data")
+        demo.make_demo_data(data_dir, ROOT / "reference", **demo.DEFAULTS)
+    if BADENCODER in plan.attacks:
+        check_data(plan.pretraining, plan.tasks, data_dir, who)
+    if CTRL in plan.attacks:
+        check_data(plan.pretraining, [plan.ctrl_task], data_dir, f"CTRL in {who}")
+        plan.ctrl_data = poison_data(plan.pretraining, plan.ctrl_task.label, ctrl_poison_ratio, data_dir)
+    if BADENCODER in plan.attacks:
+        plan.tasks = add_references(plan.tasks, data_dir, reference_dir)

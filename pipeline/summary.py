@@ -4,7 +4,7 @@ the backdoor in place, the demo's checks, and the summary over seeds. Rows are k
 from report.methods import BADENCODER, BASELINES, MIMIC, label
 from report.stats import (asr_matrix, markdown_asr_matrix, markdown_mi_table, markdown_seed_table, mi_not_converged,
                           paired_differences, several_attacks, summarize_seeds, table_title)
-from utils.records import METRICS, MI, MIRecord, SeedsSummary, Summary
+from utils.records import METRICS, MI, SUMMARY, MIRecord, SeedsSummary, Summary
 
 # A defence left the backdoor in place when its ASR stays this many points above the clean encoder's.
 BACKDOOR_LEFT = 10.0
@@ -130,3 +130,16 @@ def seeds_summary(per_seed, wall_seconds=None):
     text += "\n| seed | stage time (s) |\n|---|---|\n" + "".join(
         f"| {seed} | {t:.1f} |\n" for seed, t in summary.seed_seconds.items())
     return summary, text
+
+
+def write_summaries(plan, out_dir, folders, keys, done, times, wall_seconds, over_seeds):
+    """summary.json and summary.md of every seed (in folders[seed]) and, over_seeds, of the run
+    over all of them in out_dir, from the finished jobs."""
+    per_seed = {s: seed_summary(plan, s, folders[s], done, keys[s], times) for s in folders}
+    for s, summary in per_seed.items():
+        summary.save(folders[s] / SUMMARY)
+        (folders[s] / "summary.md").write_text(seed_markdown(summary))
+    if over_seeds:
+        summary, text = seeds_summary(per_seed, wall_seconds)
+        summary.save(out_dir / SUMMARY)
+        (out_dir / "summary.md").write_text(text)

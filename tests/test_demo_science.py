@@ -1,4 +1,4 @@
-"""The demo's science over seeds 100, 1 and 2 (slow: python -m pytest -m slow; about an hour on 2 cores
+"""The demo's science over seeds 100, 1 and 2 (slow: python -m pytest -m slow; about 1.5 hours on 2 cores
 with the runner's default --jobs): all six of the demo's checks on every seed."""
 import json
 import subprocess
