@@ -25,14 +25,13 @@ values, mean, sample std and MIMIC's paired differences from every control and d
 """
 import argparse
 import os
-import shlex
 import time
 from pathlib import Path
 
 from datasets.poison import CTRL_POISON_RATIO
 from paper import Task
 from pipeline.data import (METHODS, ROOT, attack_list, method_list, name_list, prepare_data, select_data,
-                           task_spec)
+                           stage_flags, task_spec)
 from pipeline.plan import STAGE_ARGS, Plan, seed_jobs
 from pipeline.presets import PRESETS
 from pipeline.runner import Runner, hold_runner_lock
@@ -110,7 +109,7 @@ def main(args):
     own = bool(args.pretraining_dataset or args.task)
     out_dir = Path(args.results_dir or f"output/{args.preset}").resolve()
     data_dir = Path(args.data_dir).resolve()
-    extra = {s: shlex.split(getattr(args, f"{s}_args")) for s in STAGE_ARGS}
+    extra = {s: stage_flags(getattr(args, f"{s}_args"), f"--{s}_args") for s in STAGE_ARGS}
     ctrl_target = preset.ctrl_target if args.ctrl_target is None else args.ctrl_target
     plan = Plan(args.preset, preset, pretraining, tasks, args.defenses, not args.no_controls, extra,
                 args.nproc_per_node, str(data_dir), args.device, args.protocol,

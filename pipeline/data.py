@@ -2,6 +2,8 @@
 any stage starts: every missing file is named with the prepare_data.py command that makes it."""
 import argparse
 import dataclasses
+import shlex
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -96,9 +98,12 @@ def npz_labels(path):
     """The labels (y) of a split, flattened."""
     try:
         with np.load(path, allow_pickle=False) as npz:
-            return np.asarray(npz["y"]).ravel()
-    except (OSError, KeyError, ValueError) as err:
+            labels = np.asarray(npz["y"]).ravel()
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile, EOFError) as err:
         raise UserError(f"cannot read the labels of {path}: {err}") from None
+    if labels.size == 0:
+        raise UserError(f"{path} holds no images; a split needs at least one")
+    return labels
 
 
 def prepare_commands(missing_splits, missing_refs, data_dir):
@@ -142,7 +147,10 @@ def check_data(pretraining, tasks, data_dir, who):
     trigger, _ = load_trigger(ROOT / TRIGGER)
     for name, split in [(pretraining, "train")] + [(t.dataset, "test") for t in tasks]:
         path = split_path(data_dir, name, split)
-        size = tuple(npz_shape(path, "x")[1:3])
+        shape = tuple(npz_shape(path, "x"))
+        if len(shape) != 4 or shape[-1] != 3:
+            raise UserError(f"{path}: x has shape {shape}; expected (N, H, W, 3) images (prepare_data.py writes them)")
+        size = shape[1:3]
         if size != trigger.shape[:2]:
             raise UserError(f"the trigger {TRIGGER} is {trigger.shape[0]}x{trigger.shape[1]} pixels but the "
                             f"images of {path} are {size[0]}x{size[1]}; prepare the dataset at "
@@ -179,3 +187,11 @@ def prepare_data(plan, who, ctrl_poison_ratio, reference_dir):
         plan.ctrl_data = poison_data(plan.pretraining, plan.ctrl_task.label, ctrl_poison_ratio, data_dir)
     if BADENCODER in plan.attacks:
         plan.tasks = add_references(plan.tasks, data_dir, reference_dir)
+
+
+def stage_flags(text, flag):
+    """The extra flags of one --<stage>_args, split as a shell would; a bad quote is one line."""
+    try:
+        return shlex.split(text)
+    except ValueError as err:
+        raise UserError(f"{flag} {text!r}: {err} (quote the flags as in a shell)") from None

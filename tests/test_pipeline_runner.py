@@ -4,6 +4,7 @@ any work. FakeStages writes what each script would."""
 import json
 import re
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -390,3 +391,25 @@ def test_paper_preset_names_the_missing_data_and_runs_a_subset_of_its_tasks(tmp_
     args.tasks = ["gtsrb", "mnist"]
     with pytest.raises(UserError, match=r"^--tasks: the paper preset has no task mnist \(its tasks: gtsrb, svhn, stl10\)$"):
         run_pipeline.main(args)
+
+
+@pytest.mark.parametrize("case, message", [
+    ("quote", r"^--mimic_args '--epochs \"5': No closing quotation \(quote the flags as in a shell\)$"),
+    ("truncated", r"^cannot read the labels of .*/gtsrb/test\.npz: "),
+    ("flat", r"^.*/gtsrb/test\.npz: x has shape \(30, 3072\); expected \(N, H, W, 3\) images"),
+    ("empty", r"^.*/gtsrb/test\.npz holds no images; a split needs at least one$"),
+])
+def test_hostile_runner_inputs_are_one_line_before_any_work(tiny, tmp_path, fake, case, message):
+    data = tmp_path / "copy"
+    shutil.copytree(tiny / "data", data / "data")
+    test = data / "data" / "gtsrb" / "test.npz"
+    if case == "truncated":
+        test.write_bytes(test.read_bytes()[:200])
+    elif case == "flat":
+        np.savez(test, x=np.zeros((30, 3072), np.uint8), y=np.arange(30) % 5)
+    elif case == "empty":
+        np.savez(test, x=np.zeros((0, 32, 32, 3), np.uint8), y=np.zeros(0, np.int64))
+    extra = ["--mimic_args", '--epochs "5'] if case == "quote" else []
+    with pytest.raises(UserError, match=message):
+        run_pipeline.main(own_data_args(data, tmp_path, *extra))
+    assert fake.commands == []
