@@ -172,14 +172,15 @@ def expected_shapes(config):
     return shapes
 
 
-def check_keys(state_dict, config, path):
+def check_keys(state_dict, config, path, expected=None):
     """Raise a short, readable error if the checkpoint's keys and shapes are not those of the
-    encoder its metadata describes (missing, unexpected and mis-shaped keys, three of each)."""
-    expected = expected_shapes(config)
+    encoder its metadata describes (missing, unexpected and mis-shaped keys, three of each).
+    expected: {key: shape}, by default expected_shapes(config); a built model passes its own."""
+    expected = expected_shapes(config) if expected is None else expected
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]
-    shapes = [f"{k} {tuple(state_dict[k].shape)} vs {v}" for k, v in expected.items()
-              if k in state_dict and tuple(state_dict[k].shape) != v]
+    shapes = [f"{k} {tuple(state_dict[k].shape)} vs {tuple(v)}" for k, v in expected.items()
+              if k in state_dict and tuple(state_dict[k].shape) != tuple(v)]
     if missing or unexpected or shapes:
         parts = []
         for label, items in (("missing", missing), ("unexpected", unexpected), ("shape", shapes)):
@@ -268,11 +269,9 @@ def load_encoder(path, arch=None, width=None):
     ckpt = load_checkpoint(path)
     config = check_encoder_checkpoint(ckpt, path)      # types and sizes, before anything is built
     state_dict = _strip_prefix(ckpt.get("state_dict", ckpt))
-    if arch is not None:
-        config["arch"] = arch
-    if width is not None:
-        config["width"] = width
-    check_keys(state_dict, config, path)                # the model is built only once the keys fit
+    if arch is not None or width is not None:          # the caller's architecture: its keys must fit too
+        config.update({k: v for k, v in (("arch", arch), ("width", width)) if v is not None})
+        check_keys(state_dict, config, path)            # the model is built only once the keys fit
     model = build_encoder(config)
     check_state_dict(model, state_dict, path)
     model.load_state_dict(state_dict)
@@ -280,18 +279,5 @@ def load_encoder(path, arch=None, width=None):
 
 
 def check_state_dict(model, state_dict, path):
-    """Raise a short, readable error if the checkpoint does not fit the model exactly."""
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in expected]
-    shapes = [f"{k} {tuple(state_dict[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
-              if k in state_dict and tuple(state_dict[k].shape) != tuple(v.shape)]
-    if missing or unexpected or shapes:
-        c = model.config
-        parts = []
-        for label, items in (("missing", missing), ("unexpected", unexpected), ("shape", shapes)):
-            if items:
-                more = f" (+{len(items) - 3} more)" if len(items) > 3 else ""
-                parts.append(f"{label}: {', '.join(items[:3])}{more}")
-        raise UserError(f"{path} does not match a {c['arch']} encoder of width {c['width']}: "
-                        + "; ".join(parts))
+    """Raise a short, readable error if the checkpoint does not fit the built model exactly."""
+    check_keys(state_dict, model.config, path, {k: v.shape for k, v in model.state_dict().items()})
