@@ -114,15 +114,17 @@ class Runner:
         does not stop the others: the jobs that do not depend on it still run, then the run stops
         with one line naming it and its log."""
         logs = self.results_dir / "logs"
-        done, running, pending, failed = {}, {}, list(jobs), []
+        done, running, pending, failed, looked_up = {}, {}, list(jobs), [], {}
         try:
             while pending or running:
                 blocked = {j.key for j in pending if any(d in {f.key for f, _ in failed} for d in j.deps)}
                 pending = [j for j in pending if j.key not in blocked]
                 failed += [(j, None) for j in jobs if j.key in blocked]
                 for job in [j for j in pending if all(d in done for d in j.deps)]:
-                    record = self.record(job, done)
-                    reused = self.reusable(job, record)
+                    if job.key not in looked_up:        # once: a ready job may wait many polls for a slot
+                        record = self.record(job, done)
+                        looked_up[job.key] = record, self.reusable(job, record)
+                    record, reused = looked_up[job.key]
                     if reused is not None:
                         print(f"== {job.name}: done earlier ({job.folder / RESULTS}), reused")
                         done[job.key] = reused
