@@ -34,6 +34,7 @@ from pipeline.data import (METHODS, ROOT, attack_list, method_list, name_list, p
                            stage_flags, task_spec)
 from pipeline.plan import STAGE_ARGS, Plan, seed_jobs
 from pipeline.presets import PRESETS
+from pipeline.pretrained import shipped_clean
 from pipeline.runner import Runner, hold_runner_lock
 from pipeline.samples import draw_figures
 from pipeline.summary import write_summaries
@@ -61,6 +62,10 @@ def get_parser():
                         help=f"comma-separated methods run on each backdoored encoder: {MIMIC} (MIMIC.py) and "
                              f"the baselines {', '.join(DEFENSES)} (defenses.py) (default: {','.join(METHODS)})")
     parser.add_argument("--no_controls", action="store_true", help="skip the two control students")
+    parser.add_argument("--train_clean", action="store_true",
+                        help="train stage 0 in this run even when the preset ships its clean encoder (the demo's "
+                             "is pretrained/demo_clean.pth, stage 0 of the demo preset at seed 100, used by every "
+                             "seed; default: the shipped encoder when there is one)")
     parser.add_argument("--attacks", type=attack_list, default=[BADENCODER], metavar="LIST",
                         help=f"comma-separated attacks every defence runs against: {BADENCODER} (stage 1, a patch "
                              f"trigger, on each task) and {CTRL} (stage 0 on a poisoned copy of the pre-training data, "
@@ -114,7 +119,8 @@ def main(args):
     plan = Plan(args.preset, preset, pretraining, tasks, args.defenses, not args.no_controls, extra,
                 args.nproc_per_node, str(data_dir), args.device, args.protocol,
                 demo_checks=args.preset == "demo" and not own, attacks=args.attacks,
-                ctrl_task=Task(pretraining, pretraining, ctrl_target, None))
+                ctrl_task=Task(pretraining, pretraining, ctrl_target, None),
+                clean_encoder=shipped_clean(preset, pretraining, args.train_clean))
     for stage in preset.global_batch:
         plan.batch(stage)                   # a batch that does not split among the processes: before any work
     lock = hold_runner_lock(out_dir)

@@ -1,7 +1,8 @@
 """What each seed runs, as jobs: stage 0, then per attack and task the backdoored encoder, the
 students and defences trained from it, and one evaluation per encoder. Folders, per seed folder:
 
-    clean/                       stage 0, shared by every attack
+    clean/                       stage 0, shared by every attack (absent with a shipped clean encoder)
+    no_teacher/                  the no-teacher control, shared by every attack and task
     badencoder_<task>/           stage 1 (BadEncoder)
     <method>_<task>/             MIMIC, its controls and the baseline defences (method ids of report.methods)
     eval/<method>_<task>/        stage 3 of each encoder, clean and backdoored included
@@ -13,18 +14,20 @@ import json
 from dataclasses import asdict, dataclass, field
 
 from paper import TRIGGER
-from report.methods import BADENCODER, CTRL, DEFENSES, MIMIC, table_key
+from report.methods import BADENCODER, CTRL, DEFENSES, MIMIC, NO_TEACHER, UNIFORM, table_key
 from utils.errors import UserError
 
 from .runner import Job
 
 # MIMIC.py's extra flags for MIMIC and its controls. The no-teacher control has attention transfer
-# and cloning switched off, so only InfoNCE trains it.
+# and cloning switched off, so only InfoNCE trains it: its teacher's values never reach it (a test
+# checks the student is bit for bit the same with another teacher). The runner gives it the clean
+# encoder as teacher, so it runs beside stage 1 and one student serves every attack and task.
 STUDENT_FLAGS = {
     MIMIC: [],
-    "no_teacher": ["--attention", "uniform", "--mi_scale", "0", "--at_base_layer1", "0", "--at_base_layer2", "0",
+    NO_TEACHER: ["--attention", "uniform", "--mi_scale", "0", "--at_base_layer1", "0", "--at_base_layer2", "0",
                    "--at_base_layer3", "0", "--at_base_layer4", "0", "--clone_weight", "0"],
-    "uniform": ["--attention", "uniform"],
+    UNIFORM: ["--attention", "uniform"],
 }
 STAGE_ARGS = ("clean", "badencoder", "mimic", "defense", "downstream")     # the --<stage>_args flags
 
@@ -50,6 +53,7 @@ class Plan:
     attacks: list = field(default_factory=lambda: [BADENCODER])
     ctrl_task: object = None
     ctrl_data: str = None
+    clean_encoder: str = None           # a shipped stage-0 encoder used instead of training one
 
     def config(self):
         """The plan as JSON would return it (compared with a summary's)."""
@@ -71,7 +75,8 @@ class Plan:
         """{method id: stage folder} of every encoder evaluated for an attack on a task."""
         suffix = task.dataset if attack == BADENCODER else f"{attack}_{task.dataset}"
         folders = {"clean": "clean", "backdoored": f"{attack}_{task.dataset}"}
-        folders.update({m: f"{m}_{suffix}" for m in (*self.students(), *self.defenses())})
+        folders.update({m: NO_TEACHER if m == NO_TEACHER else f"{m}_{suffix}"
+                        for m in (*self.students(), *self.defenses())})
         return folders
 
     def eval_folder(self, attack, task, method):
@@ -102,10 +107,18 @@ def seed_jobs(plan, seed, out_dir, key=""):
                    lambda done: [*args(done), *common], tuple(f"{key}{d}" for d in deps), training, inputs)
 
     def encoder(folder):
+        if folder == "clean" and plan.clean_encoder:
+            return lambda done: plan.clean_encoder
         return lambda done: done[f"{key}{folder}"].encoder
 
+    clean = [] if plan.clean_encoder else ["clean"]         # the clean encoder's job, if it is trained
     jobs = [job("stage 0: clean encoder", "train_clean_encoder.py", "clean",
-                lambda done: ["--pretraining_dataset", plan.pretraining, *p.clean, *plan.batch("clean"), *x["clean"]])]
+                lambda done: ["--pretraining_dataset", plan.pretraining, *p.clean, *plan.batch("clean"), *x["clean"]])
+            for _ in clean]
+    if NO_TEACHER in plan.students():
+        jobs.append(job(f"stage 2: {NO_TEACHER}", "MIMIC.py", NO_TEACHER, lambda done: [
+            "--pretraining_dataset", plan.pretraining, "--teacher", encoder("clean")(done),
+            *p.mimic, *plan.batch("mimic"), *x["mimic"], *STUDENT_FLAGS[NO_TEACHER]], deps=clean))
     for attack, task in plan.attack_tasks():
         name, folders = task.dataset, plan.encoder_folders(attack, task)
         bad, what = folders["backdoored"], f"{name}" if attack == BADENCODER else f"{attack}, {name}"
@@ -113,7 +126,7 @@ def seed_jobs(plan, seed, out_dir, key=""):
             jobs.append(job(f"stage 1: BadEncoder ({name})", "train_badencoder.py", bad, lambda done, t=task: [
                 "--pretraining_dataset", plan.pretraining, "--downstreamTask", t.dataset, "--trigger_file", TRIGGER,
                 "--reference_file", t.reference, "--pretrained_encoder", encoder("clean")(done),
-                *p.badencoder, *plan.batch("badencoder"), *x["badencoder"]], deps=["clean"]))
+                *p.badencoder, *plan.batch("badencoder"), *x["badencoder"]], deps=clean))
             trigger, reference = ["--trigger_file", TRIGGER], ["--reference_file", task.reference]
         else:
             # The poisoned copy is an input file: rewritten with other data or settings, it trains anew.
@@ -122,7 +135,7 @@ def seed_jobs(plan, seed, out_dir, key=""):
                                           *p.clean, *plan.batch("clean"), *x["clean"]],
                             inputs=(f"{plan.data_dir}/{plan.ctrl_data}/train.npz",)))
             trigger, reference = ["--trigger", CTRL], []
-        for method in plan.students():
+        for method in [m for m in plan.students() if m != NO_TEACHER]:
             jobs.append(job(f"stage 2: {method} ({what})", "MIMIC.py", folders[method], lambda done, m=method, b=bad: [
                 "--pretraining_dataset", plan.pretraining, "--teacher", encoder(b)(done),
                 *p.mimic, *plan.batch("mimic"), *x["mimic"], *STUDENT_FLAGS[m]], deps=[bad]))
@@ -137,5 +150,5 @@ def seed_jobs(plan, seed, out_dir, key=""):
                             lambda done, f=folder, t=task, tr=trigger, r=reference: [
                                 "--dataset", t.dataset, "--reference_label", t.label, *tr,
                                 "--encoder", encoder(f)(done), *r, *p.downstream, *x["downstream"]],
-                            deps=[folder], training=False))
+                            deps=[folder] if folder != "clean" else clean, training=False))
     return jobs

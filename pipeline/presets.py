@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from datasets import demo
 from paper import TASKS
 
+from .pretrained import DEMO_CLEAN
+
 
 @dataclass(frozen=True)
 class Preset:
@@ -15,7 +17,8 @@ class Preset:
     (dataset, label, reference); one flag list per stage; defenses: flags per baseline defence;
     global_batch: images per step of each training stage, shared among --nproc_per_node;
     ctrl_target: CTRL's target class in the pre-training dataset, which is also its downstream task
-    (CTRL's own CIFAR-10 -> CIFAR-10 setting; docs/ctrl.md)."""
+    (CTRL's own CIFAR-10 -> CIFAR-10 setting; docs/ctrl.md); shipped_clean: a stage-0 encoder of
+    this preset kept in the repository (pipeline/pretrained.py), used instead of training one."""
     pretraining: str
     tasks: tuple
     clean: list
@@ -25,6 +28,7 @@ class Preset:
     downstream: list
     global_batch: dict = field(default_factory=dict)
     ctrl_target: int = 0
+    shipped_clean: object = None
 
 
 # CPU demo: small width and few images. Every defence reads the same clean subset, the first 20% of
@@ -44,6 +48,7 @@ DEMO = Preset(
               "nad": [*_DEMO_BASELINE, "--nad_teacher_epochs", "5"]},
     downstream=["--nn_epochs", "200", "--lr", "1e-3"],
     global_batch={"clean": 128, "badencoder": 64, "mimic": 128, "defense": 128},
+    shipped_clean=DEMO_CLEAN,
 )
 
 # The paper's settings (every stage at its defaults), one backdoor per downstream task; the

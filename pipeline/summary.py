@@ -1,7 +1,7 @@
 """The numbers a run ends with: each seed's ACC/ASR table, MIMIC's MI, whether each defence left
 the backdoor in place, the demo's checks, and the summary over seeds. Rows are keyed by method id
 (report.methods) and turned into labels only in the markdown."""
-from report.methods import BADENCODER, BASELINES, MIMIC, label
+from report.methods import BADENCODER, BASELINES, MIMIC, NO_TEACHER, label
 from report.stats import (asr_matrix, markdown_asr_matrix, markdown_mi_table, markdown_seed_table, mi_not_converged,
                           paired_differences, several_attacks, summarize_seeds, table_title)
 from utils.records import METRICS, MI, SUMMARY, MIRecord, SeedsSummary, Summary
@@ -48,7 +48,7 @@ def backdoor_left(rows):
 
 def check_demo(rows):
     """The science the demo must show; returns (description, passed) pairs. MIMIC's checks need its row."""
-    clean, bad, mimic, no_teacher = (rows.get(k) for k in ("clean", "backdoored", MIMIC, "no_teacher"))
+    clean, bad, mimic, no_teacher = (rows.get(k) for k in ("clean", "backdoored", MIMIC, NO_TEACHER))
     checks = [(f"clean ACC {clean['acc']:.1f} >= 60", clean["acc"] >= 60),
               (f"backdoored ASR {bad['asr']:.1f} >= 90", bad["asr"] >= 90),
               (f"backdoored ACC {bad['acc']:.1f} within 5 of clean {clean['acc']:.1f}",

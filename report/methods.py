@@ -8,7 +8,8 @@ a table or a figure shows, and nothing else does.
 # of defenses.py.
 BASELINES = ("clean", "backdoored")
 MIMIC = "mimic"
-CONTROLS = ("no_teacher", "uniform")
+NO_TEACHER, UNIFORM = "no_teacher", "uniform"
+CONTROLS = (NO_TEACHER, UNIFORM)
 DEFENSES = ("finetune", "fine_pruning", "nad")
 ROWS = (*BASELINES, MIMIC, *CONTROLS, *DEFENSES)
 

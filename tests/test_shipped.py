@@ -1,0 +1,84 @@
+"""The demo's shipped clean encoder (pipeline/pretrained.py) and what the runner builds on it: the
+checksum checked before use, --train_clean, and the no-teacher control run from the clean encoder
+beside stage 1, which is sound only because its teacher never reaches it."""
+import json
+
+import pytest
+import torch
+
+import run_pipeline
+from models import load_encoder
+from pipeline import presets, pretrained
+from pipeline.plan import Plan, seed_jobs
+from report.methods import NO_TEACHER
+from stage_cli import clean, mimic
+from utils.errors import UserError
+
+
+def plan_for(clean_encoder):
+    return Plan("demo", presets.DEMO, "demo_pretrain", list(presets.DEMO.tasks), ["mimic", "finetune"], True,
+                {s: [] for s in ("clean", "badencoder", "mimic", "defense", "downstream")}, 1, "data", "cpu",
+                "ours", True, clean_encoder=clean_encoder)
+
+
+def flag(args, name):
+    return args[len(args) - 1 - args[::-1].index(name) + 1]
+
+
+def test_shipped_encoder_matches_its_record_and_loads():
+    path = pretrained.verified()
+    record = json.loads(pretrained.record_path(path).read_text())
+    assert record["sha256"] == pretrained.sha256(path) and record["seed"] == pretrained.SEED
+    encoder, ckpt = load_encoder(path)
+    assert ckpt["usage"] == "demo_pretrain" and ckpt["arch"]["width"] == 16
+    assert "optimizer" not in ckpt
+    # the record's command is the demo preset's stage 0, so the two cannot drift apart
+    assert record["command"][:-4] == pretrained.rebuild_command("d", "r")[:-4]
+
+
+def test_a_damaged_or_missing_shipped_encoder_is_one_line_with_the_fix(tmp_path):
+    copy = tmp_path / "demo_clean.pth"
+    copy.write_bytes(pretrained.DEMO_CLEAN.read_bytes()[:-1] + b"x")
+    pretrained.record_path(copy).write_text(pretrained.record_path(pretrained.DEMO_CLEAN).read_text())
+    with pytest.raises(UserError, match=r"does not match its checksum .*python -m pipeline.pretrained.*--train_clean"):
+        pretrained.verified(copy)
+    pretrained.record_path(copy).unlink()
+    with pytest.raises(UserError, match=r"demo_clean.json is missing"):
+        pretrained.verified(copy)
+
+
+def test_shipped_encoder_replaces_stage_0_and_no_teacher_runs_beside_stage_1():
+    jobs = {j.key: j for j in seed_jobs(plan_for(str(pretrained.DEMO_CLEAN)), 100, pretrained.ROOT / "out")}
+    assert "clean" not in jobs
+    assert jobs["badencoder_demo_downstream"].deps == () and jobs[NO_TEACHER].deps == ()
+    assert jobs["eval/clean_demo_downstream"].deps == ()
+    args = jobs["badencoder_demo_downstream"].args({})
+    assert flag(args, "--pretrained_encoder") == str(pretrained.DEMO_CLEAN)
+    assert flag(jobs[NO_TEACHER].args({}), "--teacher") == str(pretrained.DEMO_CLEAN)
+    assert jobs[f"eval/{NO_TEACHER}_demo_downstream"].deps == (NO_TEACHER,)
+    trained = {j.key: j for j in seed_jobs(plan_for(None), 100, pretrained.ROOT / "out")}
+    assert trained["badencoder_demo_downstream"].deps == ("clean",) and trained[NO_TEACHER].deps == ("clean",)
+
+
+def test_train_clean_and_own_data_train_stage_0():
+    demo = presets.DEMO
+    assert run_pipeline.shipped_clean(demo, "demo_pretrain", False) == str(pretrained.DEMO_CLEAN)
+    assert run_pipeline.shipped_clean(demo, "demo_pretrain", True) is None
+    assert run_pipeline.shipped_clean(demo, "mine", False) is None          # the encoder is the demo data's
+    assert run_pipeline.shipped_clean(presets.PAPER, "cifar10", False) is None
+
+
+def test_no_teacher_student_does_not_depend_on_its_teacher(tiny, tmp_path):
+    """Two different teachers, the no-teacher flags: the same student, bit for bit."""
+    from pipeline.plan import STUDENT_FLAGS
+    teachers = []
+    for seed in (1, 2):
+        assert clean(tiny, tmp_path / f"clean{seed}", "--seed", str(seed), epochs=1) == 0
+        teachers.append(tmp_path / f"clean{seed}" / "model_1.pth")
+    assert load_encoder(str(teachers[0]))[1]["weights_sha256"] != load_encoder(str(teachers[1]))[1]["weights_sha256"]
+    students = []
+    for i, teacher in enumerate(teachers):
+        assert mimic(tiny, teacher, tmp_path / f"student{i}", *STUDENT_FLAGS[NO_TEACHER], "--epochs", "2") == 0
+        students.append(torch.load(tmp_path / f"student{i}" / "model_2.pth", weights_only=False)["state_dict"])
+    assert students[0].keys() == students[1].keys()
+    assert all(torch.equal(students[0][k], students[1][k]) for k in students[0])
