@@ -31,22 +31,26 @@ class Preset:
     shipped_clean: object = None
 
 
-# CPU demo: small width and few images. Every defence reads the same clean subset, the first 20% of
-# the pre-training images. MIMIC and its two controls train a fresh student for 30 epochs; the
-# baselines start from the suspect encoder and fine-tune it for 10. The downstream MLP trains for
-# 200 epochs: at 100 the students' ACC was still rising by about 5 points.
+# CPU demo: small width and few images; stage 0 is the shipped pretrained/demo_clean.pth, made with
+# the `clean` flags below (pipeline/pretrained.py; --train_clean runs them). Every defence reads the
+# same clean subset, the first 20% of the pre-training images. MIMIC and its two controls train a
+# fresh student for 20 epochs; the baselines start from the suspect encoder and fine-tune it for 10.
+# The downstream MLP trains for 200 epochs: at 100 (lr 2e-3) MIMIC's ASR on seed 100 was 25% instead
+# of 1% (docs/demo.md). The training stages after stage 0 use channels-last convolutions, 13% faster
+# on this CPU; stage 0 keeps the layout the shipped encoder was trained with.
 _DEMO_SUBSET = ["--ratio", "0.2"]
-_DEMO_BASELINE = [*_DEMO_SUBSET, "--epochs", "10", "--lr", "1e-3"]
+_FAST = ["--channels_last", "on"]
+_DEMO_BASELINE = [*_DEMO_SUBSET, "--epochs", "10", "--lr", "1e-3", *_FAST]
 DEMO = Preset(
     pretraining=demo.PRETRAIN_NAME,
     tasks=(demo.demo_task(),),
     clean=["--epochs", "10", "--width", "16", "--knn_freq", "5", "--lr", "3e-3"],
-    badencoder=["--epochs", "5", "--lr", "5e-2"],
-    mimic=[*_DEMO_SUBSET, "--epochs", "30", "--lr", "3e-3", "--mi_epochs", "60"],
+    badencoder=["--epochs", "5", "--lr", "5e-2", *_FAST],
+    mimic=[*_DEMO_SUBSET, "--epochs", "20", "--lr", "3e-3", "--mi_epochs", "60", *_FAST],
     # NAD's teacher is a shorter fine-tuning run on the same subset.
     defenses={"finetune": _DEMO_BASELINE, "fine_pruning": _DEMO_BASELINE,
               "nad": [*_DEMO_BASELINE, "--nad_teacher_epochs", "5"]},
-    downstream=["--nn_epochs", "200", "--lr", "1e-3"],
+    downstream=["--nn_epochs", "200", "--lr", "1e-3", "--eval_freq", "10"],
     global_batch={"clean": 128, "badencoder": 64, "mimic": 128, "defense": 128},
     shipped_clean=DEMO_CLEAN,
 )

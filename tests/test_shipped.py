@@ -82,3 +82,19 @@ def test_no_teacher_student_does_not_depend_on_its_teacher(tiny, tmp_path):
         students.append(torch.load(tmp_path / f"student{i}" / "model_2.pth", weights_only=False)["state_dict"])
     assert students[0].keys() == students[1].keys()
     assert all(torch.equal(students[0][k], students[1][k]) for k in students[0])
+
+
+def test_eval_freq_thins_the_curve_but_not_the_numbers(tiny, tmp_path):
+    """--eval_freq 3 over 7 epochs: ACC/ASR at epochs 3, 6 and 7 only, the same final numbers and
+    the same fingerprint as every epoch."""
+    from stage_cli import evaluate
+    from utils.records import Results
+    assert clean(tiny, tmp_path / "enc", epochs=1) == 0
+    found = {}
+    for freq in (1, 3):
+        assert evaluate(tiny, tmp_path / "enc" / "model_1.pth", tmp_path / f"e{freq}", "--eval_freq", freq,
+                        epochs=7) == 0
+        found[freq] = Results.load(tmp_path / f"e{freq}" / "results.json")
+    assert found[1].metrics() == found[3].metrics() and found[1].fingerprint == found[3].fingerprint
+    assert [r["epoch"] for r in found[3].curve if "acc" in r] == [3, 6, 7]
+    assert [r["loss"] for r in found[1].curve] == [r["loss"] for r in found[3].curve]
