@@ -14,8 +14,8 @@ weights (no MI) and a student trained with the contrastive loss alone (no teache
 folder holds the results of the same command is reused; one with a checkpoint.pth is resumed.
 
 With --attacks badencoder,ctrl the defences also run on a CTRL encoder (stage 0 on a poisoned
-copy of the pre-training data, <data_dir>/<pretraining>_ctrl/, written by the data step of
-prepare_data.py --poison) evaluated on the pre-training dataset itself, and summary.md ends with
+copy of the pre-training data, <data_dir>/<pretraining>_ctrl_t<target>_p<ratio>_m<mag>_w<window>/,
+made as prepare_data.py --poison makes it) evaluated on the pre-training dataset itself, and summary.md ends with
 an attacks x defences ASR table (figures/attack_matrix.png).
 
 Writes <results_dir>/summary.json and summary.md (ACC/ASR per encoder, which defences left the

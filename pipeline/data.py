@@ -41,11 +41,17 @@ def attack_list(text):
     return [a for a in ATTACKS if a in names]
 
 
+def poison_name(pretraining, target, ratio, trigger):
+    """The poisoned copy's dataset name, which spells its settings, so runs with other settings
+    sharing a --data_dir never rewrite each other's copy: e.g. demo_pretrain_ctrl_t0_p0.01_m100_w32."""
+    return f"{pretraining}_ctrl_t{target}_p{ratio:g}_m{trigger.magnitude:g}_w{trigger.window_size}"
+
+
 def poison_data(pretraining, target, ratio, data_dir):
-    """CTRL's poisoned copy of the pre-training data, <data_dir>/<pretraining>_ctrl (kept when it is
+    """CTRL's poisoned copy of the pre-training data, <data_dir>/<poison_name(...)> (kept when it is
     already the one asked for); returns its name."""
-    name = f"{pretraining}_ctrl"
     trigger = FrequencyTrigger(image_size=tuple(npz_shape(split_path(data_dir, pretraining, "train"), "x")[1:3]))
+    name = poison_name(pretraining, target, ratio, trigger)
     record = poison_ctrl(data_dir, pretraining, name, target, ratio, trigger)
     print(f"CTRL's poisoned data {data_dir / name}: {record['poisoned']} of {record['images']} images of class "
           f"{target} triggered ({record['status']}; indices in {POISON_RECORD})")

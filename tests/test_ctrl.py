@@ -155,6 +155,9 @@ def test_stage3_with_the_ctrl_trigger_gives_the_hand_computed_asr(tmp_path, monk
 CTRL_TASK, BAD_TASK = "CTRL: toy (target 2)", "toy (target 1)"
 
 
+COPY = "toy_ctrl_t2_p0.1_m100_w32"      # the poisoned copy matrix_args asks for (pipeline.data.poison_name)
+
+
 def matrix_args(data, tmp_path, *extra):
     return run_pipeline.get_parser().parse_args(
         ["--pretraining_dataset", "toy", "--task", "toy:1", "--attacks", "badencoder,ctrl", "--ctrl_target", "2",
@@ -184,7 +187,7 @@ def test_matrix_runs_every_cell_into_its_own_folder(tmp_path, fake_matrix, capsy
                        "eval/finetune_ctrl_toy"])
     commands = dict(zip(folders, (a for _, a in fake_matrix.commands)))
     ctrl = commands["ctrl_toy"]
-    assert flag(ctrl, "--pretraining_dataset") == "toy_ctrl" and flag(ctrl, "--encoder_usage") == "toy"
+    assert flag(ctrl, "--pretraining_dataset") == COPY and flag(ctrl, "--encoder_usage") == "toy"
     assert flag(commands["mimic_ctrl_toy"], "--pretraining_dataset") == "toy"          # the defender's clean data
     assert flag(commands["finetune_ctrl_toy"], "--suspect") == str(out / "ctrl_toy" / "model_1.pth")
     evaluation = commands["eval/finetune_ctrl_toy"]
@@ -192,8 +195,8 @@ def test_matrix_runs_every_cell_into_its_own_folder(tmp_path, fake_matrix, capsy
     assert flag(evaluation, "--reference_label") == "2" and "--reference_file" not in evaluation
     assert flag(commands["eval/clean_ctrl_toy"], "--encoder") == str(out / "clean" / "model_1.pth")
     assert "--trigger" not in commands["eval/finetune_toy"]
-    assert json.loads((data / "toy_ctrl" / POISON_RECORD).read_text())["indices"] == [2, 6, 10, 14, 18, 22]
-    poisoned = data / "toy_ctrl" / "train.npz"
+    assert json.loads((data / COPY / POISON_RECORD).read_text())["indices"] == [2, 6, 10, 14, 18, 22]
+    poisoned = data / COPY / "train.npz"
     assert json.loads((out / "ctrl_toy" / "runner.json").read_text())["inputs"][str(poisoned)] == \
         runner.file_hash(poisoned)
 
@@ -212,20 +215,25 @@ def test_matrix_runs_every_cell_into_its_own_folder(tmp_path, fake_matrix, capsy
     assert "| BadEncoder on toy (target 1) | 5.0 | 99.0 | 10.0 | 60.0 |" in text
     assert "| CTRL on toy (target 2) | 5.0 | 90.0 | 12.0 | 70.0 |" in text
 
-    # Other poisoning: the copy is written again and CTRL's stage 0 runs again (the fake stage's weights do
-    # not depend on the data, so what follows it is reused here); nothing of BadEncoder's runs.
+    # Other poisoning: a second copy beside the first (two runs sharing --data_dir never rewrite each
+    # other's); CTRL's stage 0 and everything after it run again, nothing of BadEncoder's.
+    before = poisoned.read_bytes()
     capsys.readouterr()
     run_pipeline.main(matrix_args(data, tmp_path, "--defenses", "mimic,finetune", "--no_controls",
                                   "--ctrl_poison_ratio", "0.2"))
-    assert [Path(flag(a, "--results_dir")).name for _, a in fake_matrix.commands[15:]] == ["ctrl_toy"]
-    assert "its inputs changed (input data:toy_ctrl/train changed (sha256" in capsys.readouterr().out
+    assert sorted(Path(flag(a, "--results_dir")).name for _, a in fake_matrix.commands[15:]) == sorted(
+        ["ctrl_toy", "mimic_ctrl_toy", "finetune_ctrl_toy", "clean_ctrl_toy", "backdoored_ctrl_toy",
+         "mimic_ctrl_toy", "finetune_ctrl_toy"])
+    assert "its flags changed (before: toy_ctrl_t2_p0.1_m100_w32; now: toy_ctrl_t2_p0.2_m100_w32)" in \
+        capsys.readouterr().out
+    assert poisoned.read_bytes() == before and (data / "toy_ctrl_t2_p0.2_m100_w32" / "train.npz").exists()
 
 
 def test_badencoder_alone_keeps_todays_folders_and_summary(tmp_path, fake_matrix):
     data = tmp_path / "data"
     toy_data(data)
     run_pipeline.main(matrix_args(data, tmp_path, "--attacks", "badencoder", "--defenses", "mimic", "--no_controls"))
-    assert not (data / "toy_ctrl").exists()
+    assert not list(data.glob("toy_ctrl*"))
     assert sorted(Path(flag(a, "--results_dir")).relative_to(tmp_path / "out").as_posix()
                   for _, a in fake_matrix.commands) == [
         "badencoder_toy", "clean", "eval/backdoored_toy", "eval/clean_toy", "eval/mimic_toy", "mimic_toy"]

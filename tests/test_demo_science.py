@@ -1,4 +1,4 @@
-"""The demo's science over seeds 100, 1 and 2 (slow: python -m pytest -m slow; about 1.5 hours on 2 cores
+"""The demo's science over seeds 100, 1 and 2 (slow: python -m pytest -m slow; about an hour on 2 cores
 with the runner's default --jobs): all six of the demo's checks on every seed."""
 import json
 import subprocess
@@ -12,8 +12,6 @@ SEEDS = (100, 1, 2)
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(reason="the demo preset still fails its checks on some seeds (docs/demo.md); issue 25 "
-                          "re-designs it", strict=False)
 def test_demo_passes_its_checks_on_every_seed(tmp_path):
     out = tmp_path / "demo"
     proc = subprocess.run([sys.executable, "run_pipeline.py", "--results_dir", str(out), "--data_dir",
