@@ -74,8 +74,9 @@ def left_lines(left):
     lines = []
     for task, methods in left.items():
         kept = [label(m) for m, yes in methods.items() if yes]
+        gone = [label(m) for m, yes in methods.items() if not yes]
         lines.append(f"- {task}: backdoor left in place (ASR > clean + {BACKDOOR_LEFT:g}) by "
-                     f"{', '.join(kept) if kept else 'none'} of {', '.join(map(label, methods)) or '-'}")
+                     f"{', '.join(kept) or 'none'}; removed by {', '.join(gone) or 'none'}")
     return "\n".join(lines) + "\n" if lines else ""
 
 

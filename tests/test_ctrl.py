@@ -222,8 +222,8 @@ def test_matrix_runs_every_cell_into_its_own_folder(tmp_path, fake_matrix, capsy
     run_pipeline.main(matrix_args(data, tmp_path, "--defenses", "mimic,finetune", "--no_controls",
                                   "--ctrl_poison_ratio", "0.2"))
     assert sorted(Path(flag(a, "--results_dir")).name for _, a in fake_matrix.commands[15:]) == sorted(
-        ["ctrl_toy", "mimic_ctrl_toy", "finetune_ctrl_toy", "clean_ctrl_toy", "backdoored_ctrl_toy",
-         "mimic_ctrl_toy", "finetune_ctrl_toy"])
+        ["ctrl_toy", "mimic_ctrl_toy", "finetune_ctrl_toy", "backdoored_ctrl_toy", "mimic_ctrl_toy",
+         "finetune_ctrl_toy"])
     assert "its flags changed (before: toy_ctrl_t2_p0.1_m100_w32; now: toy_ctrl_t2_p0.2_m100_w32)" in \
         capsys.readouterr().out
     assert poisoned.read_bytes() == before and (data / "toy_ctrl_t2_p0.2_m100_w32" / "train.npz").exists()

@@ -41,7 +41,7 @@ def test_seed_markdown_labels_rows_and_names_the_defences_that_left_the_backdoor
     text = seed_markdown(summary)
     assert "| clean | 81.84 | 4.92 | 4.92 |" in text and "| MIMIC | 75.00 | 8.00 | 8.00 |" in text
     assert "| FT | 76.00 | 60.00 | 60.00 |" in text
-    assert f"- {TASK}: backdoor left in place (ASR > clean + 10) by FT of MIMIC, FT" in text
+    assert f"- {TASK}: backdoor left in place (ASR > clean + 10) by FT; removed by MIMIC" in text
     assert "| clean | 12.3 |" in text and "- [x] clean ACC 81.8 >= 60" in text
 
 

@@ -31,7 +31,20 @@ def autocast(device, enabled):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
+# Channels-last CPU convolutions crashed torch 2.14 ("double free or corruption") in BadEncoder's
+# backward with a width-4 ResNet (4-channel convolutions); widths 8 and 16 ran. Narrower models stay
+# contiguous on CPU.
+MIN_CHANNELS_LAST_CPU = 8
+
+
 def place(model, device, channels_last=False):
     """Move a model to the device, in channels-last memory format when asked (faster convolutions on
-    recent GPUs)."""
+    recent GPUs, and on this project's CPU); on CPU, a model with a convolution narrower than
+    MIN_CHANNELS_LAST_CPU channels stays contiguous, with a note."""
+    if channels_last and torch.device(device).type == "cpu":
+        narrowest = min((m.out_channels for m in model.modules() if isinstance(m, torch.nn.Conv2d)), default=None)
+        if narrowest is not None and narrowest < MIN_CHANNELS_LAST_CPU:
+            print(f"note: --channels_last off for this model: a {narrowest}-channel convolution, and torch's "
+                  f"channels-last CPU kernels crashed below {MIN_CHANNELS_LAST_CPU} channels")
+            channels_last = False
     return model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
