@@ -13,7 +13,6 @@ test.npz (the source's, unchanged: stage 0's kNN monitor reads it) and poison.js
 source and its hash, target, ratio, rounding, indices, the trigger's description). A copy whose
 poison.json and train.npz match what would be written is kept.
 """
-import hashlib
 import json
 import math
 import shutil
@@ -24,6 +23,7 @@ import numpy as np
 
 from utils.errors import UserError
 from utils.files import atomic_write, save_json
+from utils.fingerprint import file_hash
 
 from .npz import load_split, pretraining_split, save_split, split_path
 from .trigger import FrequencyTrigger
@@ -56,14 +56,6 @@ def poison_indices(y, target_label, ratio):
     return of_target[:count]
 
 
-def _sha256(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _kept(out, record):
     """True when the copy on disk is the one `record` describes (its train.npz unchanged since)."""
     try:
@@ -72,7 +64,7 @@ def _kept(out, record):
         return False
     same = {k: v for k, v in old.items() if k != "train_sha256"} == record
     return (same and (out / "test.npz").is_file() and (out / "train.npz").is_file()
-            and old.get("train_sha256") == _sha256(out / "train.npz"))
+            and old.get("train_sha256") == file_hash(out / "train.npz"))
 
 
 def poison_ctrl(data_dir, source, name, target_label, ratio=CTRL_POISON_RATIO, trigger=None, force=False):
@@ -89,8 +81,9 @@ def poison_ctrl(data_dir, source, name, target_label, ratio=CTRL_POISON_RATIO, t
     load_split(data_dir, source, "test")
     index = poison_indices(y, target_label, ratio)
     out = Path(data_dir) / name
-    record = {"attack": "ctrl", "source": source, "source_train_sha256": _sha256(split_path(data_dir, source, "train")),
-              "source_test_sha256": _sha256(test), "target_label": int(target_label), "poison_ratio": ratio,
+    record = {"attack": "ctrl", "source": source,
+              "source_train_sha256": file_hash(split_path(data_dir, source, "train")),
+              "source_test_sha256": file_hash(test), "target_label": int(target_label), "poison_ratio": ratio,
               "rounding": ROUNDING, "images": len(y), "poisoned": len(index), "indices": index.tolist(),
               "trigger": trigger.describe()}
     if not force and _kept(out, record):
@@ -102,5 +95,5 @@ def poison_ctrl(data_dir, source, name, target_label, ratio=CTRL_POISON_RATIO, t
     def copy(tmp):
         shutil.copyfile(test, tmp)
     atomic_write(out / "test.npz", copy)
-    save_json(out / POISON_RECORD, {**record, "train_sha256": _sha256(out / "train.npz")})
+    save_json(out / POISON_RECORD, {**record, "train_sha256": file_hash(out / "train.npz")})
     return {**record, "status": "written"}

@@ -112,9 +112,9 @@ def seed_jobs(plan, seed, out_dir, key=""):
         return lambda done: done[f"{key}{folder}"].encoder
 
     clean = [] if plan.clean_encoder else ["clean"]         # the clean encoder's job, if it is trained
-    jobs = [job("stage 0: clean encoder", "train_clean_encoder.py", "clean",
-                lambda done: ["--pretraining_dataset", plan.pretraining, *p.clean, *plan.batch("clean"), *x["clean"]])
-            for _ in clean]
+    jobs = [] if plan.clean_encoder else [job(
+        "stage 0: clean encoder", "train_clean_encoder.py", "clean",
+        lambda done: ["--pretraining_dataset", plan.pretraining, *p.clean, *plan.batch("clean"), *x["clean"]])]
     if NO_TEACHER in plan.students():
         jobs.append(job(f"stage 2: {NO_TEACHER}", "MIMIC.py", NO_TEACHER, lambda done: [
             "--pretraining_dataset", plan.pretraining, "--teacher", encoder("clean")(done),

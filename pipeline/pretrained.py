@@ -11,7 +11,6 @@ final checkpoint without its optimizer state (which nothing downstream reads) an
 sha256 next to it in demo_clean.json, which every run checks before using the file.
 """
 import argparse
-import hashlib
 import json
 import os
 import subprocess
@@ -25,6 +24,7 @@ from datasets import demo
 from utils.cli import run_cli
 from utils.errors import UserError
 from utils.files import atomic_write
+from utils.fingerprint import file_hash
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO_CLEAN = ROOT / "pretrained" / "demo_clean.pth"
@@ -36,14 +36,6 @@ REBUILD = "python -m pipeline.pretrained"
 
 def record_path(path):
     return Path(path).with_suffix(RECORD_SUFFIX)
-
-
-def sha256(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def verified(path=DEMO_CLEAN):
@@ -58,7 +50,7 @@ def verified(path=DEMO_CLEAN):
         expected = json.loads(record.read_text())["sha256"]
     except (OSError, ValueError, KeyError, TypeError):
         raise UserError(f"{record} is unreadable or has no sha256; {fix}") from None
-    found = sha256(path)
+    found = file_hash(path)
     if found != expected:
         raise UserError(f"{path} does not match its checksum in {record} (sha256 {found[:12]}..., expected "
                         f"{expected[:12]}...; a git LFS pointer or a damaged copy?); {fix}")
@@ -79,7 +71,7 @@ def ship(checkpoint, path, command):
     for key in KEEP_OUT:
         state.pop(key, None)
     atomic_write(path, lambda tmp: torch.save(state, tmp))
-    record = {"sha256": sha256(path), "command": command, "seed": SEED, "torch": torch.__version__,
+    record = {"sha256": file_hash(path), "command": command, "seed": SEED, "torch": torch.__version__,
               "left_out": list(KEEP_OUT)}
     atomic_write(record_path(path), lambda tmp: Path(tmp).write_text(json.dumps(record, indent=2) + "\n"))
     return record

@@ -12,7 +12,9 @@ from pipeline import presets, pretrained
 from pipeline.plan import Plan, seed_jobs
 from report.methods import NO_TEACHER
 from stage_cli import clean, mimic
+from test_pipeline_runner import flag
 from utils.errors import UserError
+from utils.fingerprint import file_hash
 
 
 def plan_for(clean_encoder):
@@ -21,14 +23,10 @@ def plan_for(clean_encoder):
                 "ours", True, clean_encoder=clean_encoder)
 
 
-def flag(args, name):
-    return args[len(args) - 1 - args[::-1].index(name) + 1]
-
-
 def test_shipped_encoder_matches_its_record_and_loads():
     path = pretrained.verified()
     record = json.loads(pretrained.record_path(path).read_text())
-    assert record["sha256"] == pretrained.sha256(path) and record["seed"] == pretrained.SEED
+    assert record["sha256"] == file_hash(path) and record["seed"] == pretrained.SEED
     encoder, ckpt = load_encoder(path)
     assert ckpt["usage"] == "demo_pretrain" and ckpt["arch"]["width"] == 16
     assert "optimizer" not in ckpt
