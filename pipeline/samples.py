@@ -2,10 +2,11 @@
 images (pre-training images, triggered test images, reference inputs, augmented views)."""
 import torch
 
-from datasets import load_reference, load_split, load_trigger, stamp_trigger
+from datasets import FrequencyTrigger, load_reference, load_split, load_trigger, stamp_trigger
 from datasets.augment import BatchAugment
 from paper import TRIGGER
 from report.figures import plot_results, sample_grid
+from report.methods import CTRL
 from utils.seeding import preserved_rng
 
 from .data import ROOT
@@ -13,7 +14,8 @@ from .data import ROOT
 
 def sample_images(plan, seed, count=8):
     """The sample grid's rows as uint8 (N, H, W, 3): pre-training images, the first task's test
-    images with the trigger, its reference inputs, and two augmented views of the pre-training images."""
+    images with the trigger, its reference inputs, and two augmented views of the pre-training images;
+    then, when the plan runs CTRL, the pre-training images with CTRL's trigger (the poisoned copy's), else None."""
     clean = load_split(plan.data_dir, plan.pretraining, "train")[0][:count]
     task = plan.tasks[0]
     test = load_split(plan.data_dir, task.dataset, "test")[0][:count]
@@ -24,7 +26,13 @@ def sample_images(plan, seed, count=8):
         torch.manual_seed(seed)
         views = [augment(torch.from_numpy(clean)) for _ in range(2)]   # Nx3xHxW
     views = [v.clamp(0, 1).mul(255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy() for v in views]
-    return clean, stamp_trigger(test, t, tm), reference, *views
+    ctrl = FrequencyTrigger(image_size=clean.shape[1:3]).apply(clean) if CTRL in plan.attacks else None
+    return clean, stamp_trigger(test, t, tm), reference, *views, ctrl
+
+
+def draw_samples(plan, seed, path):
+    *rows, ctrl = sample_images(plan, seed)
+    return sample_grid(*rows, path, ctrl=ctrl)
 
 
 def draw_figures(out_dir, plan, seed):
@@ -32,7 +40,7 @@ def draw_figures(out_dir, plan, seed):
     line, never the numbers (written before)."""
     written = []
     drawings = (("figures", lambda: plot_results(out_dir)),
-                ("sample images", lambda: [sample_grid(*sample_images(plan, seed), out_dir / "figures" / "samples.png")]))
+                ("sample images", lambda: [draw_samples(plan, seed, out_dir / "figures" / "samples.png")]))
     for what, draw in drawings:
         try:
             written += draw()

@@ -31,6 +31,8 @@ TERM_LABELS = {"loss": "total loss", "loss0": "loss0 (backdoor effectiveness)",
                "nce": "InfoNCE (contrastive)", "at": "attention transfer (weighted)",
                "clone": "feature clone"}
 GRID_ROWS = ("clean", "triggered", "reference", "view 1", "view 2")
+CTRL_GAIN = 8   # the CTRL difference row shows 128 + 8 x (triggered - clean), so the faint trigger is visible
+CTRL_ROWS = ("CTRL trigger", f"CTRL - clean, x{CTRL_GAIN}")
 
 
 class NothingToPlot(ValueError):
@@ -195,10 +197,22 @@ def to_uint8(images):
     return np.repeat(a, 3, axis=-1) if a.shape[-1] == 1 else a
 
 
-def grid_rows(images_clean, images_triggered, references, view1, view2, max_columns=8):
-    """[(row label, uint8 NHWC)] in the fixed order, rows given as None left out, at most max_columns each."""
-    given = zip(GRID_ROWS, (images_clean, images_triggered, references, view1, view2))
-    return [(label, to_uint8(images)[:max_columns]) for label, images in given if images is not None]
+def ctrl_difference(clean, triggered):
+    """uint8 images of 128 + CTRL_GAIN x (triggered - clean), clipped: the CTRL trigger made visible."""
+    diff = triggered.astype(np.int16) - clean.astype(np.int16)
+    return np.clip(128 + CTRL_GAIN * diff, 0, 255).astype(np.uint8)
+
+
+def grid_rows(images_clean, images_triggered, references, view1, view2, max_columns=8, ctrl=None):
+    """[(row label, uint8 NHWC)] in the fixed order, rows given as None left out, at most max_columns each.
+
+    ctrl: the clean images with CTRL's trigger (uint8, same shape as images_clean); adds the CTRL row
+    and its amplified difference from the clean images after the patch-triggered row."""
+    rows = [images_clean, images_triggered, None, None, references, view1, view2]
+    labels = GRID_ROWS[:2] + CTRL_ROWS + GRID_ROWS[2:]
+    if ctrl is not None:
+        rows[2:4] = ctrl, ctrl_difference(images_clean, ctrl)
+    return [(label, to_uint8(images)[:max_columns]) for label, images in zip(labels, rows) if images is not None]
 
 
 # ---------------------------------------------------------------- drawing
@@ -367,10 +381,10 @@ def downstream_curves(eval_dirs, path):
     return _save(fig, path)
 
 
-def sample_grid(images_clean, images_triggered, references, view1, view2, path, max_columns=8):
+def sample_grid(images_clean, images_triggered, references, view1, view2, path, max_columns=8, ctrl=None):
     """One labelled row per kind of image: uint8 (N,H,W,3) arrays, or float [0,1] arrays for the
-    augmented views; pass None for a row to leave it out."""
-    rows = grid_rows(images_clean, images_triggered, references, view1, view2, max_columns)
+    augmented views; pass None for a row to leave it out; ctrl as for grid_rows."""
+    rows = grid_rows(images_clean, images_triggered, references, view1, view2, max_columns, ctrl)
     if not rows:
         raise NothingToPlot("no images given")
     cols = max(len(images) for _, images in rows)

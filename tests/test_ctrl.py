@@ -294,7 +294,7 @@ def test_matrix_table_on_hand_made_seeds():
 
 
 @pytest.mark.e2e
-def test_tiny_matrix_end_to_end_through_the_real_scripts(tmp_path):
+def test_tiny_matrix_end_to_end_through_the_real_scripts(tmp_path, capsys):
     data = tmp_path / "data"
     toy_data(data)
     run_pipeline.main(matrix_args(
@@ -320,3 +320,4 @@ def test_tiny_matrix_end_to_end_through_the_real_scripts(tmp_path):
     assert f"| MIMIC | {summary['results'][CTRL_TASK]['mimic']['acc']:.2f} | {asr:.2f} |" in text
     figures = out / "figures"
     assert (figures / "attack_matrix.png").is_file() and (figures / "downstream_ctrl_toy.png").is_file()
+    assert (figures / "samples.png").is_file() and "not drawn" not in capsys.readouterr().out   # with its CTRL rows

@@ -207,6 +207,18 @@ def test_grid_images_converted_to_uint8():
     assert view[1, :, :, 2].max() == 51
 
 
+def test_grid_ctrl_rows_show_the_trigger_and_its_amplified_difference():
+    clean = np.full((3, 4, 4, 3), 100, np.uint8)
+    ctrl = clean.copy()
+    ctrl[0, 0, 0] = (102, 97, 100)     # +2, -3, 0 grey levels
+    rows = figures.grid_rows(clean, None, None, None, None, ctrl=ctrl)
+    assert [label for label, _ in rows] == ["clean", "CTRL trigger", "CTRL - clean, x8"]
+    diff = rows[2][1]
+    assert diff[0, 0, 0].tolist() == [144, 104, 128]      # 128 + 8 x difference
+    assert (diff[1:] == 128).all()
+    assert [label for label, _ in figures.grid_rows(clean, clean, None, None, None)] == ["clean", "triggered"]
+
+
 def test_every_figure_writes_a_png(run_dir, tmp_path):
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (4, 8, 8, 3), dtype=np.uint8)
@@ -221,6 +233,7 @@ def test_every_figure_writes_a_png(run_dir, tmp_path):
         figures.mi_history(mi, tmp_path / "mi_history.png"),
         figures.downstream_curves(figures.eval_groups(run_dir)["demo_downstream"], tmp_path / "down.png"),
         figures.sample_grid(images, images, images[:2], rng.random((4, 3, 8, 8)), images, tmp_path / "grid.png"),
+        figures.sample_grid(images, images, images[:2], None, None, tmp_path / "grid_ctrl.png", ctrl=images),
     ]
     assert all(is_png(p) for p in written)
 

@@ -98,14 +98,19 @@ def test_eval_freq_thins_the_curve_but_not_the_numbers(tiny, tmp_path):
     assert [r["loss"] for r in found[1].curve] == [r["loss"] for r in found[3].curve]
 
 
-def test_channels_last_stays_off_on_cpu_below_8_channels(capsys):
+def test_channels_last_stays_off_on_cpu_below_8_channels(capsys, monkeypatch):
     """The demo preset asks for channels-last; a width-4 model (tests, tiny runs) stays contiguous,
-    since torch's CPU kernels crashed on it, and says so; width 8 goes channels-last."""
+    since torch's CPU kernels crashed on it, and says so once per process (MIMIC places a teacher and
+    a student); width 8 goes channels-last."""
     from models import SimCLR
+    from utils import device
     from utils.device import place
+    monkeypatch.setattr(device, "_notes_printed", set())
     narrow = place(SimCLR("resnet18", 4), torch.device("cpu"), channels_last=True)
     assert "channels_last off for this model: a 4-channel convolution" in capsys.readouterr().out
     assert narrow.f.f[0].weight.is_contiguous()
+    again = place(SimCLR("resnet18", 4), torch.device("cpu"), channels_last=True)
+    assert again.f.f[0].weight.is_contiguous() and capsys.readouterr().out == ""
     wide = place(SimCLR("resnet18", 8), torch.device("cpu"), channels_last=True)
     assert wide.f.f[0].weight.is_contiguous(memory_format=torch.channels_last)
     assert capsys.readouterr().out == ""

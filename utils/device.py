@@ -35,6 +35,7 @@ def autocast(device, enabled):
 # backward with a width-4 ResNet (4-channel convolutions); widths 8 and 16 ran. Narrower models stay
 # contiguous on CPU.
 MIN_CHANNELS_LAST_CPU = 8
+_notes_printed = set()   # a stage that places a teacher and a student prints each note once
 
 
 def place(model, device, channels_last=False):
@@ -44,7 +45,10 @@ def place(model, device, channels_last=False):
     if channels_last and torch.device(device).type == "cpu":
         narrowest = min((m.out_channels for m in model.modules() if isinstance(m, torch.nn.Conv2d)), default=None)
         if narrowest is not None and narrowest < MIN_CHANNELS_LAST_CPU:
-            print(f"note: --channels_last off for this model: a {narrowest}-channel convolution, and torch's "
-                  f"channels-last CPU kernels crashed below {MIN_CHANNELS_LAST_CPU} channels")
+            note = (f"note: --channels_last off for this model: a {narrowest}-channel convolution, and torch's "
+                    f"channels-last CPU kernels crashed below {MIN_CHANNELS_LAST_CPU} channels")
+            if note not in _notes_printed:
+                _notes_printed.add(note)
+                print(note)
             channels_last = False
     return model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
