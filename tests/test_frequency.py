@@ -132,3 +132,24 @@ def test_bad_window_and_position_are_rejected():
         frequency_trigger(x, positions=((32, 0),))
     with pytest.raises(ValueError, match=r"position \(31, 31\) lies outside the 16x16 window"):
         frequency_trigger(x, window_size=16)
+
+
+def test_survival_benchmark_sees_flips_keep_the_trigger_and_crops_scatter_it():
+    """benchmarks/ctrl_survival.py on mid-grey images with mild noise: the stored shift is the magnitude,
+    a flip keeps it (it only negates odd frequencies), crops leave a small part at the trigger's spots."""
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "ctrl_survival.py"
+    spec = importlib.util.spec_from_file_location("ctrl_survival", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    rng = np.random.default_rng(0)
+    x = (128 + rng.normal(0, 4, (64, 32, 32, 3))).round().clip(0, 255).astype(np.uint8)
+    torch.manual_seed(0)
+    rows = module.survival(x, magnitude=100.0)
+    assert list(rows)[0] == "stored images" and len(rows) == 1 + len(module.VARIANTS)
+    assert rows["stored images"][0] == pytest.approx(100, abs=1)      # rounding to uint8 costs < 1
+    assert rows["stored images"][2] == 1.0
+    assert rows["flip alone"][0] == pytest.approx(rows["stored images"][0], abs=1e-6)
+    assert rows["flip alone"][2] == pytest.approx(1.0, abs=1e-6)
+    assert rows["crop 0.08-1 alone"][0] < 25
