@@ -69,10 +69,19 @@ def checklist(checks):
     return "\n".join(f"- [{'x' if c['passed'] else ' '}] {c['check']}" for c in checks) + "\n"
 
 
-def left_lines(left):
-    """One markdown line per task: which defences left the backdoor in place."""
+def left_lines(left, results=None):
+    """One markdown line per task: which defences left the backdoor in place, or, where the
+    backdoored encoder's own ASR is within BACKDOOR_LEFT of the clean one's (in `results`), that
+    the attack planted nothing for them to remove."""
     lines = []
     for task, methods in left.items():
+        rows = (results or {}).get(task, {})
+        if "clean" in rows and "backdoored" in rows and \
+                rows["backdoored"]["asr"] <= rows["clean"]["asr"] + BACKDOOR_LEFT:
+            lines.append(f"- {task}: no backdoor to remove: the backdoored encoder's ASR "
+                         f"{rows['backdoored']['asr']:.1f} is within {BACKDOOR_LEFT:g} points of the clean "
+                         f"encoder's {rows['clean']['asr']:.1f}")
+            continue
         kept = [label(m) for m, yes in methods.items() if yes]
         gone = [label(m) for m, yes in methods.items() if not yes]
         lines.append(f"- {task}: backdoor left in place (ASR > clean + {BACKDOOR_LEFT:g}) by "
@@ -97,7 +106,7 @@ def seed_markdown(summary):
                   for m, r in rows.items()]
         lines.append("")
     text = "\n".join(lines) + "\n" + matrix_text(summary.asr_matrix, summary.attacks)
-    text += left_lines(summary.backdoor_left)
+    text += left_lines(summary.backdoor_left, summary.results)
     text += "\n| stage | wall time (s) |\n|---|---|\n" + "".join(
         f"| {name} | {t:.1f} |\n" for name, t in summary.stage_seconds.items())
     if summary.checks:
@@ -125,7 +134,7 @@ def seeds_summary(per_seed, wall_seconds=None):
                            wall_seconds=wall_seconds, checks=checks or None, attacks=attacks, asr_matrix=matrix)
     text = f"## Over seeds {', '.join(map(str, per_seed))}: mean ± sample std\n\n"
     text += markdown_seed_table(stats, paired, attacks=attacks) + matrix_text(matrix, attacks)
-    text += "".join(f"\n### Seed {seed}\n\n" + left_lines(s.backdoor_left) for seed, s in per_seed.items())
+    text += "".join(f"\n### Seed {seed}\n\n" + left_lines(s.backdoor_left, s.results) for seed, s in per_seed.items())
     text += "".join(f"\n### Demo checks, seed {seed}\n\n" + checklist(c) for seed, c in checks.items())
     text += "\n" + markdown_mi_table(mi)
     text += "\n| seed | stage time (s) |\n|---|---|\n" + "".join(

@@ -81,3 +81,17 @@ def test_summary_over_hand_made_seeds():
     assert "### Demo checks, seed 1\n\n- [x] seed 1 check" in text and "- [ ] seed 2 check" in text
     assert f"| 2 | {TASK} | layer2 | 0.25 | 50 | noisy |" in text
     assert f"**MI estimate not converged** in 1 block(s): seed 2, {TASK}, layer2 (noisy)" in text
+
+
+def test_an_attack_that_planted_nothing_is_not_reported_as_removed():
+    """CTRL at the demo's scale: backdoored ASR 10.1 against clean 10.0, so no defence 'removed' anything."""
+    rows = {"clean": row(79.5, 10.0), "backdoored": row(76.8, 10.1), "mimic": row(73.7, 10.2),
+            "finetune": row(79.4, 9.8)}
+    summary = Summary(preset="demo", seed=100, results={TASK: rows}, backdoor_left={TASK: backdoor_left(rows)})
+    text = seed_markdown(summary)
+    assert (f"- {TASK}: no backdoor to remove: the backdoored encoder's ASR 10.1 is within 10 points of the "
+            "clean encoder's 10.0") in text
+    assert "removed by" not in text
+    rows["backdoored"] = row(76.8, 20.1)                      # 10.1 points above clean: a backdoor
+    summary = Summary(preset="demo", seed=100, results={TASK: rows}, backdoor_left={TASK: backdoor_left(rows)})
+    assert f"- {TASK}: backdoor left in place (ASR > clean + 10) by none; removed by MIMIC, FT" in seed_markdown(summary)
