@@ -23,7 +23,7 @@ from datasets.augment import BatchAugment  # noqa: E402  (the repository root is
 from datasets.frequency import (CTRL_CHANNELS, CTRL_MAGNITUDE, CTRL_POSITIONS, CTRL_WINDOW,  # noqa: E402
                                 dct2_windows, frequency_trigger, rgb_to_yuv)
 from datasets.npz import load_split  # noqa: E402
-from utils.cli import run_cli  # noqa: E402
+from utils.cli import finite_float, positive_int, run_cli  # noqa: E402
 
 VARIANTS = {   # name -> BatchAugment keywords (stage 0's augmentation is the first)
     "stage 0 (crop 0.08-1, flip, jitter, gray)": {},
@@ -76,8 +76,8 @@ def build_parser():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", default="demo_pretrain", help="a training split under --data_dir")
     parser.add_argument("--data_dir", default=str(ROOT / "data"))
-    parser.add_argument("--n", type=int, default=1000, help="images to trigger and augment")
-    parser.add_argument("--magnitude", type=float, default=CTRL_MAGNITUDE)
+    parser.add_argument("--n", type=positive_int, default=1000, help="images to trigger and augment")
+    parser.add_argument("--magnitude", type=finite_float, default=CTRL_MAGNITUDE)
     parser.add_argument("--seed", type=int, default=0)
     return parser
 

@@ -37,13 +37,18 @@ def seed_summary(plan, seed, out_dir, done, key, times):
     return summary
 
 
+def above_clean(row, clean):
+    """Whether an encoder's ASR is more than BACKDOOR_LEFT points above the clean encoder's: a
+    backdoor in place (for the backdoored encoder itself: a backdoor planted)."""
+    return row["asr"] > clean["asr"] + BACKDOOR_LEFT
+
+
 def backdoor_left(rows):
-    """{method: True if its ASR is more than BACKDOOR_LEFT points above the clean encoder's} for
-    every row but the clean and backdoored encoders; {} without a clean row."""
+    """{method: above_clean(its row)} for every row but the clean and backdoored encoders; {} without
+    a clean row."""
     if "clean" not in rows:
         return {}
-    clean = rows["clean"]["asr"]
-    return {m: r["asr"] > clean + BACKDOOR_LEFT for m, r in rows.items() if m not in BASELINES}
+    return {m: above_clean(r, rows["clean"]) for m, r in rows.items() if m not in BASELINES}
 
 
 def check_demo(rows):
@@ -69,15 +74,13 @@ def checklist(checks):
     return "\n".join(f"- [{'x' if c['passed'] else ' '}] {c['check']}" for c in checks) + "\n"
 
 
-def left_lines(left, results=None):
+def left_lines(left, results):
     """One markdown line per task: which defences left the backdoor in place, or, where the
-    backdoored encoder's own ASR is within BACKDOOR_LEFT of the clean one's (in `results`), that
-    the attack planted nothing for them to remove."""
+    backdoored encoder of `results` is not above_clean, that the attack planted nothing to remove."""
     lines = []
     for task, methods in left.items():
-        rows = (results or {}).get(task, {})
-        if "clean" in rows and "backdoored" in rows and \
-                rows["backdoored"]["asr"] <= rows["clean"]["asr"] + BACKDOOR_LEFT:
+        rows = results.get(task, {})
+        if "clean" in rows and "backdoored" in rows and not above_clean(rows["backdoored"], rows["clean"]):
             lines.append(f"- {task}: no backdoor to remove: the backdoored encoder's ASR "
                          f"{rows['backdoored']['asr']:.1f} is within {BACKDOOR_LEFT:g} points of the clean "
                          f"encoder's {rows['clean']['asr']:.1f}")
