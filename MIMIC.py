@@ -27,7 +27,7 @@ from datasets import (NORMALIZATION, encoder_normalization, load_split, normaliz
                       split_input)
 from datasets.loader import ViewLoader, clean_subset, to_input
 from models import BLOCKS, build_encoder, encoder_checkpoint, estimate_mi, load_encoder, mi_to_weights, mi_warnings
-from models.distill import distill_epoch
+from models.distill import LR_SCHEDULES, distill_epoch, epoch_lr, set_lr
 from models.encoder import INITS
 from models.health import check_finite_encoder
 from models.mine import (AUTHORS as MI_AUTHORS, EVAL_PERMUTATIONS, EVALUATIONS, FIRST_LAYERS, ORDERS, SCHEDULES,
@@ -71,6 +71,10 @@ def get_parser():
                             "sees N x this many); the MI estimator's batch is that global batch "
                             "(default: 128)")
     optim.add_argument("--epochs", type=positive_int, default=1000, help="distillation epochs (default: 1000)")
+    optim.add_argument("--lr_schedule", default="constant", choices=LR_SCHEDULES,
+                       help="the student's learning rate over the epochs: --lr throughout (constant, the authors'), "
+                            "or annealed to 0 along a half cosine (cosine), which lets a short run on a small "
+                            "subset settle (default: constant)")
     optim.add_argument("--temperature", type=positive_float, default=0.5, help="NT-Xent temperature (default: 0.5)")
     add_init_flag(optim, "the fresh student's backbone", INITS)
     for i, block in enumerate(BLOCKS, 1):
@@ -240,6 +244,8 @@ def main(args):
     trained = distribute(student, device, args.sync_bn)     # DDP under torchrun, else the student itself
     for epoch in range(start + 1, args.epochs + 1):
         loader.set_epoch(epoch)
+        if args.lr_schedule != "constant":      # the constant rate is Adam's own, untouched
+            set_lr(optimizer, epoch_lr(args.lr, epoch, args.epochs, args.lr_schedule))
         row = distill_epoch(trained, teacher, loader, optimizer, weights, args.clone_weight, args.temperature,
                             epoch, out_dir, amp)
         run.log_epoch(epoch, row)

@@ -30,7 +30,8 @@ from pathlib import Path
 
 from datasets.poison import CTRL_POISON_RATIO
 from paper import Task
-from pipeline.data import (METHODS, ROOT, attack_list, method_list, name_list, prepare_data, select_data,
+from datasets.npz import npz_shape, split_path
+from pipeline.data import (METHODS, ROOT, attack_list, method_list, name_list, prepare_data, ratio_list, select_data,
                            stage_flags, task_spec)
 from pipeline.plan import STAGE_ARGS, Plan, seed_jobs
 from pipeline.presets import PRESETS
@@ -75,6 +76,11 @@ def get_parser():
     parser.add_argument("--ctrl_poison_ratio", type=fraction, default=CTRL_POISON_RATIO,
                         help=f"share of the pre-training images CTRL poisons, all of the target class "
                              f"(default: {CTRL_POISON_RATIO}, CTRL's)")
+    parser.add_argument("--ratios", type=ratio_list, default=None, metavar="LIST",
+                        help="the clean-data fraction sweep: comma-separated fractions of the pre-training images "
+                             "given to MIMIC, its controls and the baselines, each run at every fraction against "
+                             "the same clean and backdoored encoders (e.g. 0.01,0.04,0.2; summary.md gets a table "
+                             "per fraction, figures/ratio_sweep.png) (default: the preset's --ratio alone)")
     data = parser.add_argument_group("data (default: the preset's)")
     data.add_argument("--data_dir", default="data", help="dataset folder (default: data)")
     data.add_argument("--pretraining_dataset", default=None,
@@ -120,13 +126,14 @@ def main(args):
                 args.nproc_per_node, str(data_dir), args.device, args.protocol,
                 demo_checks=args.preset == "demo" and not own, attacks=args.attacks,
                 ctrl_task=Task(pretraining, pretraining, ctrl_target, None),
-                clean_encoder=shipped_clean(preset, pretraining, args.train_clean))
+                clean_encoder=shipped_clean(preset, pretraining, args.train_clean), ratios=args.ratios)
     for stage in preset.global_batch:
         plan.batch(stage)                   # a batch that does not split among the processes: before any work
     lock = hold_runner_lock(out_dir)
     try:
         prepare_data(plan, "this run" if own else f"the {args.preset} preset", args.ctrl_poison_ratio,
                      args.reference_dir)
+        plan.check_ratios(npz_shape(split_path(data_dir, pretraining, "train"), "x")[0])
         seeds = list(dict.fromkeys(args.seeds)) if args.seeds else [args.seed]
         folders = {s: out_dir / f"seed_{s}" if args.seeds else out_dir for s in seeds}
         keys = {s: f"seed_{s}/" if args.seeds else "" for s in seeds}

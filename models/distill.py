@@ -1,6 +1,8 @@
 """The training step and epoch of every stage that trains an encoder with NT-Xent and, optionally,
 attention transfer and feature cloning from a frozen teacher: MIMIC, and the defences of
 defenses.py (fine-tuning is the case with every teacher weight 0, and then the teacher is not run)."""
+import math
+
 import torch
 
 from utils.device import autocast
@@ -10,6 +12,22 @@ from utils.logs import check_finite, progress
 from .losses import attention_transfer, clone_loss, nt_xent
 
 TERMS = ("loss", "nce", "at", "clone")
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def epoch_lr(lr, epoch, epochs, schedule):
+    """The learning rate of epoch `epoch` (1-based) of `epochs`: lr throughout (constant), or lr
+    annealed along a half cosine, lr * (1 + cos(pi * (epoch - 1) / epochs)) / 2, from lr at epoch 1
+    to nearly 0 at the last (cosine; torch's CosineAnnealingLR stepped once per epoch). A function
+    of the epoch alone, so a resumed run picks up the same rate without saved scheduler state."""
+    if schedule == "constant":
+        return lr
+    return lr * (1 + math.cos(math.pi * (epoch - 1) / epochs)) / 2
+
+
+def set_lr(optimizer, lr):
+    for group in optimizer.param_groups:
+        group["lr"] = lr
 
 
 def distill_step(student, teacher, view1, view2, optimizer, weights, clone_weight, temperature, amp=False,

@@ -14,6 +14,7 @@ from datasets.poison import POISON_RECORD, poison_ctrl
 from datasets.prepare import PAPER_DATASETS, PAPER_REFERENCES, make_reference, reference_path
 from paper import TRIGGER, Task
 from report.methods import ATTACKS, BADENCODER, CTRL, DEFENSES, MIMIC
+from utils.cli import fraction
 from utils.errors import UserError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -39,6 +40,14 @@ def attack_list(text):
         raise argparse.ArgumentTypeError(f"unknown {', '.join(unknown) or 'empty list'}; "
                                          f"choose among {','.join(ATTACKS)}")
     return [a for a in ATTACKS if a in names]
+
+
+def ratio_list(text):
+    """--ratios: comma-separated clean-data fractions in (0, 1], in increasing order, each once."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError("empty list; give fractions such as 0.01,0.04,0.2")
+    return sorted({fraction(n) for n in names})
 
 
 def poison_name(pretraining, target, ratio, trigger):

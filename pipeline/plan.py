@@ -9,12 +9,16 @@ students and defences trained from it, and one evaluation per encoder. Folders, 
     ctrl_<task>/                 CTRL: stage 0 on the poisoned copy of the pre-training data
     <method>_ctrl_<task>/        the defences of the CTRL encoder
     eval/<method>_ctrl_<task>/   stage 3 with CTRL's trigger; <task> is the pre-training dataset
+
+With --ratios (the clean-data fraction sweep) every defence and control runs once per fraction r,
+its folders named <method>_r<r>_<task> (no_teacher_r<r>, eval/<method>_r<r>_<task>), against the
+same clean and backdoored encoders, which are trained and evaluated once.
 """
 import json
 from dataclasses import asdict, dataclass, field
 
 from paper import TRIGGER
-from report.methods import BADENCODER, CTRL, DEFENSES, MIMIC, NO_TEACHER, UNIFORM, table_key
+from report.methods import BADENCODER, BASELINES, CTRL, DEFENSES, MIMIC, NO_TEACHER, UNIFORM, table_key
 from utils.errors import UserError
 
 from .runner import Job
@@ -30,6 +34,19 @@ STUDENT_FLAGS = {
     UNIFORM: ["--attention", "uniform"],
 }
 STAGE_ARGS = ("clean", "badencoder", "mimic", "defense", "downstream")     # the --<stage>_args flags
+SUBSET_STAGES = ("mimic", "defense")        # the stages that read the clean subset, whose --ratio --ratios sets
+
+
+def ratio_tag(ratio):
+    """The part of a defence's or control's folder name that gives its fraction: "" for the
+    preset's own, else _r<ratio> (e.g. mimic_r0.04_demo_downstream)."""
+    return "" if ratio is None else f"_r{ratio:g}"
+
+
+def ratio_flags(ratio):
+    """The flags that set a job's clean-data fraction: none for the preset's own, else --ratio,
+    after the preset's flags and --<stage>_args (which may not set it, Plan.check_ratios)."""
+    return [] if ratio is None else ["--ratio", f"{ratio:g}"]
 
 
 @dataclass
@@ -37,7 +54,9 @@ class Plan:
     """Everything that decides a seed's numbers: the data, each stage's flags, which students and
     defences. `methods`: MIMIC and the defences asked for (method ids); `extra`: --<stage>_args;
     `attacks`: attack ids (report.methods.ATTACKS); `ctrl_task`: CTRL's task (the pre-training
-    dataset itself and its target class, reference None) and `ctrl_data`: the poisoned copy's name."""
+    dataset itself and its target class, reference None) and `ctrl_data`: the poisoned copy's name;
+    `ratios`: the fractions of the sweep, each defence and control run at each (None: once, at the
+    --ratio of the preset's flags)."""
     preset_name: str
     preset: object
     pretraining: str
@@ -54,6 +73,7 @@ class Plan:
     ctrl_task: object = None
     ctrl_data: str = None
     clean_encoder: str = None           # a shipped stage-0 encoder used instead of training one
+    ratios: list = None                 # --ratios: clean-data fractions of the sweep (None: the preset's alone)
 
     def config(self):
         """The plan as JSON would return it (compared with a summary's)."""
@@ -71,21 +91,46 @@ class Plan:
         pairs = [(BADENCODER, t) for t in self.tasks] if BADENCODER in self.attacks else []
         return pairs + ([(CTRL, self.ctrl_task)] if CTRL in self.attacks else [])
 
-    def encoder_folders(self, attack, task):
-        """{method id: stage folder} of every encoder evaluated for an attack on a task."""
+    def fractions(self):
+        """The clean-data fractions the defences and controls run at: each of --ratios, or [None]
+        (once, at the preset's --ratio, in folders that do not name it)."""
+        return list(self.ratios) if self.ratios else [None]
+
+    def encoder_folders(self, attack, task, ratio=None):
+        """{method id: stage folder} of every encoder evaluated for an attack on a task (the defences'
+        and controls' at clean-data fraction `ratio`, fractions())."""
         suffix = task.dataset if attack == BADENCODER else f"{attack}_{task.dataset}"
         folders = {"clean": "clean", "backdoored": f"{attack}_{task.dataset}"}
-        folders.update({m: NO_TEACHER if m == NO_TEACHER else f"{m}_{suffix}"
+        folders.update({m: f"{m}{ratio_tag(ratio)}" if m == NO_TEACHER else f"{m}{ratio_tag(ratio)}_{suffix}"
                         for m in (*self.students(), *self.defenses())})
         return folders
 
-    def eval_folder(self, attack, task, method):
+    def eval_folder(self, attack, task, method, ratio=None):
         suffix = task.dataset if attack == BADENCODER else f"{attack}_{task.dataset}"
-        return f"eval/{method}_{suffix}"
+        return f"eval/{method}{'' if method in BASELINES else ratio_tag(ratio)}_{suffix}"
 
     def tables(self):
-        """{summary table key: (attack, task)}; the key is report.methods.table_key's."""
-        return {table_key(a, t.key): (a, t) for a, t in self.attack_tasks()}
+        """{summary table key: (attack, task, ratio)}, one per attack, task and fraction; the key is
+        report.methods.table_key's."""
+        return {table_key(a, t.key, r): (a, t, r) for a, t in self.attack_tasks() for r in self.fractions()}
+
+    def check_ratios(self, images):
+        """Before any work: with --ratios, no --<stage>_args of a clean-subset stage may set --ratio
+        (the sweep sets it), and each fraction of the `images` pre-training images must hold one
+        batch of those stages (incomplete batches are dropped)."""
+        if not self.ratios:
+            return
+        for stage in SUBSET_STAGES:
+            if "--ratio" in self.extra[stage] or any(f.startswith("--ratio=") for f in self.extra[stage]):
+                raise UserError(f"--{stage}_args sets --ratio, which --ratios sets for every {stage} job; "
+                                f"drop it from --{stage}_args")
+        for stage in SUBSET_STAGES:
+            batch = self.preset.global_batch[stage]
+            small = [r for r in self.ratios if int(r * images) < batch]
+            if small:
+                raise UserError(f"--ratios {','.join(f'{r:g}' for r in small)}: {int(small[0] * images)} of the "
+                                f"{images} images of {self.pretraining} hold less than one {stage} batch of {batch}; "
+                                f"choose fractions of at least {batch / images:.3g}")
 
     def batch(self, stage):
         """--batch_size for one process of a stage: the preset's global batch shared among nproc."""
@@ -115,13 +160,17 @@ def seed_jobs(plan, seed, out_dir, key=""):
     jobs = [] if plan.clean_encoder else [job(
         "stage 0: clean encoder", "train_clean_encoder.py", "clean",
         lambda done: ["--pretraining_dataset", plan.pretraining, *p.clean, *plan.batch("clean"), *x["clean"]])]
-    if NO_TEACHER in plan.students():
-        jobs.append(job(f"stage 2: {NO_TEACHER}", "MIMIC.py", NO_TEACHER, lambda done: [
-            "--pretraining_dataset", plan.pretraining, "--teacher", encoder("clean")(done),
-            *p.mimic, *plan.batch("mimic"), *x["mimic"], *STUDENT_FLAGS[NO_TEACHER]], deps=clean))
+    for ratio in plan.fractions() if NO_TEACHER in plan.students() else []:
+        at = "" if ratio is None else f" (fraction {ratio:g})"
+        jobs.append(job(f"stage 2: {NO_TEACHER}{at}", "MIMIC.py", f"{NO_TEACHER}{ratio_tag(ratio)}",
+                        lambda done, r=ratio: [
+                            "--pretraining_dataset", plan.pretraining, "--teacher", encoder("clean")(done),
+                            *p.mimic, *plan.batch("mimic"), *x["mimic"], *STUDENT_FLAGS[NO_TEACHER], *ratio_flags(r)],
+                        deps=clean))
     for attack, task in plan.attack_tasks():
-        name, folders = task.dataset, plan.encoder_folders(attack, task)
-        bad, what = folders["backdoored"], f"{name}" if attack == BADENCODER else f"{attack}, {name}"
+        name = task.dataset
+        bad = plan.encoder_folders(attack, task)["backdoored"]
+        what = f"{name}" if attack == BADENCODER else f"{attack}, {name}"
         if attack == BADENCODER:
             jobs.append(job(f"stage 1: BadEncoder ({name})", "train_badencoder.py", bad, lambda done, t=task: [
                 "--pretraining_dataset", plan.pretraining, "--downstreamTask", t.dataset, "--trigger_file", TRIGGER,
@@ -135,20 +184,27 @@ def seed_jobs(plan, seed, out_dir, key=""):
                                           *p.clean, *plan.batch("clean"), *x["clean"]],
                             inputs=(f"{plan.data_dir}/{plan.ctrl_data}/train.npz",)))
             trigger, reference = ["--trigger", CTRL], []
-        for method in [m for m in plan.students() if m != NO_TEACHER]:
-            jobs.append(job(f"stage 2: {method} ({what})", "MIMIC.py", folders[method], lambda done, m=method, b=bad: [
-                "--pretraining_dataset", plan.pretraining, "--teacher", encoder(b)(done),
-                *p.mimic, *plan.batch("mimic"), *x["mimic"], *STUDENT_FLAGS[m]], deps=[bad]))
-        for method in plan.defenses():
-            def defense_args(done, m=method, b=bad):
-                return ["--defense", m, "--suspect", encoder(b)(done), "--pretraining_dataset", plan.pretraining,
-                        *p.defenses[m], *plan.batch("defense"), *x["defense"]]
-            jobs.append(job(f"stage 2: {method} ({what})", "defenses.py", folders[method], defense_args, deps=[bad]))
-        for method, folder in folders.items():
-            jobs.append(job(f"stage 3: {method} on {what}", "training_downstream_classifier.py",
-                            plan.eval_folder(attack, task, method),
-                            lambda done, f=folder, t=task, tr=trigger, r=reference: [
-                                "--dataset", t.dataset, "--reference_label", t.label, *tr,
-                                "--encoder", encoder(f)(done), *r, *p.downstream, *x["downstream"]],
-                            deps=[folder] if folder != "clean" else clean, training=False))
+        for ratio in plan.fractions():
+            folders = plan.encoder_folders(attack, task, ratio)
+            at = what if ratio is None else f"{what}, fraction {ratio:g}"
+            for method in [m for m in plan.students() if m != NO_TEACHER]:
+                jobs.append(job(f"stage 2: {method} ({at})", "MIMIC.py", folders[method],
+                                lambda done, m=method, b=bad, r=ratio: [
+                                    "--pretraining_dataset", plan.pretraining, "--teacher", encoder(b)(done),
+                                    *p.mimic, *plan.batch("mimic"), *x["mimic"], *STUDENT_FLAGS[m], *ratio_flags(r)],
+                                deps=[bad]))
+            for method in plan.defenses():
+                def defense_args(done, m=method, b=bad, r=ratio):
+                    return ["--defense", m, "--suspect", encoder(b)(done), "--pretraining_dataset", plan.pretraining,
+                            *p.defenses[m], *plan.batch("defense"), *x["defense"], *ratio_flags(r)]
+                jobs.append(job(f"stage 2: {method} ({at})", "defenses.py", folders[method], defense_args, deps=[bad]))
+            for method, folder in folders.items():
+                if method in BASELINES and ratio != plan.fractions()[0]:
+                    continue                # the clean and backdoored encoders are evaluated once
+                jobs.append(job(f"stage 3: {method} on {at if method not in BASELINES else what}",
+                                "training_downstream_classifier.py", plan.eval_folder(attack, task, method, ratio),
+                                lambda done, f=folder, t=task, tr=trigger, r=reference: [
+                                    "--dataset", t.dataset, "--reference_label", t.label, *tr,
+                                    "--encoder", encoder(f)(done), *r, *p.downstream, *x["downstream"]],
+                                deps=[folder] if folder != "clean" else clean, training=False))
     return jobs

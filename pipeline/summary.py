@@ -1,9 +1,10 @@
 """The numbers a run ends with: each seed's ACC/ASR table, MIMIC's MI, whether each defence left
 the backdoor in place, the demo's checks, and the summary over seeds. Rows are keyed by method id
 (report.methods) and turned into labels only in the markdown."""
-from report.methods import BADENCODER, BASELINES, MIMIC, NO_TEACHER, label
-from report.stats import (asr_matrix, markdown_asr_matrix, markdown_mi_table, markdown_seed_table, mi_not_converged,
-                          paired_differences, several_attacks, summarize_seeds, table_title)
+from report.methods import BADENCODER, BASELINES, MIMIC, NO_TEACHER, fraction_text, label
+from report.stats import (asr_matrix, markdown_asr_matrix, markdown_mi_table, markdown_seed_table,
+                          markdown_sweep_table, mi_not_converged, paired_differences, several_attacks, summarize_seeds,
+                          sweep_data, table_title)
 from utils.records import METRICS, MI, SUMMARY, MIRecord, SeedsSummary, Summary
 
 # A defence left the backdoor in place when its ASR stays this many points above the clean encoder's.
@@ -14,15 +15,16 @@ def seed_summary(plan, seed, out_dir, done, key, times):
     """The Summary of one seed from its finished jobs (`done`: job key -> Results; keys start with
     `key`); `times`: seconds of the stages run this time, by job key. One table per attack and task."""
     results, mi, left, attacks = {}, {}, {}, {}
-    for table, (attack, task) in plan.tables().items():
+    for table, (attack, task, ratio) in plan.tables().items():
         rows = {}
-        for method in plan.encoder_folders(attack, task):
-            found = done.get(f"{key}{plan.eval_folder(attack, task, method)}")
+        for method in plan.encoder_folders(attack, task, ratio):
+            found = done.get(f"{key}{plan.eval_folder(attack, task, method, ratio)}")
             if found is not None:
                 rows[method] = {m: getattr(found, m) for m in METRICS}
-        results[table], attacks[table] = rows, {"attack": attack, "task": task.key}
+        results[table] = rows
+        attacks[table] = {"attack": attack, "task": task.key, **({} if ratio is None else {"ratio": ratio})}
         left[table] = backdoor_left(rows)
-        mi_path = out_dir / plan.encoder_folders(attack, task).get(MIMIC, "-") / MI
+        mi_path = out_dir / plan.encoder_folders(attack, task, ratio).get(MIMIC, "-") / MI
         if MIMIC in plan.methods and mi_path.exists():
             mi[table] = MIRecord.load(mi_path).per_block()
     stage_seconds = {k[len(key):]: t for k, t in times.items() if k.startswith(key)}
@@ -32,8 +34,10 @@ def seed_summary(plan, seed, out_dir, done, key, times):
                       config=plan.config(), attacks=attacks,
                       asr_matrix=asr_matrix(summarize_seeds({seed: results}), attacks))
     bad = [t for t, a in attacks.items() if a["attack"] == BADENCODER]
-    if plan.demo_checks and bad:            # the demo's checks are BadEncoder's
-        summary.checks = [{"check": c, "passed": ok} for c, ok in check_demo(results[bad[0]])]
+    if plan.demo_checks and bad:            # the demo's checks are BadEncoder's, at each fraction of a sweep
+        checks = {t: check_demo(results[t]) for t in (bad if plan.ratios else bad[:1])}
+        summary.checks = [{"check": f"{fraction_text(attacks[t]['ratio'])}: {c}" if plan.ratios else c, "passed": ok}
+                          for t, found in checks.items() for c, ok in found]
     return summary
 
 
@@ -109,6 +113,7 @@ def seed_markdown(summary):
                   for m, r in rows.items()]
         lines.append("")
     text = "\n".join(lines) + "\n" + matrix_text(summary.asr_matrix, summary.attacks)
+    text += markdown_sweep_table(sweep_data(summarize_seeds({summary.seed: summary.results}), summary.attacks))
     text += left_lines(summary.backdoor_left, summary.results)
     text += "\n| stage | wall time (s) |\n|---|---|\n" + "".join(
         f"| {name} | {t:.1f} |\n" for name, t in summary.stage_seconds.items())
@@ -137,6 +142,7 @@ def seeds_summary(per_seed, wall_seconds=None):
                            wall_seconds=wall_seconds, checks=checks or None, attacks=attacks, asr_matrix=matrix)
     text = f"## Over seeds {', '.join(map(str, per_seed))}: mean ± sample std\n\n"
     text += markdown_seed_table(stats, paired, attacks=attacks) + matrix_text(matrix, attacks)
+    text += markdown_sweep_table(sweep_data(stats, attacks))
     text += "".join(f"\n### Seed {seed}\n\n" + left_lines(s.backdoor_left, s.results) for seed, s in per_seed.items())
     text += "".join(f"\n### Demo checks, seed {seed}\n\n" + checklist(c) for seed, c in checks.items())
     text += "\n" + markdown_mi_table(mi)

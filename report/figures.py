@@ -19,8 +19,8 @@ import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first
 from matplotlib.patches import Patch  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from report.methods import ATTACKS, BADENCODER, label  # noqa: E402
-from report.stats import METRIC_LABELS, asr_matrix, several_attacks, summarize_seeds  # noqa: E402
+from report.methods import ATTACKS, BADENCODER, BASELINES, attack_label, label  # noqa: E402
+from report.stats import METRIC_LABELS, asr_matrix, several_attacks, summarize_seeds, sweep_data  # noqa: E402
 from utils.errors import UserError  # noqa: E402
 from utils.records import LOG, MI, RESULTS, SUMMARY, MIRecord, Summary, read_log  # noqa: E402
 
@@ -185,6 +185,20 @@ def matrix_data(matrix):
     return {"rows": rows, "columns": [label(m) for m in methods], "means": means, "stds": stds, "seeds": seeds}
 
 
+def sweep_lines(methods):
+    """One attack and task of report.stats.sweep_data() as lines: {"ratios": sorted fractions,
+    "lines": {label: {metric: {"means", "stds"}}} (NaN where a fraction is missing), "fixed": the
+    labels of the clean and backdoored encoders, the same at every fraction, "seeds"}."""
+    ratios = sorted({r for by in methods.values() for r in by})
+    nan = float("nan")
+    lines = {label(m): {metric: {"means": [by[r][metric]["mean"] if metric in by.get(r, {}) else nan for r in ratios],
+                                 "stds": [by[r][metric]["std"] if metric in by.get(r, {}) else 0.0 for r in ratios]}
+                        for metric in ("acc", "asr")} for m, by in methods.items()}
+    seeds = max((len(c["values"]) for by in methods.values() for cells in by.values() for c in cells.values()),
+                default=0)
+    return {"ratios": ratios, "lines": lines, "fixed": [label(m) for m in methods if m in BASELINES], "seeds": seeds}
+
+
 def to_uint8(images):
     """(N,H,W,3) uint8 from uint8 NHWC or float [0,1] arrays, NCHW accepted (a converted tensor)."""
     a = np.asarray(images)
@@ -290,6 +304,36 @@ def attack_matrix(matrix, path):
     fig.colorbar(image, ax=ax, label="ASR (%)")
     spread = f"mean ± std over {data['seeds']} seeds" if data["seeds"] > 1 else "one run"
     ax.set_title(f"Attack success rate by attack and defence ({spread})")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def ratio_sweep(sweep, path):
+    """ACC and ASR (%) against the clean-data fraction (log axis), one line per encoder with the seed
+    std as whiskers, one row of two panels per attack and task of report.stats.sweep_data(). The
+    clean and backdoored encoders do not depend on the fraction: dashed."""
+    if not sweep:
+        raise NothingToPlot("no clean-data fraction sweep")
+    fig, axes = plt.subplots(len(sweep), 2, figsize=(11, 4.2 * len(sweep)), squeeze=False)
+    seeds = 0
+    for row, ((attack, task), methods) in zip(axes, sweep.items()):
+        data = sweep_lines(methods)
+        seeds = max(seeds, data["seeds"])
+        for ax, metric in zip(row, ("acc", "asr")):
+            for name, line in data["lines"].items():
+                ax.errorbar(data["ratios"], line[metric]["means"], yerr=line[metric]["stds"], marker="o", capsize=3,
+                            linestyle="--" if name in data["fixed"] else "-", label=name)
+            ax.set_xscale("log")
+            ax.set_xticks(data["ratios"], [f"{100 * r:g}%" for r in data["ratios"]])
+            ax.minorticks_off()
+            ax.set_xlabel("clean data given to the defence (share of the pre-training set)")
+            ax.set_ylabel(f"{METRIC_LABELS[metric]} (%)")
+            ax.set_ylim(0, 105)
+            ax.grid(alpha=0.3)
+            ax.set_title(f"{attack_label(attack)} on {task}: {METRIC_LABELS[metric]}")
+        row[1].legend(fontsize=8, loc="best")
+    spread = f"mean ± std over {seeds} seeds" if seeds > 1 else "one run"
+    fig.suptitle(f"Defences against the clean-data fraction ({spread})")
     fig.tight_layout()
     return _save(fig, path)
 
@@ -436,7 +480,8 @@ def plot_results(results_dir):
 
     With seed_* subfolders (each with a summary.json) the bars show mean ± std over seeds and each
     seed's curves get a `seed_<s>_` prefix; otherwise the folder is one run. With more than one
-    attack, attack_matrix.png is the attacks x defences ASR heatmap.
+    attack, attack_matrix.png is the attacks x defences ASR heatmap; with a clean-data fraction
+    sweep (run_pipeline.py --ratios), ratio_sweep.png draws ACC and ASR against the fraction.
     """
     root = Path(results_dir)
     if not root.is_dir():
@@ -450,6 +495,9 @@ def plot_results(results_dir):
     attacks = {t: a for folder in runs.values() for t, a in summary_attacks(folder).items()}
     if several_attacks(attacks):
         jobs.append((attack_matrix, asr_matrix(stats, attacks), out / "attack_matrix.png"))
+    sweep = sweep_data(stats, attacks)
+    if sweep:
+        jobs.append((ratio_sweep, sweep, out / "ratio_sweep.png"))
     for folder in runs.values():
         jobs += run_jobs(folder, out, prefix=f"{folder.name}_" if seeds else "")
     return [p for p in (_draw(*job) for job in jobs) if p is not None]

@@ -35,12 +35,19 @@ def attack_label(attack):
     return ATTACK_LABELS.get(attack, attack)
 
 
-def table_key(attack, task_key):
+def fraction_text(ratio):
+    """How a clean-data fraction of the sweep (run_pipeline.py --ratios) is shown: '4% clean data'."""
+    return f"{100 * ratio:g}% clean data"
+
+
+def table_key(attack, task_key, ratio=None):
     """The key of an attack's table on a task in summaries: the task's own key for BadEncoder (as
-    before attacks were a choice), prefixed by the attack's label for the others."""
-    return task_key if attack == BADENCODER else f"{attack_label(attack)}: {task_key}"
+    before attacks were a choice), prefixed by the attack's label for the others; with a fraction
+    of the sweep, followed by it."""
+    key = task_key if attack == BADENCODER else f"{attack_label(attack)}: {task_key}"
+    return key if ratio is None else f"{key}, {fraction_text(ratio)}"
 
 
-def matrix_row(attack, task_key):
-    """The row of the attacks x defences table for an attack on a task."""
-    return f"{attack_label(attack)} on {task_key}"
+def matrix_row(attack, task_key, ratio=None):
+    """The row of the attacks x defences table for an attack on a task (at a fraction of the sweep)."""
+    return f"{attack_label(attack)} on {task_key}" + ("" if ratio is None else f", {fraction_text(ratio)}")

@@ -6,7 +6,7 @@ number by hand. Metrics are percentages, as the downstream stage reports them.
 """
 import statistics
 
-from .methods import BADENCODER, BASELINES, MIMIC, attack_label, label, matrix_row
+from .methods import BADENCODER, BASELINES, MIMIC, attack_label, fraction_text, label, matrix_row
 
 METRIC_LABELS = {"acc": "ACC", "asr": "ASR", "asr_excluding_target": "ASR excl. target"}
 
@@ -74,6 +74,11 @@ def mean_std(cell):
     return f"{cell['mean']:.1f} ± {cell['std']:.1f}"
 
 
+def _cell(cell, seeds):
+    """mean_std(cell) over several seeds, the value alone over one."""
+    return mean_std(cell) if seeds > 1 else f"{cell['mean']:.1f}"
+
+
 def per_seed_text(cell):
     """'1: 12.0, 2: 12.6' so a reader sees which seed gave which value."""
     return ", ".join(f"{seed}: {value:.1f}" for seed, value in cell["values"].items())
@@ -116,8 +121,44 @@ def asr_matrix(stats, attacks, metric="asr"):
     out = {}
     for table, rows in stats.items():
         who = attacks.get(table, {"attack": BADENCODER, "task": table})
-        out[matrix_row(who["attack"], who["task"])] = {m: cells[metric] for m, cells in rows.items() if metric in cells}
+        out[matrix_row(who["attack"], who["task"], who.get("ratio"))] = {
+            m: cells[metric] for m, cells in rows.items() if metric in cells}
     return out
+
+
+def sweep_data(stats, attacks):
+    """The clean-data fraction sweep (run_pipeline.py --ratios) regrouped from summarize_seeds()
+    output: {(attack, task): {method id: {ratio: {metric: spread}}}}, fractions in increasing order.
+    Only tables whose `attacks` entry has a "ratio" count; {} without a sweep."""
+    out = {}
+    for table, rows in stats.items():
+        who = attacks.get(table, {})
+        if who.get("ratio") is None:
+            continue
+        group = out.setdefault((who["attack"], who["task"]), {})
+        for method, cells in rows.items():
+            group.setdefault(method, {})[who["ratio"]] = cells
+    return {g: {m: dict(sorted(by.items())) for m, by in methods.items()} for g, methods in out.items()}
+
+
+def markdown_sweep_table(sweep):
+    """Markdown: per attack and task of a sweep_data(), rows = encoders, columns = fractions, each
+    cell 'ACC / ASR' (mean ± sample std over seeds, the value alone with one seed); "" without a sweep."""
+    lines = []
+    for (attack, task), methods in sweep.items():
+        ratios = sorted({r for by in methods.values() for r in by})
+        seeds = max((len(c["values"]) for by in methods.values() for cells in by.values() for c in cells.values()),
+                    default=0)
+        over = f"mean ± std over {seeds} seeds" if seeds > 1 else "one seed"
+        lines += [f"### {attack_label(attack)} on {task}: ACC / ASR (%) by clean-data fraction ({over})", "",
+                  "| encoder | " + " | ".join(fraction_text(r) for r in ratios) + " |",
+                  "|" + "---|" * (len(ratios) + 1)]
+        for method, by in methods.items():
+            shown = [f"{_cell(by[r]['acc'], seeds)} / {_cell(by[r]['asr'], seeds)}"
+                     if r in by and "acc" in by[r] and "asr" in by[r] else "" for r in ratios]
+            lines.append(f"| {label(method)} | " + " | ".join(shown) + " |")
+        lines.append("")
+    return "\n".join(lines)
 
 
 def markdown_asr_matrix(matrix, metric="asr"):
@@ -129,8 +170,7 @@ def markdown_asr_matrix(matrix, metric="asr"):
     lines = [f"### {METRIC_LABELS.get(metric, metric)} (%) by attack and defence ({over})", "",
              "| attack | " + " | ".join(label(m) for m in methods) + " |", "|" + "---|" * (len(methods) + 1)]
     for row, cells in matrix.items():
-        shown = [(mean_std(cells[m]) if seeds > 1 else f"{cells[m]['mean']:.1f}") if m in cells else ""
-                 for m in methods]
+        shown = [_cell(cells[m], seeds) if m in cells else "" for m in methods]
         lines.append(f"| {row} | " + " | ".join(shown) + " |")
     return "\n".join(lines + [""])
 

@@ -64,7 +64,9 @@ class FakeStages:
         out.mkdir(parents=True, exist_ok=True)
         if script == "training_downstream_classifier.py":
             folder = Path(flag(args, "--encoder")).parent.name.removesuffix("_" + flag(args, "--dataset"))
-            acc, asr = FAKE_METRICS[folder]
+            swept = re.fullmatch(r"(.+)_r([0-9.e-]+)", folder)      # a fraction of --ratios adds 10 x it to ACC
+            acc, asr = FAKE_METRICS[swept[1] if swept else folder]
+            acc += 10 * float(swept[2]) if swept else 0
             results = {"stage": "downstream", "args": {}, "acc": acc + seed % 10, "asr": asr + 2 * (seed % 10),
                        "asr_excluding_target": asr}
         else:
@@ -201,7 +203,8 @@ def test_defences_get_a_row_each_beside_mimic(tiny, tmp_path, monkeypatch, capsy
     for name, args in defences.items():
         assert flag(args, "--suspect") == suspect and flag(args, "--pretraining_dataset") == "cifar10"
         # the demo preset's baseline budget, on MIMIC's clean subset
-        assert [flag(args, f) for f in ("--epochs", "--ratio", "--lr", "--batch_size")] == ["10", "0.2", "1e-3", "128"]
+        assert [flag(args, f) for f in ("--epochs", "--ratio", "--lr", "--batch_size")] == \
+            ["10", "0.2", "1e-3", "128"]
         assert flag(args, "--ratio") == flag(mimic_args, "--ratio")
         assert flag(args, "--results_dir") == str(out / f"{name}_gtsrb")
         assert ("--nad_teacher_epochs" in args) == (name == "nad")
