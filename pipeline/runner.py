@@ -118,12 +118,15 @@ class Runner:
         does not stop the others: the jobs that do not depend on it still run, then the run stops
         with one line naming it and its log."""
         logs = self.results_dir / "logs"
-        done, running, pending, failed, looked_up = {}, {}, list(jobs), [], {}
+        done, running, pending, failed, looked_up = {}, {}, list(jobs), {}, {}
+        skipped = {}            # job key -> key of the failed stage it waits on, directly or not
         try:
             while pending or running:
-                blocked = {j.key for j in pending if any(d in {f.key for f, _ in failed} for d in j.deps)}
-                pending = [j for j in pending if j.key not in blocked]
-                failed += [(j, None) for j in jobs if j.key in blocked]
+                for job in list(pending):       # jobs come after the jobs they depend on
+                    cause = next((skipped.get(d, d) for d in job.deps if d in skipped or d in failed), None)
+                    if cause is not None:
+                        skipped[job.key] = cause
+                        pending.remove(job)
                 for job in [j for j in pending if all(d in done for d in j.deps)]:
                     if job.key not in looked_up:        # once: a ready job may wait many polls for a slot
                         record = self.record(job, done)
@@ -148,7 +151,7 @@ class Runner:
                         continue
                     del running[key]
                     if code != 0:
-                        failed.append((job, log))
+                        failed[key] = (job, log)
                         continue
                     self.times[key] = round(time.time() - began, 1)
                     save_json(self.results_dir / TIMES, self.times)
@@ -163,12 +166,33 @@ class Runner:
                 stop(proc)
             raise
         if failed:
-            job, log = failed[0]          # the first to fail; the rest depend on a failed stage
-            where = f"; its output is in {log}" if log else " (command above)"
-            after = len(failed) - 1
-            skipped = f"; {after} stage(s) after it did not run" if after else ""
-            raise UserError(f"stage {job.name!r} failed{where}{skipped}; fix it and run again to continue")
+            raise UserError(failure_line(list(failed.values()), skipped))
         return done
+
+
+def failure_line(failed, skipped):
+    """One line on the stages that failed ([(job, log or None)], the first first): the first one's
+    last error line and its log, and the stages that did not run because of it."""
+    job, log = failed[0]
+    reason = last_error(log) if log else None
+    where = f"; its output is in {log}" if log else " (command above)"
+    dependents = [key for key, cause in skipped.items() if cause == job.key]
+    line = f"stage {job.name!r} failed{f' ({reason})' if reason else ''}{where}"
+    if dependents:
+        line += f"; not run because of it: {', '.join(dependents)}"
+    if len(failed) > 1:
+        line += f"; {len(failed) - 1} other stage(s) failed too: {', '.join(repr(j.name) for j, _ in failed[1:])}"
+    return line + "; fix it and run again to continue"
+
+
+def last_error(log):
+    """The last `error: ...` line of a stage's log (the last line when there is none), or None."""
+    try:
+        lines = [line.strip() for line in Path(log).read_text(errors="replace").splitlines() if line.strip()]
+    except OSError:
+        return None
+    errors = [line for line in lines if "error: " in line]
+    return (errors or lines or [None])[-1]
 
 
 def recorded(folder):

@@ -372,9 +372,26 @@ def test_a_failed_stage_stops_the_run_with_one_line(tiny, tmp_path, monkeypatch)
 
     monkeypatch.setattr(runner, "start_child", failing)
     with pytest.raises(UserError, match=r"^stage 'stage 2: mimic \(gtsrb\), seed 100' failed \(command above\); "
-                                        r"1 stage\(s\) after it did not run; fix it and run again to continue$"):
+                                        r"not run because of it: eval/mimic_gtsrb; fix it and run again to continue$"):
         run_pipeline.main(own_data_args(tiny, tmp_path, "--no_controls", "--jobs", "1"))
     assert fake.scripts().count("training_downstream_classifier.py") == 5     # the independent stages still ran
+
+
+def test_a_failed_stage_0_is_named_with_its_error_line_its_log_and_what_waited_on_it(tiny, tmp_path, monkeypatch):
+    """Issue 37, item 7: with --jobs 2 the error is only in the log; the stages after stage 0 wait on it."""
+    def failing(cmd, env, log=None):
+        Path(log).parent.mkdir(parents=True, exist_ok=True)
+        Path(log).write_text("epoch 1/2\nerror: loss became nan at epoch 1, step 3; stopped\n")
+        return Finished(2)
+
+    monkeypatch.setattr(runner, "start_child", failing)
+    log = tmp_path / "out" / "logs" / "clean.log"
+    with pytest.raises(UserError) as refused:
+        run_pipeline.main(own_data_args(tiny, tmp_path, "--defenses", "mimic", "--no_controls", "--jobs", "2"))
+    assert str(refused.value) == (
+        f"stage 'stage 0: clean encoder, seed 100' failed (error: loss became nan at epoch 1, step 3; stopped); "
+        f"its output is in {log}; not run because of it: badencoder_gtsrb, mimic_gtsrb, eval/clean_gtsrb, "
+        f"eval/backdoored_gtsrb, eval/mimic_gtsrb; fix it and run again to continue")
 
 
 def test_a_second_runner_on_the_same_folder_is_refused_before_it_writes(tiny, tmp_path, fake):
