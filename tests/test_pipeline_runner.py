@@ -464,6 +464,18 @@ def test_task_with_an_absent_label_is_refused_before_any_work(tiny, tmp_path, fa
     assert fake.commands == [] and not (tmp_path / "ref").exists()
 
 
+def test_task_label_against_its_reference_file_is_refused_before_any_work(tiny, tmp_path, fake):
+    """Issue 37, item 8: stage 3 refused it, after stages 0-2 had trained."""
+    args = own_data_args(tiny, tmp_path, task=f"gtsrb:2:{tiny / 'priority.npz'}")
+    with pytest.raises(UserError) as refused:
+        run_pipeline.main(args)
+    assert str(refused.value) == (
+        f"the label 2 of task gtsrb differs from the label 1 of the reference file {tiny / 'priority.npz'}; the "
+        f"reference inputs must be of the target class (pass the reference file of that class, or leave REFERENCE "
+        f"out of --task to have one made)")
+    assert fake.commands == []
+
+
 def test_missing_data_and_a_trigger_of_another_size_are_named(tiny, tmp_path, fake):
     args = own_data_args(tiny, tmp_path, task="mine:1")
     with pytest.raises(UserError, match=rf"^this run needs prepared data; missing: {tiny}/data/mine/train\.npz, "
