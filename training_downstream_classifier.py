@@ -145,8 +145,8 @@ def main(args):
     out_dir, device = start_run(args, inputs=input_files(args))
     fingerprint = stage_fingerprint("downstream", args, input_files)
     encoder, ckpt = load_encoder(args.encoder)
-    args.pretraining_dataset, mean, std = encoder_normalization(ckpt, args.pretraining_dataset, args.data_dir,
-                                                                flag="--encoder_usage_info")
+    args.pretraining_dataset, mean, std = encoder_normalization(ckpt, args.encoder, args.pretraining_dataset,
+                                                                args.data_dir, flag="--encoder_usage_info")
     train_x, train_y = load_split(args.data_dir, args.dataset, "train")
     test_x, test_y = load_split(args.data_dir, args.dataset, "test")
     num_classes = int(max(train_y.max(), test_y.max())) + 1

@@ -49,7 +49,8 @@ def smallest_window(positions=CTRL_POSITIONS):
 def fitting_windows(height, width, positions=CTRL_POSITIONS):
     """The window sizes the trigger fits on HxW images: those dividing both sides and holding every
     DCT position inside the window."""
-    return [w for w in range(smallest_window(positions), min(height, width) + 1) if height % w == 0 and width % w == 0]
+    return [w for w in range(smallest_window(positions), min(height, width) + 1)
+            if height % w == 0 and width % w == 0]
 
 
 def _check_window(height, width, window):

@@ -122,9 +122,10 @@ class FrequencyTrigger:
         windows = fitting_windows(height, width, self.positions)
         if self.window_size not in windows:
             fits = f"here {', '.join(map(str, windows))}" if windows else "none does"
+            positions = ", ".join(map(str, self.positions))
             raise UserError(f"CTRL trigger: window size {self.window_size} does not fit {height}x{width} images; "
-                            f"the window must divide the height and width and hold the DCT positions "
-                            f"{', '.join(map(str, self.positions))} (so be at least {smallest_window(self.positions)}): {fits}")
+                            f"the window must divide the height and width and hold the DCT positions {positions} "
+                            f"(so be at least {smallest_window(self.positions)}): {fits}")
         try:
             frequency_trigger(np.zeros((1, height, width, 3), dtype=np.uint8), self.magnitude, self.window_size,
                               self.positions, self.channels)
