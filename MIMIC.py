@@ -190,7 +190,8 @@ def main(args):
     out_dir, device = start_run(args, args.resume, distributed=True, inputs=input_files(args))
     fingerprint = stage_fingerprint("mimic", args, input_files)
     teacher, teacher_ckpt = load_encoder(args.teacher)
-    args.pretraining_dataset, mean, std = encoder_normalization(teacher_ckpt, args.pretraining_dataset, args.data_dir)
+    args.pretraining_dataset, mean, std = encoder_normalization(teacher_ckpt, args.teacher, args.pretraining_dataset,
+                                                                args.data_dir)
     split = pretraining_split(args.pretraining_dataset, args.pretraining_split)
     x, _ = load_split(args.data_dir, args.pretraining_dataset, split)
     subset = clean_subset(x, args.ratio, args.batch_size)

@@ -247,7 +247,8 @@ def main(args):
     out_dir, device = start_run(args, args.resume, distributed=True, inputs=input_files(args))
     fingerprint = stage_fingerprint(args.defense, args, input_files)
     suspect, suspect_ckpt = load_encoder(args.suspect)
-    args.pretraining_dataset, mean, std = encoder_normalization(suspect_ckpt, args.pretraining_dataset, args.data_dir)
+    args.pretraining_dataset, mean, std = encoder_normalization(suspect_ckpt, args.suspect, args.pretraining_dataset,
+                                                                args.data_dir)
     x, y = load_split(args.data_dir, args.pretraining_dataset, "train")
     subset = clean_subset(x, args.ratio, args.batch_size)
     if args.defense == "fine_pruning" and args.prune_max_drop is not None and len(subset) == len(x):

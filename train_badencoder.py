@@ -184,7 +184,8 @@ def main(args):
     out_dir, device = start_run(args, args.resume, distributed=True, inputs=input_files(args))
     fingerprint = stage_fingerprint("badencoder", args, input_files)
     clean, clean_ckpt = load_encoder(args.pretrained_encoder)
-    args.pretraining_dataset, mean, std = encoder_normalization(clean_ckpt, args.pretraining_dataset, args.data_dir)
+    args.pretraining_dataset, mean, std = encoder_normalization(clean_ckpt, args.pretrained_encoder,
+                                                                args.pretraining_dataset, args.data_dir)
     shadow = args.shadow_dataset or args.pretraining_dataset
     split = pretraining_split(shadow, args.pretraining_split)
     x, _ = load_split(args.data_dir, shadow, split)

@@ -26,6 +26,7 @@ from datasets import NORMALIZATION, encoder_normalization, load_reference, load_
 from datasets.frequency import CTRL_MAGNITUDE, CTRL_WINDOW
 from datasets.trigger import TRIGGER_KINDS
 from datasets.loader import extract_features, index_batches
+from datasets.npz import check_reference_label
 from models import DownstreamClassifier, load_encoder
 from models.health import check_finite_features, check_not_collapsed
 from models.metrics import backdoor_metrics
@@ -106,14 +107,11 @@ def input_files(args):
 
 def target_label(args, num_classes):
     label = args.reference_label
-    if args.reference_file is not None:
-        _, ref_label = load_reference(args.reference_file)
-        if label == -1:
-            label = ref_label
-        elif label != ref_label:
-            raise UserError(f"--reference_label {label} differs from the label {ref_label} of the reference "
-                            f"file {args.reference_file}; the reference inputs must be of the target class "
-                            f"(pass the matching file, or drop one of the two)")
+    if args.reference_file is not None and label == -1:
+        _, label = load_reference(args.reference_file)
+    elif args.reference_file is not None:
+        check_reference_label(label, args.reference_file, f"--reference_label {label}",
+                              "pass the matching file, or drop one of the two")
     if label == -1:
         raise UserError("no target label: pass --reference_label or --reference_file")
     if not 0 <= label < num_classes:
@@ -147,8 +145,8 @@ def main(args):
     out_dir, device = start_run(args, inputs=input_files(args))
     fingerprint = stage_fingerprint("downstream", args, input_files)
     encoder, ckpt = load_encoder(args.encoder)
-    args.pretraining_dataset, mean, std = encoder_normalization(ckpt, args.pretraining_dataset, args.data_dir,
-                                                                flag="--encoder_usage_info")
+    args.pretraining_dataset, mean, std = encoder_normalization(ckpt, args.encoder, args.pretraining_dataset,
+                                                                args.data_dir, flag="--encoder_usage_info")
     train_x, train_y = load_split(args.data_dir, args.dataset, "train")
     test_x, test_y = load_split(args.data_dir, args.dataset, "test")
     num_classes = int(max(train_y.max(), test_y.max())) + 1

@@ -47,18 +47,19 @@ def normalization_record(name, mean, std):
     return {"dataset": name, "mean": [float(v) for v in mean], "std": [float(v) for v in std]}
 
 
-def resolve_normalization(ckpt, name, data_dir, flag_given, flag="--pretraining_dataset"):
+def resolve_normalization(ckpt, name, data_dir, flag_given, flag="--pretraining_dataset", path=None):
     """(mean, std, source) to normalise the inputs of the encoder in `ckpt` (a checkpoint dict).
 
     A checkpoint carrying `normalization` (see normalization_record) is normalised with it; an
     explicit `flag` naming another dataset, or one whose statistics differ from the checkpoint's,
     is refused rather than silently overridden. A checkpoint without it (BadEncoder's released
-    encoders, this project's older ones) is normalised as `normalization(name, data_dir)`.
+    encoders, this project's older ones) is normalised as `normalization(name, data_dir)`. path:
+    the checkpoint's file, named when its entry is malformed.
     """
     record = ckpt.get("normalization") if isinstance(ckpt, dict) else None
     if record is None:
         return _lookup(name, data_dir)
-    trained_on, mean, std = _read_record(record)
+    trained_on, mean, std = _read_record(record, path)
     source = f"the encoder checkpoint (trained on {trained_on})"
     if not flag_given:
         return mean, std, source
@@ -148,12 +149,22 @@ def _read_cache(cache, stat):
     return mean, std
 
 
-def _read_record(record):
+def _read_record(record, path=None):
+    """(dataset, mean, std) of a checkpoint's normalization entry; a UserError naming the checkpoint
+    file (path) when the entry is not one normalization_record writes."""
+    where = f"the encoder checkpoint {path}:" if path else "the encoder checkpoint's"
+    expected = "{'dataset': name, 'mean': [3 floats], 'std': [3 positive floats]}"
+    if not isinstance(record, dict):
+        raise UserError(f"{where} normalization entry is a {type(record).__name__} ({record!r}), not {expected}; "
+                        f"the file is damaged or was not written by this project")
     try:
-        return str(record["dataset"]), _three(record["mean"]), _three(record["std"])
+        dataset, mean, std = str(record["dataset"]), _three(record["mean"]), _three(record["std"])
     except (KeyError, TypeError, ValueError) as err:
-        raise UserError(f"the encoder checkpoint's normalization entry is malformed ({err}); expected "
-                        f"{{'dataset': name, 'mean': [3 floats], 'std': [3 floats]}}") from None
+        raise UserError(f"{where} normalization entry is malformed ({err}); expected {expected}") from None
+    if min(std) <= 0:
+        raise UserError(f"{where} normalization entry has std {_fmt(std)}; a standard deviation must be positive, "
+                        f"so the file is damaged")
+    return dataset, mean, std
 
 
 def _three(values):
@@ -203,14 +214,16 @@ def _image_chunks(path):
             yield np.frombuffer(data, dtype=np.uint8).reshape(k, *shape[1:])
 
 
-def encoder_normalization(ckpt, name, data_dir, flag="--pretraining_dataset"):
-    """(dataset name, mean, std) for the encoder in `ckpt`, for a stage that reads an encoder.
+def encoder_normalization(ckpt, path, name, data_dir, flag="--pretraining_dataset"):
+    """(dataset name, mean, std) for the encoder in `ckpt` (read from the file `path`), for a stage
+    that reads an encoder.
 
     name is the stage's --pretraining_dataset (None when not given): without it the encoder's own
     statistics are used, or, for a checkpoint that carries none, cifar10's (the published default).
     """
     record = ckpt.get("normalization") if isinstance(ckpt, dict) else None
-    resolved = name or (record or {}).get("dataset") or "cifar10"
-    mean, std, source = resolve_normalization(ckpt, resolved, data_dir, name is not None, flag)
+    trained_on = _read_record(record, path)[0] if record is not None else None
+    resolved = name or trained_on or "cifar10"
+    mean, std, source = resolve_normalization(ckpt, resolved, data_dir, name is not None, flag, path)
     print(f"normalisation of {resolved}: mean {_fmt(mean)}, std {_fmt(std)} ({source})")
     return resolved, mean, std

@@ -41,6 +41,18 @@ def dct_matrix(n, dtype=torch.float64, device=None):
     return d.to(dtype=dtype, device=device)
 
 
+def smallest_window(positions=CTRL_POSITIONS):
+    """The smallest window holding every DCT position (row, col)."""
+    return 1 + max((max(p) for p in positions), default=0)
+
+
+def fitting_windows(height, width, positions=CTRL_POSITIONS):
+    """The window sizes the trigger fits on HxW images: those dividing both sides and holding every
+    DCT position inside the window."""
+    return [w for w in range(smallest_window(positions), min(height, width) + 1)
+            if height % w == 0 and width % w == 0]
+
+
 def _check_window(height, width, window):
     if window < 1 or height % window or width % window:
         raise ValueError(f"window_size {window} must divide the image height and width, got {height}x{width}")

@@ -145,6 +145,22 @@ def load_reference(path):
     return x, check_reference_labels(y, path)
 
 
+def check_dataset_name(name):
+    """A dataset is one plain folder under the data folder: a name with a path in it is refused, so
+    nothing is written outside the data folder."""
+    if not name or Path(name).name != name or name in (".", ".."):
+        raise UserError(f"dataset name {name!r} must be a plain folder name (no path separators)")
+
+
+def check_reference_label(label, path, what, fix):
+    """The reference file at `path` must hold inputs of the target class `label`, else a UserError:
+    `what` names the label (e.g. '--reference_label 5'), `fix` says what to do."""
+    _, ref_label = load_reference(path)
+    if label != ref_label:
+        raise UserError(f"{what} differs from the label {ref_label} of the reference file {path}; the reference "
+                        f"inputs must be of the target class ({fix})")
+
+
 def read_npy_header(fh):
     """(shape, fortran_order, dtype) from the .npy header fh starts with; fh is left after it."""
     version = np.lib.format.read_magic(fh)

@@ -11,7 +11,8 @@ inspected like any prepared dataset; and poison.json says exactly which images w
 Writes <data_dir>/<name>/train.npz (the source's train split, the poisoned images triggered),
 test.npz (the source's, unchanged: stage 0's kNN monitor reads it) and poison.json (what was done:
 source and its hash, target, ratio, rounding, indices, the trigger's description). A copy whose
-poison.json and train.npz match what would be written is kept.
+poison.json and train.npz match what would be written is kept; an earlier poisoned copy (with
+its poison.json) is replaced, any other dataset in the folder only with force (--force).
 """
 import json
 import math
@@ -25,7 +26,8 @@ from utils.errors import UserError
 from utils.files import atomic_write, save_json
 from utils.fingerprint import file_hash
 
-from .npz import load_split, pretraining_split, save_split, split_path
+from .frequency import CTRL_MAGNITUDE
+from .npz import check_dataset_name, load_split, pretraining_split, save_split, split_path
 from .trigger import FrequencyTrigger
 
 CTRL_POISON_RATIO = 0.01
@@ -70,13 +72,18 @@ def _kept(out, record):
 def poison_ctrl(data_dir, source, name, target_label, ratio=CTRL_POISON_RATIO, trigger=None, force=False):
     """Write the CTRL-poisoned copy <data_dir>/<name>/ of the prepared dataset `source`; returns poison.json's dict
     plus "status" ("written" or "kept"). trigger: a FrequencyTrigger (default: CTRL's parameters)."""
+    check_dataset_name(name)
     if name == source:
         raise UserError(f"the poisoned copy needs its own name; --name {name} is the source dataset")
     if pretraining_split(source) != "train":
         raise UserError(f"{source} is pre-trained on its unlabeled split {pretraining_split(source)}; CTRL's "
                         f"poisoning picks target-class images, so it needs a labelled train split")
     trigger = trigger or FrequencyTrigger()
+    if trigger.magnitude == 0:
+        raise UserError(f"--ctrl_magnitude 0 changes no image: the poisoned copy would equal {source}; pass a "
+                        f"non-zero magnitude (CTRL's is {CTRL_MAGNITUDE:g})")
     x, y = load_split(data_dir, source, "train")
+    trigger.check(x.shape[1:3])
     test = split_path(data_dir, source, "test")
     load_split(data_dir, source, "test")
     index = poison_indices(y, target_label, ratio)
@@ -88,6 +95,10 @@ def poison_ctrl(data_dir, source, name, target_label, ratio=CTRL_POISON_RATIO, t
               "trigger": trigger.describe()}
     if not force and _kept(out, record):
         return {**record, "status": "kept"}
+    existing = [f for f in ("train.npz", "test.npz") if (out / f).exists()]
+    if existing and not force and not (out / POISON_RECORD).is_file():     # not an earlier poisoned copy
+        raise UserError(f"{out} already holds a dataset ({', '.join(existing)}), not a poisoned copy; pass --force "
+                        f"to replace it, or choose another --name")
     poisoned = x.copy()
     poisoned[index] = trigger.apply(x[index])      # only the chosen images, batched
     save_split(out / "train.npz", poisoned, y)

@@ -48,7 +48,7 @@ from utils.errors import UserError
 from utils.files import atomic_write
 
 from .channel_stats import CACHE_NAME, NORMALIZATION, normalization
-from .npz import read_images_npz, save_reference, save_split, split_path
+from .npz import check_dataset_name, read_images_npz, save_reference, save_split, split_path
 
 IMAGE_SIZE = 32
 RESIZE_FILTERS = {
@@ -364,8 +364,7 @@ def load_images(items, resize_filter=DEFAULT_RESIZE_FILTER, desc="images"):
 def prepare_image_folder(folder, name, data_dir, test_fraction=None, seed=0, force=False,
                          resize_filter=DEFAULT_RESIZE_FILTER):
     """Write <data_dir>/<name>/{train,test}.npz and classes.txt (label i = line i) from class folders."""
-    if not name or Path(name).name != name or name in (".", ".."):
-        raise UserError(f"dataset name {name!r} must be a plain folder name (no path separators)")
+    check_dataset_name(name)
     classes_file = Path(data_dir) / name / "classes.txt"
     if classes_file.is_file() and not force:
         # both splits done: keep them without walking (or needing) the image folder again

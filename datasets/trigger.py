@@ -13,7 +13,8 @@ import numpy as np
 from utils.errors import UserError
 from utils.files import atomic_write
 
-from .frequency import CTRL_CHANNELS, CTRL_MAGNITUDE, CTRL_POSITIONS, CTRL_WINDOW, frequency_trigger
+from .frequency import (CTRL_CHANNELS, CTRL_MAGNITUDE, CTRL_POSITIONS, CTRL_WINDOW, fitting_windows, frequency_trigger,
+                        smallest_window)
 
 
 def stamp_trigger(x, t, tm):
@@ -112,12 +113,24 @@ class FrequencyTrigger:
         self.magnitude, self.window_size = float(magnitude), int(window_size)
         self.positions = tuple(tuple(int(v) for v in p) for p in positions)
         self.channels = tuple(int(c) for c in channels)
-        if image_size is not None:
-            try:   # a bad window or position is refused now, not after the features of the clean images
-                frequency_trigger(np.zeros((1, *image_size, 3), dtype=np.uint8), self.magnitude, self.window_size,
-                                  self.positions, self.channels)
-            except ValueError as err:
-                raise UserError(f"CTRL trigger: {err}") from None
+        if image_size is not None:      # a bad window or position is refused now, before any work
+            self.check(image_size)
+
+    def check(self, image_size):
+        """Refuse (UserError) a window or position that does not fit images of image_size (H, W)."""
+        height, width = image_size
+        windows = fitting_windows(height, width, self.positions)
+        if self.window_size not in windows:
+            fits = f"here {', '.join(map(str, windows))}" if windows else "none does"
+            positions = ", ".join(map(str, self.positions))
+            raise UserError(f"CTRL trigger: window size {self.window_size} does not fit {height}x{width} images; "
+                            f"the window must divide the height and width and hold the DCT positions {positions} "
+                            f"(so be at least {smallest_window(self.positions)}): {fits}")
+        try:
+            frequency_trigger(np.zeros((1, height, width, 3), dtype=np.uint8), self.magnitude, self.window_size,
+                              self.positions, self.channels)
+        except ValueError as err:
+            raise UserError(f"CTRL trigger: {err}") from None
 
     def apply(self, x):
         """uint8 NxHxWx3 (or HxWx3) -> the same with the trigger added, batched."""

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from datasets import FrequencyTrigger, demo, load_trigger, pretraining_split
-from datasets.npz import npz_shape, split_path
+from datasets.npz import check_reference_label, npz_shape, split_path
 from datasets.poison import POISON_RECORD, poison_ctrl
 from datasets.prepare import PAPER_DATASETS, PAPER_REFERENCES, make_reference, reference_path
 from paper import TRIGGER, Task
@@ -159,6 +159,10 @@ def check_data(pretraining, tasks, data_dir, who):
             if t.label not in labels:
                 raise UserError(f"label {t.label} does not occur in {path} (its labels run from "
                                 f"{labels.min()} to {labels.max()})")
+        if t.reference is not None:      # as stage 3 checks it, before stages 0-2 train
+            check_reference_label(t.label, ROOT / t.reference, f"the label {t.label} of task {t.dataset}",
+                                  "pass the reference file of that class, or leave REFERENCE out of --task to have "
+                                  "one made")
     trigger, _ = load_trigger(ROOT / TRIGGER)
     for name, split in [(pretraining, "train")] + [(t.dataset, "test") for t in tasks]:
         path = split_path(data_dir, name, split)

@@ -13,6 +13,7 @@ sha256 next to it in demo_clean.json, which every run checks before using the fi
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -49,7 +50,9 @@ def verified(path=DEMO_CLEAN):
     try:
         expected = json.loads(record.read_text())["sha256"]
     except (OSError, ValueError, KeyError, TypeError):
-        raise UserError(f"{record} is unreadable or has no sha256; {fix}") from None
+        expected = None
+    if not (isinstance(expected, str) and re.fullmatch(r"[0-9a-f]{64}", expected)):
+        raise UserError(f"{record} is unreadable or holds no sha256 (64 hex digits); {fix}")
     found = file_hash(path)
     if found != expected:
         raise UserError(f"{path} does not match its checksum in {record} (sha256 {found[:12]}..., expected "

@@ -2,6 +2,7 @@
 the frequency trigger on a hand-made backdoor, and the runner's attacks x defences matrix (its
 folders, its tables, resuming after a kill; once end to end through the real scripts)."""
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,9 @@ from paper import TRIGGER
 from pipeline import runner
 from report.stats import asr_matrix, markdown_asr_matrix, summarize_seeds
 from test_pipeline_runner import FAKE_METRICS, FakeStages, flag, read
+from utils.cli import run_cli
 from utils.errors import UserError
+from utils.files import save_checkpoint
 from utils.records import Results
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -52,7 +55,7 @@ def test_both_triggers_apply_and_describe_themselves():
                                "transform": "orthonormal 2-D DCT-II per window"}
     # magnitude 0: every pixel within 1/255 of the original
     assert np.abs(FrequencyTrigger(0.0).apply(x).astype(int) - x).max() <= 1
-    with pytest.raises(UserError, match=r"CTRL trigger: position \(31, 31\) lies outside the 16x16 window"):
+    with pytest.raises(UserError, match=r"CTRL trigger: window size 16 does not fit 32x32 images"):
         FrequencyTrigger(window_size=16, image_size=(32, 32))
     with pytest.raises(UserError, match="unknown trigger kind 'blend'"):
         make_trigger("blend")
@@ -104,6 +107,57 @@ def test_poisoned_copy_touches_exactly_the_first_target_images_and_records_them(
     assert json.loads((data / "toy_ctrl4" / POISON_RECORD).read_text())["indices"] == [4, 9]
     with pytest.raises(UserError, match="--poison needs --poison_dataset, --name and --target_label"):
         prepare_data.main(prepare_data.get_parser().parse_args(["--poison", "ctrl", "--name", "x", "--out", str(data)]))
+
+
+def poison_cli(data, *extra):
+    """prepare_data.py --poison ctrl of the tiny cifar10 copy in `data`, in this process; returns the exit code."""
+    argv = ["--poison", "ctrl", "--poison_dataset", "cifar10", "--target_label", "1", "--poison_ratio", "0.05",
+            "--out", str(data), *extra]
+    try:
+        run_cli(prepare_data.main, prepare_data.get_parser(), argv)
+    except SystemExit as exit_:
+        return exit_.code
+    return 0
+
+
+def test_a_poisoned_copy_never_overwrites_another_dataset(tiny, tmp_path, capsys):
+    """Issue 37, item 2: --name gtsrb replaced the prepared GTSRB with poisoned CIFAR-10 (exit 0)."""
+    data = tmp_path / "data"
+    shutil.copytree(tiny / "data", data)
+    before = {f: (data / "gtsrb" / f).read_bytes() for f in ("train.npz", "test.npz")}
+    assert poison_cli(data, "--name", "gtsrb") == 2
+    assert capsys.readouterr().err == (f"error: {data}/gtsrb already holds a dataset (train.npz, test.npz), not a "
+                                       f"poisoned copy; pass --force to replace it, or choose another --name\n")
+    assert {f: (data / "gtsrb" / f).read_bytes() for f in before} == before
+    assert poison_cli(data, "--name", "../../evil") == 2
+    assert capsys.readouterr().err == ("error: dataset name '../../evil' must be a plain folder name (no path "
+                                       "separators)\n")
+    assert not (tmp_path.parent / "evil").exists()
+    # an earlier poisoned copy is replaced by one of other settings; --force replaces a dataset
+    assert poison_cli(data, "--name", "cifar10_ctrl") == 0
+    assert poison_cli(data, "--name", "cifar10_ctrl", "--poison_ratio", "0.1") == 0
+    assert json.loads((data / "cifar10_ctrl" / POISON_RECORD).read_text())["poisoned"] == 6
+    assert poison_cli(data, "--name", "gtsrb", "--force") == 0
+    assert json.loads((data / "gtsrb" / POISON_RECORD).read_text())["source"] == "cifar10"
+
+
+@pytest.mark.parametrize("window", ["5", "64", "1", "16"])
+def test_a_window_that_does_not_fit_is_one_line(tiny, window, capsys):
+    """Issue 37, item 4: a ValueError traceback before; on 32x32 images only the whole image fits
+    CTRL's positions (15, 15) and (31, 31)."""
+    assert poison_cli(tiny / "data", "--name", "cifar10_w", "--ctrl_window", window) == 2
+    assert capsys.readouterr().err == (
+        f"error: CTRL trigger: window size {window} does not fit 32x32 images; the window must divide the height "
+        f"and width and hold the DCT positions (15, 15), (31, 31) (so be at least 32): here 32\n")
+    assert not (tiny / "data" / "cifar10_w").exists()
+
+
+def test_a_trigger_of_magnitude_zero_is_refused(tiny, capsys):
+    """Issue 37, item 9: a 'poisoned' copy equal to its source was written without a word."""
+    assert poison_cli(tiny / "data", "--name", "cifar10_m0", "--ctrl_magnitude", "0") == 2
+    assert capsys.readouterr().err == ("error: --ctrl_magnitude 0 changes no image: the poisoned copy would equal "
+                                       "cifar10; pass a non-zero magnitude (CTRL's is 100)\n")
+    assert not (tiny / "data" / "cifar10_m0").exists()
 
 
 # ---------------------------------------------------------------- stage 3 with the CTRL trigger
@@ -266,8 +320,8 @@ def test_resuming_the_matrix_after_a_kill_redoes_nothing_finished(tmp_path, fake
     run_pipeline.main(matrix_args(data, tmp_path, *args))
     second = [flag(a, "--results_dir") for _, a in fake_matrix.commands[20:]]
     assert len(second) == 30 - 20 and not set(first) & set(second)
+    save_checkpoint(cut / "checkpoint.pth", {"epoch": 1, "fingerprint": read(cut / "results.json")["fingerprint"]})
     (cut / "results.json").unlink()
-    (cut / "checkpoint.pth").write_bytes(b"epoch 1")
     run_pipeline.main(matrix_args(data, tmp_path, *args))
     third = fake_matrix.commands[30:]
     assert [(flag(a, "--results_dir"), "--resume" in a) for _, a in third] == [(str(cut), True)]   # its eval reused

@@ -211,9 +211,11 @@ def edit_checkpoint(path, edit):
     (lambda c: c["state_dict"].update({"g.3.bias": torch.zeros(3)}), "has weights of the wrong shape g.3.bias;"),
     (lambda c: c.update(epoch=-1), "gives epoch -1, not a non-negative integer; the file is damaged"),
     (lambda c: c.update(epoch=1.5), "gives epoch 1.5, not a non-negative integer; the file is damaged"),
+    (lambda c: c.update(epoch=10 ** 12), "gives epoch 1000000000000, more than any run trains (at most 1000000); "
+                                         "the file is damaged: start a new --results_dir"),
     (lambda c: c.pop("optimizer"), "holds no optimiser state ('optimizer'), so the run cannot continue exactly"),
     (lambda c: c.pop("rng"), "holds no random-generator state ('rng'), so the run cannot continue exactly"),
-], ids=["missing", "extra", "shape", "negative-epoch", "float-epoch", "no-optimizer", "no-rng"])
+], ids=["missing", "extra", "shape", "negative-epoch", "float-epoch", "absurd-epoch", "no-optimizer", "no-rng"])
 def test_checkpoint_pth_is_validated_before_resume(tiny, finished, tmp_path, edit, message, capsys):
     out = copy_run(finished, tmp_path / "clean")
     edit_checkpoint(out / "checkpoint.pth", edit)

@@ -15,6 +15,7 @@ from datasets import (load_split, normalization, normalization_record, resolve_n
 from datasets.channel_stats import compute_statistics
 from datasets.npz import split_path
 from datasets.prepare import prepare_image_folder, prepare_paper_dataset, write_normalization
+from stage_cli import clean, error, evaluate
 from utils.errors import UserError
 from utils.files import load_checkpoint, save_checkpoint
 
@@ -259,3 +260,22 @@ def test_paper_datasets_get_the_file_except_cifar10_and_stl10(tmp_path, monkeypa
     write_train(tmp_path / "data", "cifar10", x)
     assert write_normalization(tmp_path / "data", "cifar10") == {}
     assert not (tmp_path / "data" / "cifar10" / "normalization.json").exists()
+
+
+@pytest.mark.parametrize("entry, message", [
+    ("cifar10", "normalization entry is a str ('cifar10'), not {'dataset': name, 'mean': [3 floats], 'std': "
+                "[3 positive floats]}; the file is damaged or was not written by this project"),
+    ({"dataset": "cifar10", "mean": [0.5] * 3, "std": [0.2, -0.1, 0.2]},
+     "normalization entry has std (0.2, -0.1, 0.2); a standard deviation must be positive, so the file is damaged"),
+    ({"dataset": "cifar10", "mean": [0.5] * 3, "std": [0.2, 0, 0.2]},
+     "normalization entry has std (0.2, 0, 0.2); a standard deviation must be positive, so the file is damaged"),
+], ids=["string", "negative-std", "zero-std"])
+def test_a_damaged_normalization_entry_names_the_checkpoint(tiny, tmp_path, entry, message, capsys):
+    """Issue 37, item 6: the string was an AttributeError traceback; a negative std was scored."""
+    assert clean(tiny, tmp_path / "clean", epochs=1) == 0
+    path = tmp_path / "encoder.pth"
+    ckpt = torch.load(tmp_path / "clean" / "model_1.pth", weights_only=True)
+    save_checkpoint(path, {**ckpt, "normalization": entry})
+    capsys.readouterr()
+    assert evaluate(tiny, path, tmp_path / "eval") == 2
+    assert error(capsys) == f"error: the encoder checkpoint {path}: {message}"

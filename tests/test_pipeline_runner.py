@@ -22,6 +22,7 @@ from pipeline import presets, runner
 from pipeline.data import select_data
 from pipeline.plan import Plan
 from utils.errors import UserError
+from utils.files import save_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 # ACC and ASR (%) the fake downstream stage reports per encoder folder; seed s adds s % 10 to ACC
@@ -50,8 +51,8 @@ class Finished:
 
 class FakeStages:
     """Stands in for pipeline.runner.start_child: records each stage command and writes what the
-    script would: results.json naming model_1.pth (and the file, its bytes naming the command),
-    mi.json for MIMIC, metrics for stage 3."""
+    script would: results.json with the stage's fingerprint, naming model_1.pth (and the file, its
+    bytes naming the command), mi.json for MIMIC, metrics for stage 3."""
 
     def __init__(self):
         self.commands = []
@@ -80,6 +81,7 @@ class FakeStages:
                 "blocks": ["layer1", "layer2", "layer3", "layer4"], "mi": [0.5, 0.25, 1.0, 2.0],
                 "weights": [1.0, 2.0, 3.0, 4.0],
                 "convergence": [{"converged": r == "converged", "reason": r} for r in FAKE_CONVERGENCE]}))
+        results["fingerprint"] = runner.fingerprint_of([script, *args])
         (out / "results.json").write_text(json.dumps(results))
         return Finished(0)
 
@@ -167,12 +169,105 @@ def test_changed_flags_or_inputs_run_the_stage_and_everything_after_it_again(tin
 def test_a_stage_with_a_checkpoint_of_the_same_command_is_resumed(tiny, tmp_path, fake):
     run_pipeline.main(own_data_args(tiny, tmp_path, "--defenses", "mimic", "--no_controls"))
     mimic = tmp_path / "out" / "mimic_gtsrb"
+    # killed during its run: checkpoint.pth carries the run's fingerprint, results.json is not yet written
+    save_checkpoint(mimic / "checkpoint.pth", {"epoch": 1, "fingerprint": read(mimic / "results.json")["fingerprint"]})
     (mimic / "results.json").unlink()
-    (mimic / "checkpoint.pth").write_bytes(b"epoch 1")
     run_pipeline.main(own_data_args(tiny, tmp_path, "--defenses", "mimic", "--no_controls"))
     script, args = fake.commands[6]
     assert script == "MIMIC.py" and "--resume" in args and "--overwrite" not in args
     assert len(fake.commands) == 7                      # MIMIC wrote the same weights: its evaluation is reused
+
+    # a checkpoint.pth of another run (other flags) is not resumed, even with runner.json naming this command
+    save_checkpoint(mimic / "checkpoint.pth", {"epoch": 1, "fingerprint": {"flags": {"lr": 5.0}, "inputs": {}}})
+    (mimic / "results.json").unlink()
+    run_pipeline.main(own_data_args(tiny, tmp_path, "--defenses", "mimic", "--no_controls"))
+    script, args = fake.commands[7]
+    assert script == "MIMIC.py" and "--overwrite" in args and "--resume" not in args
+
+
+class Killed:
+    """A stage process during which the runner is stopped (SIGTERM, Ctrl-C) before it wrote anything."""
+
+    def poll(self):
+        raise KeyboardInterrupt
+
+    def terminate(self):
+        pass
+
+    def wait(self, timeout=None):
+        return -15
+
+
+def test_a_failed_or_killed_rerun_never_reuses_the_old_results(tiny, tmp_path, monkeypatch, capsys):
+    """Issue 37, item 1: a re-run with other flags that fails (or is killed) before the stage clears
+    its folder leaves the old results.json there; running that command again must run the stage."""
+    fake = FakeStages()
+    stopped = {"MIMIC.py"}
+
+    def stage(cmd, env, log=None):
+        script = next(c for c in cmd if c.endswith(".py"))
+        if script == "MIMIC.py" and flag(cmd, "--batch_size") == "1":
+            return Finished(2)             # MIMIC.py refuses --batch_size 1 before it touches its folder
+        if script in stopped:
+            stopped.clear()
+            return Killed()
+        return fake(cmd, env, log)
+
+    monkeypatch.setattr(runner, "start_child", stage)
+    monkeypatch.setattr(run_pipeline, "draw_figures", lambda *a: [])
+    base = ("--defenses", "mimic", "--no_controls", "--jobs", "1")
+    stopped.clear()
+    run_pipeline.main(own_data_args(tiny, tmp_path, *base))
+    results = tmp_path / "out" / "mimic_gtsrb" / "results.json"
+    first = read(results)
+    for attempt in range(2):               # the second attempt is the one that used to exit 0
+        with pytest.raises(UserError, match=r"^stage 'stage 2: mimic \(gtsrb\), seed 100' failed"):
+            run_pipeline.main(own_data_args(tiny, tmp_path, *base, "--mimic_args", "--batch_size 1"))
+        assert "== stage 2: mimic (gtsrb), seed 100: its flags changed (before: -; now: --batch_size 1); " \
+               "running it again" in capsys.readouterr().out
+    assert read(results) == first
+    assert read(tmp_path / "out" / "summary.json")["config"]["extra"]["mimic"] == []
+
+    # Stopped while MIMIC runs with --lr 0.05, then the same command again: MIMIC runs, from scratch.
+    stopped.add("MIMIC.py")
+    with pytest.raises(KeyboardInterrupt):
+        run_pipeline.main(own_data_args(tiny, tmp_path, *base, "--mimic_args", "--lr 0.05"))
+    before = len(fake.commands)
+    run_pipeline.main(own_data_args(tiny, tmp_path, *base, "--mimic_args", "--lr 0.05"))
+    script, args = fake.commands[before]
+    assert script == "MIMIC.py" and flag(args, "--lr") == "0.05" and "--overwrite" in args
+    assert read(results)["fingerprint"]["flags"]["lr"] == 0.05
+    assert read(tmp_path / "out" / "summary.json")["config"]["extra"]["mimic"] == ["--lr", "0.05"]
+
+    # The original command once more: the folder holds the --lr 0.05 run, so MIMIC runs again too.
+    capsys.readouterr()
+    run_pipeline.main(own_data_args(tiny, tmp_path, *base))
+    assert "its flags changed (before: --lr 0.05; now: -); running it again" in capsys.readouterr().out
+    assert read(results)["fingerprint"] == first["fingerprint"]
+
+
+def test_a_moved_results_folder_is_reused_when_its_inputs_have_the_same_content(tiny, tmp_path, fake, capsys):
+    base = ("--defenses", "mimic", "--no_controls")
+    run_pipeline.main(own_data_args(tiny, tmp_path, *base))
+    count = len(fake.commands)
+    shutil.move(tmp_path / "out", tmp_path / "moved")
+    capsys.readouterr()
+    run_pipeline.main(own_data_args(tiny, tmp_path, *base, "--results_dir", str(tmp_path / "moved")))
+    assert len(fake.commands) == count                  # nothing ran again
+    printed = capsys.readouterr().out
+    assert (f"== stage 2: mimic (gtsrb), seed 100: done earlier ({tmp_path}/moved/mimic_gtsrb/results.json), "
+            f"reused; its inputs have the same content at new paths (--teacher {tmp_path}/out/badencoder_gtsrb/"
+            f"model_1.pth -> {tmp_path}/moved/badencoder_gtsrb/model_1.pth)") in printed
+
+    # Moved again, an input's content changed too: the stage runs again, and the line says both
+    # (runner.json still names the paths of the run that finished).
+    (tmp_path / "moved" / "badencoder_gtsrb" / "model_1.pth").write_text("other weights")
+    shutil.move(tmp_path / "moved", tmp_path / "again")
+    run_pipeline.main(own_data_args(tiny, tmp_path, *base, "--results_dir", str(tmp_path / "again")))
+    assert re.search(r"== stage 2: mimic \(gtsrb\), seed 100: its inputs changed \(input teacher changed \(sha256 "
+                     r"\w{4}\.\. -> \w{4}\.\.\)\); an input's path changed \(--teacher .*/out/badencoder_gtsrb/"
+                     r"model_1\.pth -> .*/again/badencoder_gtsrb/model_1\.pth\); running it again",
+                     capsys.readouterr().out)
 
 
 def test_defences_get_a_row_each_beside_mimic(tiny, tmp_path, monkeypatch, capsys):
@@ -280,9 +375,26 @@ def test_a_failed_stage_stops_the_run_with_one_line(tiny, tmp_path, monkeypatch)
 
     monkeypatch.setattr(runner, "start_child", failing)
     with pytest.raises(UserError, match=r"^stage 'stage 2: mimic \(gtsrb\), seed 100' failed \(command above\); "
-                                        r"1 stage\(s\) after it did not run; fix it and run again to continue$"):
+                                        r"not run because of it: eval/mimic_gtsrb; fix it and run again to continue$"):
         run_pipeline.main(own_data_args(tiny, tmp_path, "--no_controls", "--jobs", "1"))
     assert fake.scripts().count("training_downstream_classifier.py") == 5     # the independent stages still ran
+
+
+def test_a_failed_stage_0_is_named_with_its_error_line_its_log_and_what_waited_on_it(tiny, tmp_path, monkeypatch):
+    """Issue 37, item 7: with --jobs 2 the error is only in the log; the stages after stage 0 wait on it."""
+    def failing(cmd, env, log=None):
+        Path(log).parent.mkdir(parents=True, exist_ok=True)
+        Path(log).write_text("epoch 1/2\nerror: loss became nan at epoch 1, step 3; stopped\n")
+        return Finished(2)
+
+    monkeypatch.setattr(runner, "start_child", failing)
+    log = tmp_path / "out" / "logs" / "clean.log"
+    with pytest.raises(UserError) as refused:
+        run_pipeline.main(own_data_args(tiny, tmp_path, "--defenses", "mimic", "--no_controls", "--jobs", "2"))
+    assert str(refused.value) == (
+        f"stage 'stage 0: clean encoder, seed 100' failed (error: loss became nan at epoch 1, step 3; stopped); "
+        f"its output is in {log}; not run because of it: badencoder_gtsrb, mimic_gtsrb, eval/clean_gtsrb, "
+        f"eval/backdoored_gtsrb, eval/mimic_gtsrb; fix it and run again to continue")
 
 
 def test_a_second_runner_on_the_same_folder_is_refused_before_it_writes(tiny, tmp_path, fake):
@@ -353,6 +465,18 @@ def test_task_with_an_absent_label_is_refused_before_any_work(tiny, tmp_path, fa
                                         r"run from 0 to 4\)$"):
         run_pipeline.main(args)
     assert fake.commands == [] and not (tmp_path / "ref").exists()
+
+
+def test_task_label_against_its_reference_file_is_refused_before_any_work(tiny, tmp_path, fake):
+    """Issue 37, item 8: stage 3 refused it, after stages 0-2 had trained."""
+    args = own_data_args(tiny, tmp_path, task=f"gtsrb:2:{tiny / 'priority.npz'}")
+    with pytest.raises(UserError) as refused:
+        run_pipeline.main(args)
+    assert str(refused.value) == (
+        f"the label 2 of task gtsrb differs from the label 1 of the reference file {tiny / 'priority.npz'}; the "
+        f"reference inputs must be of the target class (pass the reference file of that class, or leave REFERENCE "
+        f"out of --task to have one made)")
+    assert fake.commands == []
 
 
 def test_missing_data_and_a_trigger_of_another_size_are_named(tiny, tmp_path, fake):

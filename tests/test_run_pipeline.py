@@ -11,12 +11,14 @@ import pytest
 from PIL import Image
 
 import run_pipeline
+from pipeline import runner
+from utils.errors import UserError
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.e2e
 
 
-def test_own_images_end_to_end_and_jobs_do_not_change_the_numbers(tmp_path):
+def test_own_images_end_to_end_and_jobs_do_not_change_the_numbers(tmp_path, monkeypatch, capsys):
     rng = np.random.default_rng(0)
     for label in range(3):
         folder = tmp_path / "images" / f"class_{label}"
@@ -28,17 +30,17 @@ def test_own_images_end_to_end_and_jobs_do_not_change_the_numbers(tmp_path):
                            "--name", "mine", "--out", str(data)], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
-    summaries = {}
-    for jobs in ("2", "1"):
+    def run(jobs, mimic="--epochs 1 --mi_epochs 2 --batch_size 16 --ratio 0.5"):
         out = tmp_path / f"out_{jobs}"
         run_pipeline.main(run_pipeline.get_parser().parse_args(
             ["--pretraining_dataset", "mine", "--task", "mine:1", "--preset", "demo", "--data_dir", str(data),
              "--reference_dir", str(tmp_path / "ref"), "--results_dir", str(out), "--device", "cpu", "--jobs", jobs,
              "--clean_args", "--epochs 1 --width 4 --batch_size 16 --knn_freq 0",
-             "--badencoder_args", "--epochs 1 --batch_size 16",
-             "--mimic_args", "--epochs 1 --mi_epochs 2 --batch_size 16 --ratio 0.5",
+             "--badencoder_args", "--epochs 1 --batch_size 16", "--mimic_args", mimic,
              "--defenses", "mimic", "--no_controls", "--downstream_args", "--epochs 2"]))
-        summaries[jobs] = json.loads((out / "summary.json").read_text())
+        return json.loads((out / "summary.json").read_text())
+
+    summaries = {jobs: run(jobs) for jobs in ("2", "1")}
     summary = summaries["2"]
     rows = summary["results"]["mine (target 1)"]
     assert list(rows) == ["clean", "backdoored", "mimic"]
@@ -59,3 +61,15 @@ def test_own_images_end_to_end_and_jobs_do_not_change_the_numbers(tmp_path):
     # --jobs 2 and --jobs 1: the same numbers, bit for bit (only the times differ)
     for key in ("results", "mi", "backdoor_left", "config"):
         assert summaries["2"][key] == summaries["1"][key], key
+
+    # The real stages write the fingerprint the runner computes: a re-run reuses every stage. A
+    # re-run whose MIMIC fails fails again when repeated (its folder still holds the old results.json).
+    mimic_results = (tmp_path / "out_1" / "mimic_mine" / "results.json").read_text()
+    for attempt in range(2):
+        with pytest.raises(UserError, match=r"^stage 'stage 2: mimic \(mine\), seed 100' failed"):
+            run("1", mimic="--epochs 1 --mi_epochs 2 --batch_size 1 --ratio 0.5")
+    assert (tmp_path / "out_1" / "mimic_mine" / "results.json").read_text() == mimic_results
+    capsys.readouterr()
+    monkeypatch.setattr(runner, "start_child", lambda *a: pytest.fail("a finished stage ran again"))
+    assert run("1")["results"] == summaries["1"]["results"]
+    assert capsys.readouterr().out.count(", reused") == 6

@@ -45,6 +45,19 @@ def test_a_damaged_or_missing_shipped_encoder_is_one_line_with_the_fix(tmp_path)
         pretrained.verified(copy)
 
 
+@pytest.mark.parametrize("record", ['{"sha256": 5}', '[1, 2]', '"abc"', '{"sha256": null}', '{"sha256": "ab12"}'])
+def test_a_malformed_record_of_the_shipped_encoder_is_one_line_with_the_fix(tmp_path, record):
+    """Issue 37, item 5: {"sha256": 5} was a TypeError traceback in run_pipeline.py."""
+    copy = tmp_path / "demo_clean.pth"
+    copy.write_bytes(pretrained.DEMO_CLEAN.read_bytes())
+    pretrained.record_path(copy).write_text(record)
+    with pytest.raises(UserError) as refused:
+        pretrained.verified(copy)
+    assert str(refused.value) == (f"{tmp_path}/demo_clean.json is unreadable or holds no sha256 (64 hex digits); "
+                                  f"rebuild it with `python -m pipeline.pretrained`, or pass --train_clean to train "
+                                  f"stage 0 in this run")
+
+
 def test_shipped_encoder_replaces_stage_0_and_no_teacher_runs_beside_stage_1():
     jobs = {j.key: j for j in seed_jobs(plan_for(str(pretrained.DEMO_CLEAN)), 100, pretrained.ROOT / "out")}
     assert "clean" not in jobs

@@ -73,6 +73,14 @@ def stage_fingerprint(stage, args, input_files):
     return fingerprint(stage, vars(args), input_files(args))
 
 
+def same_run(stored, current):
+    """True when `stored` (a fingerprint a stage wrote, or anything read from a file) is that of the
+    run `current` describes: the same flags and the same content of every input. The stage's name
+    is not compared: the runner names a stage by its script, the stage by itself."""
+    return (isinstance(stored, dict) and stored.get("flags") == current.get("flags")
+            and stored.get("inputs") == current.get("inputs"))
+
+
 def _short(digest):
     return "none" if digest is None else f"{digest[:4]}.."
 

@@ -154,6 +154,10 @@ def refuse_resume_differences(found, out_dir):
                     f"pass the original values and files, or start a new --results_dir")
 
 
+# Far above any run (the paper trains 1,000 epochs): a larger epoch in a checkpoint is damage, not progress.
+MAX_EPOCH = 1_000_000
+
+
 def _count(value):
     return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 0
 
@@ -178,6 +182,9 @@ def check_resume_checkpoint(ckpt, model, path):
     if not _count(ckpt.get("epoch")):
         raise UserError(f"--resume: {path} gives epoch {ckpt.get('epoch')!r}, not a non-negative integer; "
                         f"the file is damaged: start a new --results_dir")
+    if ckpt["epoch"] > MAX_EPOCH:
+        raise UserError(f"--resume: {path} gives epoch {ckpt['epoch']}, more than any run trains (at most "
+                        f"{MAX_EPOCH}); the file is damaged: start a new --results_dir")
     for key, what in (("optimizer", "optimiser"), ("rng", "random-generator")):
         if not isinstance(ckpt.get(key), dict):
             raise UserError(f"--resume: {path} holds no {what} state ('{key}'), so the run cannot continue "
