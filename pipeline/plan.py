@@ -37,18 +37,6 @@ STAGE_ARGS = ("clean", "badencoder", "mimic", "defense", "downstream")     # the
 SUBSET_STAGES = ("mimic", "defense")        # the stages that read the clean subset, whose --ratio --ratios sets
 
 
-def ratio_tag(ratio):
-    """The part of a defence's or control's folder name that gives its fraction: "" for the
-    preset's own, else _r<ratio> (e.g. mimic_r0.04_demo_downstream)."""
-    return "" if ratio is None else f"_r{ratio:g}"
-
-
-def ratio_flags(ratio):
-    """The flags that set a job's clean-data fraction: none for the preset's own, else --ratio,
-    after the preset's flags and --<stage>_args (which may not set it, Plan.check_ratios)."""
-    return [] if ratio is None else ["--ratio", f"{ratio:g}"]
-
-
 @dataclass
 class Plan:
     """Everything that decides a seed's numbers: the data, each stage's flags, which students and
@@ -91,6 +79,18 @@ class Plan:
         pairs = [(BADENCODER, t) for t in self.tasks] if BADENCODER in self.attacks else []
         return pairs + ([(CTRL, self.ctrl_task)] if CTRL in self.attacks else [])
 
+    def ratio_tag(self, ratio):
+        """The part of a defence's or control's folder name that gives its fraction: "" for the
+        preset's own (Preset.ratio; so a sweep reuses the folders of a run without --ratios), else
+        _r<ratio> (e.g. mimic_r0.01_demo_downstream)."""
+        return "" if ratio is None or ratio == self.preset.ratio else f"_r{ratio:g}"
+
+    def ratio_flags(self, ratio):
+        """The flags that set a job's clean-data fraction: none for the preset's own (its flags give
+        it, and the command stays that of a run without --ratios), else --ratio, after the preset's
+        flags and --<stage>_args (which may not set it, check_ratios)."""
+        return [] if ratio is None or ratio == self.preset.ratio else ["--ratio", f"{ratio:g}"]
+
     def fractions(self):
         """The clean-data fractions the defences and controls run at: each of --ratios, or [None]
         (once, at the preset's --ratio, in folders that do not name it)."""
@@ -101,13 +101,14 @@ class Plan:
         and controls' at clean-data fraction `ratio`, fractions())."""
         suffix = task.dataset if attack == BADENCODER else f"{attack}_{task.dataset}"
         folders = {"clean": "clean", "backdoored": f"{attack}_{task.dataset}"}
-        folders.update({m: f"{m}{ratio_tag(ratio)}" if m == NO_TEACHER else f"{m}{ratio_tag(ratio)}_{suffix}"
+        tag = self.ratio_tag(ratio)
+        folders.update({m: f"{m}{tag}" if m == NO_TEACHER else f"{m}{tag}_{suffix}"
                         for m in (*self.students(), *self.defenses())})
         return folders
 
     def eval_folder(self, attack, task, method, ratio=None):
         suffix = task.dataset if attack == BADENCODER else f"{attack}_{task.dataset}"
-        return f"eval/{method}{'' if method in BASELINES else ratio_tag(ratio)}_{suffix}"
+        return f"eval/{method}{'' if method in BASELINES else self.ratio_tag(ratio)}_{suffix}"
 
     def tables(self):
         """{summary table key: (attack, task, ratio)}, one per attack, task and fraction; the key is
@@ -162,10 +163,11 @@ def seed_jobs(plan, seed, out_dir, key=""):
         lambda done: ["--pretraining_dataset", plan.pretraining, *p.clean, *plan.batch("clean"), *x["clean"]])]
     for ratio in plan.fractions() if NO_TEACHER in plan.students() else []:
         at = "" if ratio is None else f" (fraction {ratio:g})"
-        jobs.append(job(f"stage 2: {NO_TEACHER}{at}", "MIMIC.py", f"{NO_TEACHER}{ratio_tag(ratio)}",
+        jobs.append(job(f"stage 2: {NO_TEACHER}{at}", "MIMIC.py", f"{NO_TEACHER}{plan.ratio_tag(ratio)}",
                         lambda done, r=ratio: [
                             "--pretraining_dataset", plan.pretraining, "--teacher", encoder("clean")(done),
-                            *p.mimic, *plan.batch("mimic"), *x["mimic"], *STUDENT_FLAGS[NO_TEACHER], *ratio_flags(r)],
+                            *p.mimic, *plan.batch("mimic"), *x["mimic"], *STUDENT_FLAGS[NO_TEACHER],
+                            *plan.ratio_flags(r)],
                         deps=clean))
     for attack, task in plan.attack_tasks():
         name = task.dataset
@@ -191,12 +193,13 @@ def seed_jobs(plan, seed, out_dir, key=""):
                 jobs.append(job(f"stage 2: {method} ({at})", "MIMIC.py", folders[method],
                                 lambda done, m=method, b=bad, r=ratio: [
                                     "--pretraining_dataset", plan.pretraining, "--teacher", encoder(b)(done),
-                                    *p.mimic, *plan.batch("mimic"), *x["mimic"], *STUDENT_FLAGS[m], *ratio_flags(r)],
+                                    *p.mimic, *plan.batch("mimic"), *x["mimic"], *STUDENT_FLAGS[m],
+                                    *plan.ratio_flags(r)],
                                 deps=[bad]))
             for method in plan.defenses():
                 def defense_args(done, m=method, b=bad, r=ratio):
                     return ["--defense", m, "--suspect", encoder(b)(done), "--pretraining_dataset", plan.pretraining,
-                            *p.defenses[m], *plan.batch("defense"), *x["defense"], *ratio_flags(r)]
+                            *p.defenses[m], *plan.batch("defense"), *x["defense"], *plan.ratio_flags(r)]
                 jobs.append(job(f"stage 2: {method} ({at})", "defenses.py", folders[method], defense_args, deps=[bad]))
             for method, folder in folders.items():
                 if method in BASELINES and ratio != plan.fractions()[0]:

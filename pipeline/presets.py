@@ -17,7 +17,9 @@ class Preset:
     (dataset, label, reference); one flag list per stage; defenses: flags per baseline defence;
     global_batch: images per step of each training stage, shared among --nproc_per_node;
     ctrl_target: CTRL's target class in the pre-training dataset, which is also its downstream task
-    (CTRL's own CIFAR-10 -> CIFAR-10 setting; docs/ctrl.md); shipped_clean: a stage-0 encoder of
+    (CTRL's own CIFAR-10 -> CIFAR-10 setting; docs/ctrl.md); ratio: the clean-data fraction that
+    the mimic and defences flags give (a --ratios sweep runs it in the folders of a run without
+    --ratios, pipeline.plan); shipped_clean: a stage-0 encoder of
     this preset kept in the repository (pipeline/pretrained.py), used instead of training one."""
     pretraining: str
     tasks: tuple
@@ -28,6 +30,7 @@ class Preset:
     downstream: list
     global_batch: dict = field(default_factory=dict)
     ctrl_target: int = 0
+    ratio: float = None
     shipped_clean: object = None
 
 
@@ -38,7 +41,8 @@ class Preset:
 # The downstream MLP trains for 200 epochs: at 100 (lr 2e-3) MIMIC's ASR on seed 100 was 25% instead
 # of 1% (docs/demo.md). The training stages after stage 0 use channels-last convolutions, 13% faster
 # on this CPU; stage 0 keeps the layout the shipped encoder was trained with.
-_DEMO_SUBSET = ["--ratio", "0.2"]
+_DEMO_RATIO = 0.04
+_DEMO_SUBSET = ["--ratio", f"{_DEMO_RATIO:g}"]
 _FAST = ["--channels_last", "on"]
 _DEMO_BASELINE = [*_DEMO_SUBSET, "--epochs", "10", "--lr", "1e-3", *_FAST]
 DEMO = Preset(
@@ -46,27 +50,30 @@ DEMO = Preset(
     tasks=(demo.demo_task(),),
     clean=["--epochs", "10", "--width", "16", "--knn_freq", "5", "--lr", "3e-3"],
     badencoder=["--epochs", "5", "--lr", "5e-2", *_FAST],
-    mimic=[*_DEMO_SUBSET, "--epochs", "20", "--lr", "3e-3", "--mi_epochs", "60", *_FAST],
+    mimic=[*_DEMO_SUBSET, "--epochs", "200", "--lr", "3e-3", "--mi_epochs", "60", *_FAST],
     # NAD's teacher is a shorter fine-tuning run on the same subset.
     defenses={"finetune": _DEMO_BASELINE, "fine_pruning": _DEMO_BASELINE,
               "nad": [*_DEMO_BASELINE, "--nad_teacher_epochs", "5"]},
     downstream=["--nn_epochs", "200", "--lr", "1e-3", "--eval_freq", "10"],
-    global_batch={"clean": 128, "badencoder": 64, "mimic": 128, "defense": 128},
+    global_batch={"clean": 128, "badencoder": 64, "mimic": 48, "defense": 48},
+    ratio=_DEMO_RATIO,
     shipped_clean=DEMO_CLEAN,
 )
 
 # The paper's settings (every stage at its defaults), one backdoor per downstream task; the
 # defences at their own defaults on MIMIC's clean subset (4% of CIFAR-10).
-_PAPER_DEFENSE = ["--ratio", "0.04"]
+_PAPER_RATIO = 0.04
+_PAPER_DEFENSE = ["--ratio", f"{_PAPER_RATIO:g}"]
 PAPER = Preset(
     pretraining="cifar10",
     tasks=TASKS["cifar10"],
     clean=["--lr", "1e-3"],
     badencoder=[],
-    mimic=["--lr", "1e-2", "--epochs", "1000", "--ratio", "0.04"],
+    mimic=["--lr", "1e-2", "--epochs", "1000", *_PAPER_DEFENSE],
     defenses={"finetune": _PAPER_DEFENSE, "fine_pruning": _PAPER_DEFENSE, "nad": _PAPER_DEFENSE},
     downstream=["--nn_epochs", "1000"],
     global_batch={"clean": 256, "badencoder": 256, "mimic": 128, "defense": 128},
+    ratio=_PAPER_RATIO,
 )
 
 PRESETS = {"demo": DEMO, "paper": PAPER}

@@ -299,7 +299,7 @@ def test_defences_get_a_row_each_beside_mimic(tiny, tmp_path, monkeypatch, capsy
         assert flag(args, "--suspect") == suspect and flag(args, "--pretraining_dataset") == "cifar10"
         # the demo preset's baseline budget, on MIMIC's clean subset
         assert [flag(args, f) for f in ("--epochs", "--ratio", "--lr", "--batch_size")] == \
-            ["10", "0.2", "1e-3", "128"]
+            ["10", "0.04", "1e-3", "48"]
         assert flag(args, "--ratio") == flag(mimic_args, "--ratio")
         assert flag(args, "--results_dir") == str(out / f"{name}_gtsrb")
         assert ("--nad_teacher_epochs" in args) == (name == "nad")

@@ -44,11 +44,11 @@ def jobs_by_folder(plan):
 # ---------------------------------------------------------------- the plan
 
 def test_each_fraction_runs_every_defence_and_control_against_one_backdoored_encoder():
-    jobs = jobs_by_folder(demo_plan([0.01, 0.04]))
+    jobs = jobs_by_folder(demo_plan([0.01, 0.2]))
     assert [k for k in jobs if k.startswith("badencoder")] == ["badencoder_demo_downstream"]
     assert [k for k in jobs if "clean" in k or "backdoored" in k] == ["eval/clean_demo_downstream",
                                                                        "eval/backdoored_demo_downstream"]
-    for ratio in ("0.01", "0.04"):
+    for ratio in ("0.01", "0.2"):
         trained = {f"no_teacher_r{ratio}", *(f"{m}_r{ratio}_demo_downstream" for m in
                                              ("mimic", "uniform", "finetune", "fine_pruning", "nad"))}
         assert trained <= set(jobs)
@@ -72,6 +72,14 @@ def test_without_ratios_the_folders_and_flags_are_those_of_before_the_sweep():
     assert mimic.count("--ratio") == 1 and flag(mimic, "--ratio") == flag(presets.DEMO.mimic, "--ratio")
 
 
+def test_the_presets_own_fraction_runs_as_without_ratios_so_a_sweep_reuses_that_run():
+    alone = jobs_by_folder(demo_plan(None))
+    swept = jobs_by_folder(demo_plan([0.01, presets.DEMO.ratio]))
+    assert presets.DEMO.ratio == float(flag(presets.DEMO.mimic, "--ratio"))       # one fact, two spellings
+    assert all(swept[folder] == args for folder, args in alone.items())            # same folders, same commands
+    assert len(swept) == len(alone) + 12                                           # and 0.01's own jobs
+
+
 def test_a_sweep_that_sets_ratio_twice_or_holds_less_than_a_batch_is_refused_before_any_work():
     plan = demo_plan([0.04])
     plan.extra["defense"] = ["--epochs", "3", "--ratio=0.1"]
@@ -82,6 +90,7 @@ def test_a_sweep_that_sets_ratio_twice_or_holds_less_than_a_batch_is_refused_bef
     with pytest.raises(UserError, match=rf"--ratios {(batch - 1) / 6000:g}: {batch - 1} of the 6000 images of "
                                         rf"demo_pretrain hold less than one mimic batch of {batch}"):
         small.check_ratios(6000)
+    demo_plan([0.01, 0.04, 0.2]).check_ratios(6000)             # the documented sweep fits the demo's 6,000 images
 
 
 # ---------------------------------------------------------------- through the runner
