@@ -114,7 +114,7 @@ class MISettings:
                 raise ValueError(f"{name} must be one of {choices}, not {getattr(self, name)!r}")
 
 
-# The authors' estimator (SPEC section 10): raw inputs, every sample trained on and evaluated,
+# The authors' estimator (their MIMIC.py; docs/fidelity.md): raw inputs, every sample trained on and evaluated,
 # per-batch evaluation, a constant rate, batches in the data's order, one joint first layer.
 AUTHORS = MISettings(standardize="none", evaluation="per_batch", holdout=0.0, schedule="constant",
                      order="ordered", first_layer="joint")

@@ -4,7 +4,9 @@ table of the authors' values, the estimator's ordered batches and joint first la
 pick of --make_reference, and prepare_data's checks of the shipped files and of its flags."""
 import hashlib
 import json
+import re
 import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -45,7 +47,8 @@ def test_shipped_references_are_the_released_files_with_their_tasks_labels():
 
 
 def test_the_published_badencoder_command_trains_on_the_released_priority_sign(tiny, tmp_path, monkeypatch):
-    """SPEC section 1's stage-1 command without --reference_file (its default) reads
+    """The published stage-1 command (README.md, "The four commands of the paper") without
+    --reference_file (its default) reads
     reference/cifar10/priority.npz; results.json records it and the protocol."""
     monkeypatch.chdir(ROOT)                     # the published paths are relative to the repository
     encoder = tmp_path / "clean.pth"
@@ -94,7 +97,7 @@ def test_downstream_results_record_the_protocol(tiny, tmp_path):
 
 # ---------------------------------------------------------------- --protocol authors, stage by stage
 
-# Written out here from SPEC section 10, not read from the stages: {stage: (required flags,
+# Written out here from docs/fidelity.md's first table, not read from the stages: {stage: (required flags,
 # {dest: (ours, authors)})}. Only the listed options may differ between the two protocols.
 PROTOCOLS = {
     train_clean_encoder: ([], {
@@ -267,3 +270,15 @@ def test_prepare_data_bad_seed_and_out_file_are_one_line_errors(tmp_path, capsys
     assert exit_info.value.code == 2
     assert capsys.readouterr().err == (f"error: --out {out} is a file, not a folder; name a folder "
                                        f"(it is created if missing)\n")
+
+
+def test_the_repository_cites_no_file_it_does_not_hold():
+    """Citations name the paper, the authors' code or a page of our docs: no tracked text file
+    refers to a specification file or a folder outside the repository."""
+    names = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    texts = [n for n in names if n.endswith((".py", ".md", ".ini", ".txt", ".json")) or n == ".ci/run"]
+    assert len(texts) > 50
+    words = ("SP" + "EC", ".." + "/shared")     # spelled in parts, so that this file does not hold them
+    bad = [(n, w) for n in texts for w in words
+           if re.search(rf"(?<![\w.]){re.escape(w)}(?!\w)", (ROOT / n).read_text(errors="replace"))]
+    assert bad == []
