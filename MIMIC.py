@@ -50,6 +50,8 @@ AUTHORS = {
     "pretraining_split": "auto",        # STL-10: distil on train_unlabeled, MI on train
     "augment": "torchvision",           # the per-image PIL pipeline of their code
     "amp": "off",                       # float32
+    "channels_last": "off",             # torch's default memory layout
+    "cudnn_deterministic": "on",        # torch.backends.cudnn.deterministic = True
     "mi_model": "student",              # MI measured on the untrained student
     **{f"mi_{f.name}": getattr(MI_AUTHORS, f.name) for f in fields(MISettings) if f.name != "seed"},
 }

@@ -55,6 +55,8 @@ from utils.stage import TrainingRun, check_batchnorm_batch, start_run
 AUTHORS = {
     "augment": "torchvision",
     "amp": "off",
+    "channels_last": "off",
+    "cudnn_deterministic": "on",
 }
 
 

@@ -45,6 +45,8 @@ AUTHORS = {
     "reference_copies": None,           # --batch_size augmented copies of each reference per step
     "keep_last_batch": False,           # the incomplete last batch of shadow data dropped
     "amp": "off",                       # float32
+    "channels_last": "off",             # torch's default memory layout
+    "cudnn_deterministic": "on",        # torch.backends.cudnn.deterministic = True
 }
 
 

@@ -38,6 +38,8 @@ AUTHORS = {
     "pretraining_split": "auto",        # STL-10: train_unlabeled.npz
     "augment": "torchvision",           # the per-image PIL pipeline of their code
     "amp": "off",                       # float32
+    "channels_last": "off",             # torch's default memory layout
+    "cudnn_deterministic": "on",        # torch.backends.cudnn.deterministic = True
 }
 
 

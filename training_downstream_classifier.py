@@ -42,6 +42,7 @@ from utils.stage import start_run
 AUTHORS = {
     "train_order": "file",              # training features in file order every epoch
     "amp": "off",                       # float32
+    "cudnn_deterministic": "on",        # torch.backends.cudnn.deterministic = True
 }
 
 

@@ -270,3 +270,17 @@ def test_learning_rate_schedules(monkeypatch):
     per_epoch = RecordingAdam.lrs[::2]                 # two steps per epoch, one rate per epoch
     expected = [lr * (1 + math.cos(math.pi * e / epochs)) / 2 for e in range(epochs)]   # 1e-3 ... 1.5e-4
     assert all(math.isclose(got, want, rel_tol=1e-9) for got, want in zip(per_epoch, expected))
+
+
+def test_dv_bound_is_the_authors_log_mean_exp_without_its_overflow():
+    """The authors compute log(mean(exp(T))) directly; dv_bound uses log-sum-exp. Where exp does
+    not overflow the two agree to float32 rounding; at T = 100 exp overflows float32 to inf and
+    their form gives -inf (counted as 0), ours the exact value."""
+    joint = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    marginal = torch.tensor([0.5, -1.0, 2.0, 0.0])
+    naive = joint.mean() - torch.log(torch.exp(marginal).mean())
+    assert torch.allclose(dv_bound(joint, marginal), naive, rtol=1e-6)
+    big = marginal + 100.0
+    assert torch.isinf(joint.mean() - torch.log(torch.exp(big).mean()))
+    exact = joint.double().mean() - (100.0 + torch.log(torch.exp(marginal.double()).mean()))
+    assert math.isclose(dv_bound(joint, big).item(), exact.item(), rel_tol=1e-5)

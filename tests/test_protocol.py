@@ -93,6 +93,14 @@ def test_downstream_results_record_the_protocol(tiny, tmp_path):
          "--nn_epochs", "1", "--device", "cpu", "--protocol", "authors"]))
     args = read(out / "results.json")["args"]
     assert (args["protocol"], args["train_order"]) == ("authors", "file")
+    # the authors' cuDNN setting is applied (deterministic algorithms, no autotuner) ...
+    assert torch.backends.cudnn.deterministic is True and torch.backends.cudnn.benchmark is False
+    downstream.main(downstream.get_parser().parse_args(
+        ["--data_dir", str(tiny / "data"), "--encoder", str(encoder), "--results_dir", str(out / "ours"),
+         "--reference_file", str(tiny / "priority.npz"), "--trigger_file", str(ROOT / TRIGGER),
+         "--nn_epochs", "1", "--device", "cpu"]))
+    # ... and ours is torch's default
+    assert torch.backends.cudnn.deterministic is False and torch.backends.cudnn.benchmark is False
 
 
 # ---------------------------------------------------------------- --protocol authors, stage by stage
@@ -105,18 +113,24 @@ PROTOCOLS = {
         "pretraining_split": ("auto", "auto"),
         "augment": ("batched", "torchvision"),
         "amp": ("off", "off"),
+        "channels_last": ("auto", "off"),
+        "cudnn_deterministic": ("off", "on"),
     }),
     train_badencoder: (["--pretrained_encoder", "e.pth"], {
         "pretraining_split": ("auto", "auto"),
         "reference_copies": (None, None),           # None = --batch_size copies
         "keep_last_batch": (False, False),
         "amp": ("off", "off"),
+        "channels_last": ("auto", "off"),
+        "cudnn_deterministic": ("off", "on"),
     }),
     MIMIC: (["--teacher", "e.pth"], {
         "init": ("torchvision", "torchvision"),
         "pretraining_split": ("auto", "auto"),
         "augment": ("batched", "torchvision"),
         "amp": ("off", "off"),
+        "channels_last": ("auto", "off"),
+        "cudnn_deterministic": ("off", "on"),
         "mi_model": ("teacher", "student"),
         "mi_epochs": (200, 200),
         "mi_lr": (1e-3, 1e-3),
@@ -133,10 +147,13 @@ PROTOCOLS = {
     defenses: (["--defense", "finetune", "--suspect", "e.pth"], {
         "augment": ("batched", "torchvision"),
         "amp": ("off", "off"),
+        "channels_last": ("auto", "off"),
+        "cudnn_deterministic": ("off", "on"),
     }),
     downstream: (["--encoder", "e.pth"], {
         "train_order": ("shuffled", "file"),
         "amp": ("off", "off"),
+        "cudnn_deterministic": ("off", "on"),
     }),
 }
 
