@@ -284,3 +284,17 @@ def test_dv_bound_is_the_authors_log_mean_exp_without_its_overflow():
     assert torch.isinf(joint.mean() - torch.log(torch.exp(big).mean()))
     exact = joint.double().mean() - (100.0 + torch.log(torch.exp(marginal.double()).mean()))
     assert math.isclose(dv_bound(joint, big).item(), exact.item(), rel_tol=1e-5)
+
+
+def test_converged_means_under_10_percent_over_the_second_half_not_settled_for_good():
+    """What the verdict can and cannot see (models/mine.py, CHANGE_TOL): 60 epochs whose estimate
+    is flat over epochs 21-30, climbs over epochs 31-50 and is then frozen, as under the annealed
+    rate. A climb of 8% of the level over the second half reads converged although a longer run
+    might climb on; 12% reads rising; the last window is flat either way (slope and spread 0)."""
+    for climb, reason in ((0.08, "converged"), (0.12, "rising")):
+        start = 1.0 - climb
+        history = ([start * e / 20 for e in range(1, 21)] + [start] * 10 + [start + climb * e / 20 for e in range(1, 21)]
+                   + [1.0] * 10)
+        report = convergence(history)
+        assert report["reason"] == reason and report["slope"] == 0.0 and report["spread"] == 0.0
+        assert math.isclose(report["change"], climb)
