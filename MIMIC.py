@@ -29,7 +29,7 @@ from datasets.loader import ViewLoader, clean_subset, to_input
 from models import BLOCKS, build_encoder, encoder_checkpoint, estimate_mi, load_encoder, mi_to_weights, mi_warnings
 from models.distill import LR_SCHEDULES, distill_epoch, epoch_lr, set_lr
 from models.encoder import INITS
-from models.health import check_finite_encoder
+from models.health import PROBE_IMAGES, check_finite_encoder
 from models.mine import (AUTHORS as MI_AUTHORS, EVAL_PERMUTATIONS, EVALUATIONS, FIRST_LAYERS, ORDERS, SCHEDULES,
                          STANDARDIZATIONS, MISettings, holdout_split)
 from utils.cli import (MAX_HIDDEN, StageParser, add_clean_subset, add_distributed_args, add_init_flag,
@@ -43,13 +43,15 @@ from utils.logs import progress
 from utils.records import MI, MIRecord
 from utils.stage import TrainingRun, check_batchnorm_batch, start_run
 
-# --protocol authors: this stage as the authors' code runs it (SPEC section 10, docs/fidelity.md).
+# --protocol authors: this stage as the authors' code runs it (docs/fidelity.md, first table).
 # The estimator's part is models.mine.AUTHORS, flag by flag (--mi_<field>; the seed is --seed's).
 AUTHORS = {
     "init": "torchvision",              # the fresh student: torchvision's resnet18() init
     "pretraining_split": "auto",        # STL-10: distil on train_unlabeled, MI on train
     "augment": "torchvision",           # the per-image PIL pipeline of their code
     "amp": "off",                       # float32
+    "channels_last": "off",             # torch's default memory layout
+    "cudnn_deterministic": "on",        # torch.backends.cudnn.deterministic = True
     "mi_model": "student",              # MI measured on the untrained student
     **{f"mi_{f.name}": getattr(MI_AUTHORS, f.name) for f in fields(MISettings) if f.name != "seed"},
 }
@@ -208,7 +210,8 @@ def main(args):
 
     amp, channels_last = fast_paths(args, device)
     teacher = place(teacher, device, channels_last).eval().requires_grad_(False)
-    check_finite_encoder(teacher, subset.shape[1:3], device, "MIMIC", source=args.teacher)
+    probe = to_input(subset[:PROBE_IMAGES], mean, std, device)      # the health checks' images
+    check_finite_encoder(teacher, probe, "MIMIC", source=args.teacher)
     student = place(build_encoder(teacher.config, args.init), device, channels_last)     # fresh: inherits nothing
     optimizer = torch.optim.Adam(student.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     meta = {"stage": "mimic", "usage": args.pretraining_dataset,
@@ -218,7 +221,7 @@ def main(args):
         return encoder_checkpoint(student, optimizer=optimizer.state_dict(), args=vars(args), **meta)
 
     run = TrainingRun(out_dir, args, meta["stage"],
-                      guard=lambda: check_finite_encoder(student, subset.shape[1:3], device, meta["stage"]),
+                      guard=lambda: check_finite_encoder(student, probe, meta["stage"]),
                       fingerprint=fingerprint)
     start, ckpt = run.resume(student, optimizer)
     base = [getattr(args, f"at_base_{block}") for block in BLOCKS]

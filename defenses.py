@@ -31,10 +31,10 @@ import torch
 import torch.nn.functional as F
 
 from datasets import encoder_normalization, load_split, normalization_record, split_input
-from datasets.loader import ViewLoader, clean_subset, extract_features
+from datasets.loader import ViewLoader, clean_subset, extract_features, to_input
 from models import BLOCKS, encoder_checkpoint, load_encoder
 from models.distill import distill_epoch
-from models.health import check_finite_encoder
+from models.health import PROBE_IMAGES, check_finite_encoder
 from models.knn import knn_predict
 from models.pruning import channel_ranking, prune_channels, prune_until, pruned_count
 from report.methods import DEFENSES
@@ -55,6 +55,8 @@ from utils.stage import TrainingRun, check_batchnorm_batch, start_run
 AUTHORS = {
     "augment": "torchvision",
     "amp": "off",
+    "channels_last": "off",
+    "cudnn_deterministic": "on",
 }
 
 
@@ -112,6 +114,11 @@ class Context:
     amp: bool
     channels_last: bool
 
+    @property
+    def probe(self):
+        """The health checks' images: the subset's first PROBE_IMAGES under the test transform."""
+        return to_input(self.subset[:PROBE_IMAGES], self.mean, self.std, self.device)
+
 
 @dataclass
 class Training:
@@ -144,7 +151,7 @@ def open_run(model, args, ctx, out_dir, stage, fingerprint):
     meta = {"stage": stage, "usage": args.pretraining_dataset, "defense": stage,
             "normalization": normalization_record(args.pretraining_dataset, ctx.mean, ctx.std)}
     run = TrainingRun(out_dir, args, stage,
-                      guard=lambda: check_finite_encoder(model, ctx.subset.shape[1:3], ctx.device, stage),
+                      guard=lambda: check_finite_encoder(model, ctx.probe, stage),
                       fingerprint=fingerprint)
     start, ckpt = run.resume(model, optimizer)
     return Training(model, optimizer, run, meta), start, ckpt
@@ -257,7 +264,7 @@ def main(args):
     amp, channels_last = fast_paths(args, device)
     ctx = Context(subset, mean, std, device, amp, channels_last)
     model = place(suspect, device, channels_last)
-    check_finite_encoder(model, subset.shape[1:3], device, args.defense, source=args.suspect)
+    check_finite_encoder(model, ctx.probe, args.defense, source=args.suspect)
     training, start, ckpt = open_run(model, args, ctx, out_dir, args.defense, fingerprint)
     print(f"{args.defense}: clean subset of {len(subset)} images")
 

@@ -7,11 +7,12 @@ MI estimator's are models.mine.MISettings. Paths are relative to the repository 
 from dataclasses import dataclass
 
 # The default trigger: a white 10x10 square at rows and columns 21..30 of a 32x32 image (the
-# 224x224 variant: 50x50 at 173..222). datasets/make_triggers.py writes both.
+# 224x224 variant: 50x50 at 173..222). Both files are BadEncoder's released ones, byte for byte
+# (trigger/README.md); python -m datasets.check_triggers checks them.
 TRIGGER = "trigger/trigger_pt_white_21_10_ap_replace.npz"
-TRIGGER_SQUARES = {  # file -> (image size, first row/column, side)
-    "trigger/trigger_pt_white_21_10_ap_replace.npz": (32, 21, 10),
-    "trigger/trigger_pt_white_173_50_ap_replace.npz": (224, 173, 50),
+RELEASED_TRIGGERS = {  # file -> (image size, first row/column, side, md5 of the released file)
+    TRIGGER: (32, 21, 10, "cb2bc0817f9c68c942b89c822b5a6a79"),
+    "trigger/trigger_pt_white_173_50_ap_replace.npz": (224, 173, 50, "1889a226789cc99a83697159107685bf"),
 }
 
 

@@ -27,7 +27,7 @@ from datasets import (NORMALIZATION, UNLABELED_SHADOW_IMAGES, encoder_normalizat
 from datasets.augment import BatchAugment
 from datasets.loader import augment_copies, extract_features, index_batches, to_input
 from models import badencoder_loss, encoder_checkpoint, load_encoder
-from models.health import check_finite_encoder
+from models.health import PROBE_IMAGES, check_finite_encoder
 from paper import TASKS, TRIGGER, paper_task
 from utils.cli import (MAX_COPIES, StageParser, add_pretraining_split, add_protocol, add_run_args, int_at_least,
                        int_in, learning_rate,
@@ -39,12 +39,14 @@ from utils.fingerprint import encoder_usage, stage_fingerprint
 from utils.logs import check_finite, progress
 from utils.stage import TrainingRun, start_run
 
-# --protocol authors: this stage as BadEncoder's code runs it (SPEC section 10, docs/fidelity.md).
+# --protocol authors: this stage as BadEncoder's code runs it (docs/fidelity.md, first table).
 AUTHORS = {
     "pretraining_split": "auto",        # STL-10: the first 50,000 unlabeled images as shadow data
     "reference_copies": None,           # --batch_size augmented copies of each reference per step
     "keep_last_batch": False,           # the incomplete last batch of shadow data dropped
     "amp": "off",                       # float32
+    "channels_last": "off",             # torch's default memory layout
+    "cudnn_deterministic": "on",        # torch.backends.cudnn.deterministic = True
 }
 
 
@@ -210,7 +212,8 @@ def main(args):
 
     amp, channels_last = fast_paths(args, device)
     clean = place(clean, device, channels_last).eval().requires_grad_(False)
-    check_finite_encoder(clean, x.shape[1:3], device, "BadEncoder", source=args.pretrained_encoder)
+    probe = to_input(x[:PROBE_IMAGES], mean, std, device)      # the health checks' images: shadow data
+    check_finite_encoder(clean, probe, "BadEncoder", source=args.pretrained_encoder)
     model = copy.deepcopy(clean).requires_grad_(True)
     model.g.requires_grad_(False)
     freeze_batchnorm(model.f)
@@ -223,7 +226,7 @@ def main(args):
         return encoder_checkpoint(model, optimizer=optimizer.state_dict(), args=vars(args), **meta)
 
     run = TrainingRun(out_dir, args, meta["stage"],
-                      guard=lambda: check_finite_encoder(model, x.shape[1:3], device, meta["stage"]),
+                      guard=lambda: check_finite_encoder(model, probe, meta["stage"]),
                       fingerprint=fingerprint)
     start, _ = run.resume(model, optimizer)
 

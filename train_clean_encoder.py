@@ -17,10 +17,10 @@ Writes  <results_dir>/args.json, log.jsonl and log.csv (loss and kNN accuracy pe
 import torch
 
 from datasets import load_split, normalization, normalization_record, pretraining_split, split_input
-from datasets.loader import ViewLoader, extract_features
+from datasets.loader import ViewLoader, extract_features, to_input
 from models import SimCLR, encoder_checkpoint, nt_xent
 from models.encoder import INITS
-from models.health import check_finite_encoder
+from models.health import PROBE_IMAGES, check_finite_encoder
 from models.knn import knn_predict
 from utils.cli import (MAX_WIDTH, StageParser, add_distributed_args, add_init_flag, add_pretraining_split,
                        add_protocol, add_run_args, int_in, learning_rate, nonnegative_float, nonnegative_int,
@@ -32,12 +32,14 @@ from utils.fingerprint import stage_fingerprint
 from utils.logs import check_finite, progress
 from utils.stage import TrainingRun, check_batchnorm_batch, start_run
 
-# --protocol authors: this stage as the authors' code runs it (SPEC section 10, docs/fidelity.md).
+# --protocol authors: this stage as the authors' code runs it (docs/fidelity.md, first table).
 AUTHORS = {
     "init": "torchvision",              # torchvision's resnet18() init, a fresh 3x3 conv1
     "pretraining_split": "auto",        # STL-10: train_unlabeled.npz
     "augment": "torchvision",           # the per-image PIL pipeline of their code
     "amp": "off",                       # float32
+    "channels_last": "off",             # torch's default memory layout
+    "cudnn_deterministic": "on",        # torch.backends.cudnn.deterministic = True
 }
 
 
@@ -145,8 +147,8 @@ def main(args):
     def checkpoint():
         return encoder_checkpoint(model, optimizer=optimizer.state_dict(), args=vars(args), **meta)
 
-    run = TrainingRun(out_dir, args, meta["stage"],
-                      guard=lambda: check_finite_encoder(model, train_x.shape[1:3], device, meta["stage"]),
+    probe = to_input(train_x[:PROBE_IMAGES], mean, std, device)      # the health check's images
+    run = TrainingRun(out_dir, args, meta["stage"], guard=lambda: check_finite_encoder(model, probe, meta["stage"]),
                       fingerprint=fingerprint)
     start, _ = run.resume(model, optimizer)
     loader = ViewLoader(train_x, args.batch_size, mean, std, device, args.augment, args.num_workers, args.seed)

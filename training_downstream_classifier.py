@@ -39,10 +39,11 @@ from utils.logs import RunLog, check_finite, progress
 from utils.records import RESULTS, Results
 from utils.stage import start_run
 
-# --protocol authors: this stage as the authors' code runs it (SPEC section 10, docs/fidelity.md).
+# --protocol authors: this stage as the authors' code runs it (docs/fidelity.md, first table).
 AUTHORS = {
     "train_order": "file",              # training features in file order every epoch
     "amp": "off",                       # float32
+    "cudnn_deterministic": "on",        # torch.backends.cudnn.deterministic = True
 }
 
 

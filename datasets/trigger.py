@@ -3,8 +3,9 @@ kinds of trigger a stage can apply, each with `apply(uint8 NxHxWx3) -> uint8 NxH
 `describe() -> dict` (what results files record): PatchTrigger (a trigger file, BadEncoder's) and
 FrequencyTrigger (CTRL's, datasets/frequency.py).
 
-Regenerate the two trigger files the paper's commands use with:
-    python -m datasets.make_triggers
+The two trigger files the paper's commands use are BadEncoder's released ones (trigger/README.md);
+check them with:
+    python -m datasets.check_triggers
 """
 from pathlib import Path
 
@@ -50,7 +51,7 @@ def check_trigger(t, tm, path):
     if t.shape != tm.shape:
         raise UserError(f"{path}: t and tm must have the same shape, got {t.shape} and {tm.shape}")
     if t.ndim == 4 and t.shape[0] == 0:
-        raise UserError(f"{path} holds no trigger (K = 0); regenerate it with python -m datasets.make_triggers")
+        raise UserError(f"{path} holds no trigger (K = 0); a trigger file holds at least one pattern t and mask tm")
     for name, arr in (("t", t), ("tm", tm)):
         if not np.issubdtype(arr.dtype, np.number) or not np.isfinite(arr).all():
             raise UserError(f"{path}: {name} holds NaN or infinite values")
@@ -65,8 +66,8 @@ def load_trigger(path, image_size=None):
     """Read the first trigger of a file as float32 (t, tm), each (H, W, 3); check the image size."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"trigger file not found: {path} (regenerate the defaults with "
-                        f"python -m datasets.make_triggers)")
+        raise UserError(f"trigger file not found: {path} (the defaults are BadEncoder's released files in "
+                        f"trigger/: restore them with git checkout trigger/)")
     try:
         with np.load(path, allow_pickle=False) as npz:
             if "t" not in npz.files or "tm" not in npz.files:

@@ -22,12 +22,17 @@ def _tensors(out):
 # 2007), counts the directions they vary in; it is reported with a refusal but does not decide
 # one: tiny noise on constant features is isotropic, so a collapsed encoder can have a high rank,
 # and a fine-pruned encoder with one or two layer4 channels left has rank 1.1 yet varies.
-# Measured at tiny size (width 4, 32x32 random images, seeds 0-4, both inits; on the data and on
-# the probe batch below): fresh encoders have spread 0.0079 to 0.046 (rank 15.7 to 25.6 of 32
-# dimensions); fine_pruning's Liu rule on random data (63 of 64 channels pruned) 0.0013 (rank
-# 1.1); BadEncoder with --lr 10 ends at spread 9.3e-8 (rank 2.4: float32 rounding noise) and an
-# all-zero encoder at 0. MIN_SPREAD = 1e-4 lies 13x below the lowest kept value (79x below a
-# fresh encoder) and 1000x above the collapsed one.
+# The probe is the first PROBE_IMAGES images of the data the stage trains on (the caller passes
+# them, under the test transform), not noise: on Gaussian noise a healthy encoder's features vary
+# less the larger the image, because global average pooling averages independent pixels (fresh
+# width-16 encoders: 0.006-0.023 at 32 px, 9e-5 to 4e-4 at 224 px, some below this threshold),
+# while an image's content does not average out. Measured with benchmarks/spreads.py on the first
+# 32 demo images scaled to 32, 96 and 224 px (ResNet-18, widths 16 and 64, both inits;
+# docs/measurements.md, "Collapse threshold"): fresh encoders 0.0054 to 0.074 at every size, the
+# trained demo encoder 0.41, 0.27 and 0.066; MIMIC's student one epoch into --lr 1e-2 from the
+# demo encoder 1.4e-3. Collapsed: BadEncoder with --lr 10 on the tests' random data ends at 9.3e-8
+# (float32 rounding noise), an all-zero encoder at 0. MIN_SPREAD = 1e-4 lies 54x below the lowest
+# fresh encoder, 14x below that student and 1000x above the collapsed encoder.
 MIN_SPREAD = 1e-4
 PROBE_IMAGES = 32
 
@@ -56,14 +61,16 @@ def collapse_reason(feats):
     return None
 
 
-def check_finite_encoder(model, image_size, device, stage_name, source=None):
-    """Refuse to keep an encoder whose weights, buffers or features (on a fixed probe batch of
-    random images, eval mode, no grad) hold NaN or inf, or whose features on the probe batch are
-    collapsed (see collapse_reason). The train/eval modes are restored afterwards.
+def check_finite_encoder(model, probe, stage_name, source=None):
+    """Refuse to keep an encoder whose weights, buffers or features (on the probe batch, eval mode,
+    no grad) hold NaN or inf, or whose features on the probe batch are collapsed (see
+    collapse_reason). The train/eval modes are restored afterwards; no random number is drawn.
 
+    probe: Nx3xHxW, the stage's own images under the test transform, on the model's device: the
+    first PROBE_IMAGES images of the data the stage trains on (see MIN_SPREAD for why not noise).
     source: the input file the model was loaded from, to check an input encoder before training
     (its fault is the file's, not --lr's); None checks a model after training.
-    image_size: int or (H, W). Pass the unwrapped model: a DDP forward would run collectives.
+    Pass the unwrapped model: a DDP forward would run collectives.
     """
     if isinstance(model, DistributedDataParallel):
         model = model.module
@@ -78,14 +85,12 @@ def check_finite_encoder(model, image_size, device, stage_name, source=None):
     tensors = list(model.named_parameters()) + list(model.named_buffers())
     if any(t.is_floating_point() and not torch.isfinite(t).all() for _, t in tensors):
         refuse("non-finite weights (NaN/inf)")
-    height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
     dtype = next((t.dtype for _, t in tensors if t.is_floating_point()), torch.float32)
-    probe = torch.randn(PROBE_IMAGES, 3, height, width, generator=torch.Generator().manual_seed(0))
     modes = {m: m.training for m in model.modules()}
     try:
         model.eval()
         with torch.no_grad():
-            out = model(probe.to(device=device, dtype=dtype))
+            out = model(probe.to(dtype=dtype))
     finally:
         for module, training in modes.items():
             module.training = training
@@ -94,7 +99,7 @@ def check_finite_encoder(model, image_size, device, stage_name, source=None):
     if source is None:
         reason = collapse_reason(out[0].float().cpu())
         if reason is not None:
-            refuse(f"collapsed to (near-)constant features ({reason} on {PROBE_IMAGES} probe images)")
+            refuse(f"collapsed to (near-)constant features ({reason} on the first {len(probe)} training images)")
 
 
 def check_finite_features(feats, what, path):

@@ -270,3 +270,31 @@ def test_learning_rate_schedules(monkeypatch):
     per_epoch = RecordingAdam.lrs[::2]                 # two steps per epoch, one rate per epoch
     expected = [lr * (1 + math.cos(math.pi * e / epochs)) / 2 for e in range(epochs)]   # 1e-3 ... 1.5e-4
     assert all(math.isclose(got, want, rel_tol=1e-9) for got, want in zip(per_epoch, expected))
+
+
+def test_dv_bound_is_the_authors_log_mean_exp_without_its_overflow():
+    """The authors compute log(mean(exp(T))) directly; dv_bound uses log-sum-exp. Where exp does
+    not overflow the two agree to float32 rounding; at T = 100 exp overflows float32 to inf and
+    their form gives -inf (counted as 0), ours the exact value."""
+    joint = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    marginal = torch.tensor([0.5, -1.0, 2.0, 0.0])
+    naive = joint.mean() - torch.log(torch.exp(marginal).mean())
+    assert torch.allclose(dv_bound(joint, marginal), naive, rtol=1e-6)
+    big = marginal + 100.0
+    assert torch.isinf(joint.mean() - torch.log(torch.exp(big).mean()))
+    exact = joint.double().mean() - (100.0 + torch.log(torch.exp(marginal.double()).mean()))
+    assert math.isclose(dv_bound(joint, big).item(), exact.item(), rel_tol=1e-5)
+
+
+def test_converged_means_under_10_percent_over_the_second_half_not_settled_for_good():
+    """What the verdict can and cannot see (models/mine.py, CHANGE_TOL): 60 epochs whose estimate
+    is flat over epochs 21-30, climbs over epochs 31-50 and is then frozen, as under the annealed
+    rate. A climb of 8% of the level over the second half reads converged although a longer run
+    might climb on; 12% reads rising; the last window is flat either way (slope and spread 0)."""
+    for climb, reason in ((0.08, "converged"), (0.12, "rising")):
+        start = 1.0 - climb
+        history = ([start * e / 20 for e in range(1, 21)] + [start] * 10 + [start + climb * e / 20 for e in range(1, 21)]
+                   + [1.0] * 10)
+        report = convergence(history)
+        assert report["reason"] == reason and report["slope"] == 0.0 and report["spread"] == 0.0
+        assert math.isclose(report["change"], climb)

@@ -4,7 +4,9 @@ table of the authors' values, the estimator's ordered batches and joint first la
 pick of --make_reference, and prepare_data's checks of the shipped files and of its flags."""
 import hashlib
 import json
+import re
 import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -45,7 +47,8 @@ def test_shipped_references_are_the_released_files_with_their_tasks_labels():
 
 
 def test_the_published_badencoder_command_trains_on_the_released_priority_sign(tiny, tmp_path, monkeypatch):
-    """SPEC section 1's stage-1 command without --reference_file (its default) reads
+    """The published stage-1 command (README.md, "The four commands of the paper") without
+    --reference_file (its default) reads
     reference/cifar10/priority.npz; results.json records it and the protocol."""
     monkeypatch.chdir(ROOT)                     # the published paths are relative to the repository
     encoder = tmp_path / "clean.pth"
@@ -90,11 +93,19 @@ def test_downstream_results_record_the_protocol(tiny, tmp_path):
          "--nn_epochs", "1", "--device", "cpu", "--protocol", "authors"]))
     args = read(out / "results.json")["args"]
     assert (args["protocol"], args["train_order"]) == ("authors", "file")
+    # the authors' cuDNN setting is applied (deterministic algorithms, no autotuner) ...
+    assert torch.backends.cudnn.deterministic is True and torch.backends.cudnn.benchmark is False
+    downstream.main(downstream.get_parser().parse_args(
+        ["--data_dir", str(tiny / "data"), "--encoder", str(encoder), "--results_dir", str(out / "ours"),
+         "--reference_file", str(tiny / "priority.npz"), "--trigger_file", str(ROOT / TRIGGER),
+         "--nn_epochs", "1", "--device", "cpu"]))
+    # ... and ours is torch's default
+    assert torch.backends.cudnn.deterministic is False and torch.backends.cudnn.benchmark is False
 
 
 # ---------------------------------------------------------------- --protocol authors, stage by stage
 
-# Written out here from SPEC section 10, not read from the stages: {stage: (required flags,
+# Written out here from docs/fidelity.md's first table, not read from the stages: {stage: (required flags,
 # {dest: (ours, authors)})}. Only the listed options may differ between the two protocols.
 PROTOCOLS = {
     train_clean_encoder: ([], {
@@ -102,18 +113,24 @@ PROTOCOLS = {
         "pretraining_split": ("auto", "auto"),
         "augment": ("batched", "torchvision"),
         "amp": ("off", "off"),
+        "channels_last": ("auto", "off"),
+        "cudnn_deterministic": ("off", "on"),
     }),
     train_badencoder: (["--pretrained_encoder", "e.pth"], {
         "pretraining_split": ("auto", "auto"),
         "reference_copies": (None, None),           # None = --batch_size copies
         "keep_last_batch": (False, False),
         "amp": ("off", "off"),
+        "channels_last": ("auto", "off"),
+        "cudnn_deterministic": ("off", "on"),
     }),
     MIMIC: (["--teacher", "e.pth"], {
         "init": ("torchvision", "torchvision"),
         "pretraining_split": ("auto", "auto"),
         "augment": ("batched", "torchvision"),
         "amp": ("off", "off"),
+        "channels_last": ("auto", "off"),
+        "cudnn_deterministic": ("off", "on"),
         "mi_model": ("teacher", "student"),
         "mi_epochs": (200, 200),
         "mi_lr": (1e-3, 1e-3),
@@ -130,10 +147,13 @@ PROTOCOLS = {
     defenses: (["--defense", "finetune", "--suspect", "e.pth"], {
         "augment": ("batched", "torchvision"),
         "amp": ("off", "off"),
+        "channels_last": ("auto", "off"),
+        "cudnn_deterministic": ("off", "on"),
     }),
     downstream: (["--encoder", "e.pth"], {
         "train_order": ("shuffled", "file"),
         "amp": ("off", "off"),
+        "cudnn_deterministic": ("off", "on"),
     }),
 }
 
@@ -267,3 +287,15 @@ def test_prepare_data_bad_seed_and_out_file_are_one_line_errors(tmp_path, capsys
     assert exit_info.value.code == 2
     assert capsys.readouterr().err == (f"error: --out {out} is a file, not a folder; name a folder "
                                        f"(it is created if missing)\n")
+
+
+def test_the_repository_cites_no_file_it_does_not_hold():
+    """Citations name the paper, the authors' code or a page of our docs: no tracked text file
+    refers to a specification file or a folder outside the repository."""
+    names = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    texts = [n for n in names if n.endswith((".py", ".md", ".ini", ".txt", ".json")) or n == ".ci/run"]
+    assert len(texts) > 50
+    words = ("SP" + "EC", ".." + "/shared")     # spelled in parts, so that this file does not hold them
+    bad = [(n, w) for n in texts for w in words
+           if re.search(rf"(?<![\w.]){re.escape(w)}(?!\w)", (ROOT / n).read_text(errors="replace"))]
+    assert bad == []

@@ -6,11 +6,15 @@
     seeding      seeds and resumable RNG states
     distributed  torchrun: ranks, process group, collectives, DDP
     logs         progress bars, log.jsonl/log.csv, the non-finite loss guard
-    checks       the validation layer: flag types, data, trigger, checkpoint and resume checks
     lock         one writer per results folder
-    cli          the shared flags and the one-line error wrapper
+    cli          flag types, the shared flags and the one-line error wrapper
+    fingerprint  what makes two runs of a stage the same run (flags and input file hashes)
+    records      the files passed between stages, each defined once
     stage        the opening of a run, resume, and the per-epoch checkpoint files
 
-models/ and datasets/ import only errors, files, logs and checks; nothing is re-exported here, so
+models/ and datasets/ import errors, files and logs, and besides those: models/distill.py device
+(autocast) and distributed (the loss averaged over processes), datasets/loader.py distributed (each
+process's share of a batch), datasets/poison.py fingerprint (file_hash) and datasets/demo.py cli
+(its command line). None of them imports lock, seeding, stage or records. Nothing is re-exported here, so
 importing one module does not load the others.
 """

@@ -120,8 +120,12 @@ def add_run_args(parser, seed, save_freq=None):
                             "auto = on for CUDA, off for CPU; the authors' code runs in float32 "
                             "(default: off)")
     group.add_argument("--channels_last", default="auto", choices=["auto", "on", "off"],
-                       help="channels-last memory format for the encoders; auto = on for CUDA, off for CPU "
-                            "(default: auto)")
+                       help="channels-last memory format for the encoders; auto = on for CUDA, off for CPU; "
+                            "the authors' code keeps torch's default layout (default: auto)")
+    group.add_argument("--cudnn_deterministic", default="off", choices=["on", "off"],
+                       help="cuDNN's deterministic convolution algorithms; the autotuner (benchmark mode) stays "
+                            "off either way, and neither has any effect on CPU; the authors' code turns it on "
+                            "(default: off)")
     if save_freq is not None:
         group.add_argument("--save_freq", type=positive_int, default=save_freq,
                            help=f"also keep model_<epoch>.pth every this many epochs; the last epoch "

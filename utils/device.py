@@ -1,4 +1,5 @@
-"""Device choice from --device, and the optional CUDA fast paths (bf16 autocast, channels-last)."""
+"""Device choice from --device, the optional CUDA fast paths (bf16 autocast, channels-last), and
+cuDNN's determinism."""
 import torch
 
 from .errors import UserError
@@ -24,6 +25,13 @@ def fast_paths(args, device):
     def on(value):
         return device.type == "cuda" if value == "auto" else value == "on"
     return on(args.amp), on(args.channels_last)
+
+
+def set_cudnn(deterministic):
+    """cuDNN's algorithm choice: the autotuner off (torch's default, and the authors'), and the
+    deterministic algorithms only when asked (the authors' code asks)."""
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = deterministic
 
 
 def autocast(device, enabled):

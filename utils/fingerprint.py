@@ -27,7 +27,7 @@ from .files import load_checkpoint
 # how fast, how often it saves or monitors. --epochs is kept: resume may raise it (see
 # utils.stage.TrainingRun.resume), but a finished run of 2 epochs is not one of 4.
 FREE = ("results_dir", "device", "num_workers", "debug", "resume", "overwrite", "save_freq", "knn_freq", "eval_freq",
-        "channels_last")
+        "channels_last", "cudnn_deterministic")
 # Flags that name input files; the files' hashes stand in for them.
 PATH_FLAGS = ("data_dir", "teacher", "suspect", "pretrained_encoder", "encoder", "trigger_file", "reference_file")
 

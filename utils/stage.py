@@ -8,7 +8,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .device import resolve_device
+from .device import resolve_device, set_cudnn
 from .distributed import barrier, init_distributed, is_main, launched_processes
 from .errors import UserError
 from .files import first_line, load_checkpoint, remove_stale_temporaries, save_checkpoint
@@ -40,6 +40,7 @@ def start_run(args, resume=False, distributed=False, inputs=None):
             refuse_deleting_inputs(out_dir, inputs or {})
             clear_run(out_dir)
     barrier()           # every process has checked the folder before rank 0 writes into it
+    set_cudnn(args.cudnn_deterministic == "on")
     set_seed(args.seed)
     return out_dir, device
 
