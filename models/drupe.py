@@ -25,6 +25,10 @@ the distribution term reads `h_*`. The published code applies one trigger for ev
 so one triggered batch serves all R references here.
 """
 import torch
+import torch.nn.functional as F
+
+TERMS = ("loss_0", "loss_1", "loss_2", "loss_3", "std_refs", "sim_b2b", "swd", "swd_std")
+
 
 def sliced_wasserstein(a, b, projections=50, generator=None, p=2):
     """Sliced p-Wasserstein distance between two equally large point clouds.
@@ -50,3 +54,92 @@ def sliced_wasserstein(a, b, projections=50, generator=None, p=2):
     pa = (a @ theta).sort(dim=0).values                          # NxP, each column sorted
     pb = (b @ theta).sort(dim=0).values
     return (pa - pb).abs().pow(p).mean(dim=0).mean().pow(1.0 / p)
+
+
+def reference_similarity_matrix(z_trig, z_ref):
+    """RxB cosine of every triggered embedding (BxD, unit) to every reference (RxD, unit)."""
+    return z_ref @ z_trig.t()
+
+
+def attack_loss(z_trig, z_ref):
+    """loss_0: minus the mean over triggered images of the cosine to their closest reference.
+
+    Each triggered image is pulled only towards the reference it already resembles most, so the
+    triggered embeddings may spread over the R references instead of collapsing on one point.
+    """
+    return -reference_similarity_matrix(z_trig, z_ref).max(dim=0).values.mean()
+
+
+def reference_loss(z_ref_aug, z_ref_clean):
+    """loss_1: minus the mean cosine of the backdoored encoder's augmented references (RxD, or
+    RxKxD for K views of each) to the clean encoder's references (RxD, carries no gradient)."""
+    target = z_ref_clean.detach()
+    if z_ref_aug.dim() == 3:
+        target = target.unsqueeze(1)                             # Rx1xD against RxKxD
+    return -(z_ref_aug * target).sum(dim=-1).mean()
+
+
+def utility_loss(z_x, z_x_clean):
+    """loss_2: minus the mean cosine of backdoored to clean features of clean images (BxD each;
+    the clean side carries no gradient)."""
+    return -(z_x * z_x_clean.detach()).sum(dim=-1).mean()
+
+
+def reference_spread(z_trig, z_ref, unbiased=True):
+    """std_refs: the std, over the R references, of each reference's mean cosine to the batch.
+
+    Low when the triggered embeddings are as close to one reference as to another. The published
+    code calls `Tensor.std()` without arguments, which is the unbiased (R - 1) estimator;
+    `unbiased=False` divides by R. Needs R >= 2 when unbiased.
+    """
+    return reference_similarity_matrix(z_trig, z_ref).mean(dim=1).std(unbiased=unbiased)
+
+
+def triggered_similarity(z_trig, off_diagonal=False):
+    """sim_b2b: mean cosine among the triggered embeddings (BxD, unit).
+
+    Default, as the published code: the mean of the whole BxB cosine matrix, diagonal included,
+    times (1 - 1/B). (Their code subtracts `torch.diag_embed` of the matrix, a BxBxB tensor, and
+    the broadcast mean works out to that product rather than to removing the diagonal.)
+    off_diagonal=True gives the intended quantity, the mean over the B(B-1) pairs i != j.
+    """
+    b = z_trig.shape[0]
+    sim = z_trig @ z_trig.t()                                    # BxB
+    if off_diagonal:
+        return (sim.sum() - sim.diagonal().sum()) / (b * (b - 1))
+    return sim.mean() * (1 - 1 / b)
+
+
+def reference_cohesion(z_ref):
+    """loss_3: mean cosine over the reference pairs i <= j (RxD, unit), the R self-pairs included
+    as in the published code; used to keep the references of the backdoored encoder apart."""
+    i, j = torch.triu_indices(z_ref.shape[0], z_ref.shape[0], device=z_ref.device)
+    return (z_ref[i] * z_ref[j]).sum(dim=-1).mean()
+
+
+def distribution_distance(h_trig, h_x, projections=50, generator=None):
+    """SWD / std: the sliced Wasserstein distance between raw triggered and raw clean embeddings of
+    the backdoored encoder (BxD each), over the mean per-dimension std of the clean ones
+    (unbiased, as `Tensor.std(0)`). The std is not detached, as in the published code, so the
+    gradient also widens the clean embeddings. Returns (swd, swd / std)."""
+    swd = sliced_wasserstein(h_trig, h_x, projections=projections, generator=generator)
+    return swd, swd / h_x.std(dim=0).mean()
+
+
+def drupe_terms(h_trig, h_x, h_x_clean, h_ref, h_ref_aug, h_ref_clean, projections=50, generator=None,
+                off_diagonal=False, unbiased=True):
+    """Every DRUPE term from raw embeddings (shapes in the module docstring), as a dict keyed by
+    TERMS: loss_0, loss_1, loss_2, loss_3, std_refs, sim_b2b (scalar tensors on unit-length
+    features), swd and swd_std (on raw features)."""
+    z_trig, z_x, z_ref = (F.normalize(h, dim=-1) for h in (h_trig, h_x, h_ref))
+    swd, swd_std = distribution_distance(h_trig, h_x, projections=projections, generator=generator)
+    return {
+        "loss_0": attack_loss(z_trig, z_ref),
+        "loss_1": reference_loss(F.normalize(h_ref_aug, dim=-1), F.normalize(h_ref_clean, dim=-1)),
+        "loss_2": utility_loss(z_x, F.normalize(h_x_clean, dim=-1)),
+        "loss_3": reference_cohesion(z_ref),
+        "std_refs": reference_spread(z_trig, z_ref, unbiased=unbiased),
+        "sim_b2b": triggered_similarity(z_trig, off_diagonal=off_diagonal),
+        "swd": swd,
+        "swd_std": swd_std,
+    }

@@ -4,8 +4,11 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from models.drupe import sliced_wasserstein
+from models.drupe import (TERMS, attack_loss, distribution_distance, drupe_terms, reference_cohesion,
+                          reference_loss, reference_spread, sliced_wasserstein, triggered_similarity,
+                          utility_loss)
 
 
 def gen(seed=0):
@@ -54,3 +57,112 @@ def test_swd_draws_fresh_projections_and_rejects_unequal_sizes():
         sliced_wasserstein(a, b[:9])
     with pytest.raises(ValueError, match="same size"):
         sliced_wasserstein(a[0], b[0])
+
+
+# ---- the cosine terms on hand-made unit vectors ----
+
+E = torch.eye(4)
+
+
+def test_attack_loss_takes_the_closest_reference():
+    z_trig = E[[0, 0, 1]]                                      # B = 3
+    z_ref = E[[0, 1, 2]]                                       # R = 3
+    assert attack_loss(z_trig, z_ref).item() == -1.0           # every image sits on some reference
+    z_trig = F.normalize(torch.tensor([[1.0, 1.0, 0, 0], [0, 0, 0, 1.0]]), dim=1)
+    # closest cosines: 1/sqrt(2) (to e0 or e1) and 0 (orthogonal to all three)
+    assert math.isclose(attack_loss(z_trig, z_ref).item(), -0.5 / math.sqrt(2), rel_tol=1e-6)
+
+
+def test_reference_and_utility_losses():
+    assert reference_loss(E[[0, 1]], E[[0, 2]]).item() == -0.5
+    # K = 2 views of each of R = 2 references: cosines (1, 0) and (1, 1)
+    views = torch.stack([E[[0, 1]], E[[1, 1]]])                # RxKxD
+    assert reference_loss(views, E[[0, 1]]).item() == -0.75
+    assert utility_loss(E[[1, 2, 3]], E[[1, 2, 0]]).item() == pytest.approx(-2 / 3)
+
+
+def test_clean_side_carries_no_gradient():
+    z = F.normalize(torch.randn(4, 3, generator=gen(8)), dim=1).requires_grad_(True)
+    clean = z.detach().clone().requires_grad_(True)
+    (reference_loss(z, clean) + utility_loss(z, clean)).backward()
+    assert clean.grad is None and z.grad is not None
+
+
+def test_reference_spread_is_the_unbiased_std_over_references():
+    # Triggered images e0, e0, e1 against references e0, e1, e2: per-reference batch means 2/3, 1/3, 0.
+    z_trig, z_ref = E[[0, 0, 1]], E[[0, 1, 2]]
+    means = torch.tensor([2 / 3, 1 / 3, 0.0])
+    sample_var = ((means - means.mean()) ** 2).sum() / 2       # = 1/9
+    assert math.isclose(reference_spread(z_trig, z_ref).item(), math.sqrt(sample_var), rel_tol=1e-6)
+    assert math.isclose(reference_spread(z_trig, z_ref, unbiased=False).item(),
+                        math.sqrt(sample_var * 2 / 3), rel_tol=1e-6)
+    assert reference_spread(E[[0, 1, 2]], z_ref).item() == 0.0  # one image on each reference
+
+
+def test_triggered_similarity_quirk_and_fixed_version():
+    # B = 3: e0, e0, e1. Cosine matrix [[1,1,0],[1,1,0],[0,0,1]] sums to 5, its diagonal to 3.
+    z = E[[0, 0, 1]]
+    assert math.isclose(triggered_similarity(z).item(), 5 / 9 * (1 - 1 / 3), rel_tol=1e-6)   # 10/27
+    assert math.isclose(triggered_similarity(z, off_diagonal=True).item(), 2 / 6, rel_tol=1e-6)
+    # identical embeddings: the published value is 1 - 1/B, the off-diagonal mean is 1
+    same = E[[2] * 4]
+    assert math.isclose(triggered_similarity(same).item(), 0.75, rel_tol=1e-6)
+    assert triggered_similarity(same, off_diagonal=True).item() == 1.0
+
+
+def test_triggered_similarity_default_matches_the_published_expression():
+    # The published code subtracts torch.diag_embed of the BxB matrix (a BxBxB tensor) and takes the mean.
+    z = F.normalize(torch.randn(5, 7, generator=gen(9), dtype=torch.float64), dim=1)
+    sim = z @ z.t()
+    assert torch.allclose(triggered_similarity(z), (sim - torch.diag_embed(sim)).mean())
+
+
+def test_reference_cohesion_counts_the_self_pairs():
+    # References e0, e0, e1: pairs i <= j are (0,0)=1, (0,1)=1, (0,2)=0, (1,1)=1, (1,2)=0, (2,2)=1.
+    assert math.isclose(reference_cohesion(E[[0, 0, 1]]).item(), 4 / 6, rel_tol=1e-6)
+    assert math.isclose(reference_cohesion(E[[0, 1, 2]]).item(), 3 / 6, rel_tol=1e-6)   # orthogonal
+
+
+def test_drupe_terms_normalises_cosine_inputs_but_not_the_distance():
+    h_trig = 5 * E[[0, 0, 1]]
+    h_ref = 2 * E[[0, 1, 2]]
+    terms = drupe_terms(h_trig, h_x=3 * E[[1, 2, 3]], h_x_clean=E[[1, 2, 0]], h_ref=h_ref,
+                        h_ref_aug=7 * E[[0, 1, 3]], h_ref_clean=E[[0, 1, 2]], generator=gen())
+    assert set(terms) == set(TERMS)
+    assert terms["loss_0"].item() == -1.0
+    assert terms["loss_1"].item() == pytest.approx(-2 / 3)
+    assert terms["loss_2"].item() == pytest.approx(-2 / 3)
+    assert terms["loss_3"].item() == pytest.approx(0.5)
+    assert terms["std_refs"].item() == pytest.approx(1 / 3)
+    assert terms["sim_b2b"].item() == pytest.approx(10 / 27)
+    swd = sliced_wasserstein(h_trig, 3 * E[[1, 2, 3]], generator=gen())
+    assert terms["swd"].item() == pytest.approx(swd.item())
+    assert terms["swd_std"].item() == pytest.approx(swd.item() / (3 * E[[1, 2, 3]]).std(0).mean().item())
+
+
+# ---- the distribution term's gradient ----
+
+def test_swd_over_std_gradient_matches_finite_differences():
+    h_trig = torch.randn(6, 4, generator=gen(10), dtype=torch.float64, requires_grad=True)
+    h_x = torch.randn(6, 4, generator=gen(11), dtype=torch.float64, requires_grad=True)
+
+    def swd_std(t, x):                                         # fixed directions: a deterministic function
+        return distribution_distance(t, x, projections=20, generator=gen(12))[1]
+
+    assert torch.autograd.gradcheck(swd_std, (h_trig, h_x))
+    swd_std(h_trig, h_x).backward()
+    assert h_trig.grad.abs().sum() > 0 and h_x.grad.abs().sum() > 0   # the std is not detached
+
+
+def test_descending_swd_over_std_moves_triggered_embeddings_into_the_clean_cloud():
+    h_x = torch.randn(32, 8, generator=gen(13))
+    h_trig = (torch.randn(32, 8, generator=gen(14)) + 4.0).requires_grad_(True)
+    opt = torch.optim.SGD([h_trig], lr=20.0)                  # each point's gradient carries a 1/N
+    g = gen(15)
+    start = distribution_distance(h_trig, h_x, projections=200, generator=gen(16))[1].item()
+    for _ in range(60):
+        opt.zero_grad()
+        distribution_distance(h_trig, h_x, generator=g)[1].backward()
+        opt.step()
+    end = distribution_distance(h_trig, h_x, projections=200, generator=gen(16))[1].item()
+    assert end < 0.1 * start
