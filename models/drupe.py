@@ -24,6 +24,8 @@ projection head. Names used below, with their shapes:
 the distribution term reads `h_*`. The published code applies one trigger for every reference,
 so one triggered batch serves all R references here.
 """
+from dataclasses import dataclass, replace
+
 import torch
 import torch.nn.functional as F
 
@@ -143,3 +145,120 @@ def drupe_terms(h_trig, h_x, h_x_clean, h_ref, h_ref_aug, h_ref_clean, projectio
         "swd": swd,
         "swd_std": swd_std,
     }
+
+
+@dataclass(frozen=True)
+class DrupePhases:
+    """The epochs (1-based) at which DRUPE's objective changes; the defaults are the published
+    CIFAR-10/STL-10 values. A shortened run scales them with its epoch count.
+
+    warm_up_end: last epoch of the warm-up (no attack term).
+    stage_1_end: last epoch with the fixed std_refs weight (ImageNet encoders: 2).
+    fix_end:     the costs stay at their initial values up to and including this epoch.
+    """
+    warm_up_end: int = 1
+    stage_1_end: int = 4
+    fix_end: int = 20
+
+    def __post_init__(self):
+        if not 0 <= self.warm_up_end <= self.stage_1_end or self.fix_end < self.warm_up_end:
+            raise ValueError(f"DRUPE phases need 0 <= warm_up_end <= stage_1_end and "
+                             f"fix_end >= warm_up_end; got {self}")
+
+
+def _loss_3_terms(loss_3):
+    # One or the other, never both: the published code tests > 0.5 first, then elif > 0.4.
+    if loss_3 > 0.5:
+        return loss_3
+    if loss_3 > 0.4:
+        return 0.2 * loss_3
+    return 0.0
+
+
+def epoch_loss(terms, epoch, cost, cost_1, phases=DrupePhases(), lambda1=1.0, lambda2=1.0):
+    """DRUPE's objective for one batch of `epoch` (1-based), from the dict of `drupe_terms`.
+
+    warm-up:  lambda1 loss_1 + lambda2 loss_2 + 0.5 loss_3, less 0.2 loss_3 when loss_3 < 0.2
+    stage 1:  loss_0 + lambda1 loss_1 + lambda2 loss_2 + 2 std_refs + [loss_3 terms]
+    stage 2:  loss_0 + lambda1 loss_1 + lambda2 loss_2 + cost (std_refs + sim_b2b)
+              + cost_1 swd_std + 0.5 std_refs (+ 1.5 std_refs when std_refs > 0.1) + [loss_3 terms]
+    [loss_3 terms]: + loss_3 when loss_3 > 0.5, else + 0.2 loss_3 when loss_3 > 0.4.
+    The thresholds compare values; the terms themselves keep their gradients.
+    """
+    t = terms
+    base = lambda1 * t["loss_1"] + lambda2 * t["loss_2"]
+    if epoch <= phases.warm_up_end:
+        loss = base + 0.5 * t["loss_3"]
+        return loss - 0.2 * t["loss_3"] if t["loss_3"] < 0.2 else loss
+    if epoch <= phases.stage_1_end:
+        return t["loss_0"] + base + 2 * t["std_refs"] + _loss_3_terms(t["loss_3"])
+    loss = (t["loss_0"] + base + cost * (t["std_refs"] + t["sim_b2b"]) + cost_1 * t["swd_std"]
+            + 0.5 * t["std_refs"])
+    if t["std_refs"] > 0.1:
+        loss = loss + 1.5 * t["std_refs"]
+    return loss + _loss_3_terms(t["loss_3"])
+
+
+@dataclass(frozen=True)
+class CostSchedule:
+    """The two adaptive weights of DRUPE's last stage: `cost` on std_refs + sim_b2b, `cost_1` on
+    swd_std. Immutable: `update` returns the next state. Defaults are the published ones
+    (CLIP encoders start at init_cost=0.01, init_cost_1=1e-4; ImageNet uses l0_threshold=-0.91;
+    CLIP b2b_threshold=0.8).
+
+    After each epoch past `phases.fix_end`, the epoch is a success when its mean loss_0 <
+    l0_threshold and mean loss_1, loss_2 < -0.9. `patience` successes in a row multiply cost by
+    `up`; `patience` failures in a row divide it by `down`. cost_1 follows the same rule, except
+    that its success also needs sim_b2b < b2b_threshold. A cost_1 success with sim_b2b below
+    b2b_threshold - 0.1 takes one back from cost's success count, so with patience 1 the next
+    success does not raise cost (`skip_next_raise`); a failure in between resets the count.
+    """
+    cost: float = 0.1
+    cost_1: float = 0.001
+    init_cost: float = 0.1
+    init_cost_1: float = 0.001
+    up: float = 1.25
+    down: float = 1.25 ** 1.25
+    patience: int = 1
+    l0_threshold: float = -0.96
+    b2b_threshold: float = 0.6
+    up_count: int = 0
+    down_count: int = 0
+    up_count_1: int = 0
+    down_count_1: int = 0
+
+    @property
+    def skip_next_raise(self):
+        """True when the next success will not raise cost (its success count is below zero)."""
+        return self.up_count < 0
+
+    def update(self, epoch_means, epoch, phases=DrupePhases()):
+        """The state after `epoch`, from that epoch's `epoch_means` (dict with loss_0, loss_1,
+        loss_2 and sim_b2b as floats). The published code passes the epoch means of the three
+        losses but the last batch's sim_b2b; pass whichever you mean to reproduce."""
+        if epoch <= max(phases.fix_end, phases.warm_up_end):
+            return self
+        m = {k: float(epoch_means[k]) for k in ("loss_0", "loss_1", "loss_2", "sim_b2b")}
+        success = m["loss_0"] < self.l0_threshold and m["loss_1"] < -0.9 and m["loss_2"] < -0.9
+        cost, up_count, down_count = _step(self.cost, self.init_cost, success, self.up_count,
+                                           self.down_count, self)
+        success_1 = success and m["sim_b2b"] < self.b2b_threshold
+        cost_1, up_count_1, down_count_1 = _step(self.cost_1, self.init_cost_1, success_1,
+                                                 self.up_count_1, self.down_count_1, self)
+        if success_1 and m["sim_b2b"] < self.b2b_threshold - 0.1:
+            up_count -= 1
+        return replace(self, cost=cost, cost_1=cost_1, up_count=up_count, down_count=down_count,
+                       up_count_1=up_count_1, down_count_1=down_count_1)
+
+
+def _step(value, init, success, up_count, down_count, rule):
+    """One epoch of the patience rule for one weight: (value, up_count, down_count) after it."""
+    if success:
+        up_count, down_count = up_count + 1, 0
+    else:
+        up_count, down_count = 0, down_count + 1
+    if up_count >= rule.patience:
+        return (init if value == 0 else value * rule.up), 0, down_count
+    if down_count >= rule.patience:
+        return value / rule.down, up_count, 0
+    return value, up_count, down_count

@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.drupe import (TERMS, attack_loss, distribution_distance, drupe_terms, reference_cohesion,
-                          reference_loss, reference_spread, sliced_wasserstein, triggered_similarity,
-                          utility_loss)
+from models.drupe import (TERMS, CostSchedule, DrupePhases, attack_loss, distribution_distance,
+                          drupe_terms, epoch_loss, reference_cohesion, reference_loss, reference_spread,
+                          sliced_wasserstein, triggered_similarity, utility_loss)
 
 
 def gen(seed=0):
@@ -166,3 +166,98 @@ def test_descending_swd_over_std_moves_triggered_embeddings_into_the_clean_cloud
         opt.step()
     end = distribution_distance(h_trig, h_x, projections=200, generator=gen(16))[1].item()
     assert end < 0.1 * start
+
+
+# ---- the phase schedule ----
+
+def fixed_terms(loss_3=0.3, std_refs=0.05):
+    return {"loss_0": torch.tensor(-0.9), "loss_1": torch.tensor(-0.8), "loss_2": torch.tensor(-0.7),
+            "loss_3": torch.tensor(loss_3), "std_refs": torch.tensor(std_refs),
+            "sim_b2b": torch.tensor(0.4), "swd": torch.tensor(3.0), "swd_std": torch.tensor(2.0)}
+
+
+@pytest.mark.parametrize("loss_3, expected", [(0.3, -1.5 + 0.15), (0.1, -1.5 + 0.05 - 0.02)])
+def test_warm_up_has_no_attack_term(loss_3, expected):
+    assert epoch_loss(fixed_terms(loss_3), 1, 0.1, 0.001).item() == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("loss_3, extra", [(0.3, 0.0), (0.45, 0.2 * 0.45), (0.6, 0.6)])
+def test_stage_1_weights_std_refs_by_two(loss_3, extra):
+    # loss_3 = 0.6 adds loss_3 only: the 0.4 rule is the other branch, not added on top
+    for epoch in (2, 4):
+        assert epoch_loss(fixed_terms(loss_3), epoch, 0.1, 0.001).item() == pytest.approx(
+            -0.9 - 0.8 - 0.7 + 2 * 0.05 + extra)
+
+
+@pytest.mark.parametrize("std_refs, loss_3", [(0.05, 0.3), (0.2, 0.6)])
+def test_stage_2_adds_the_costs(std_refs, loss_3):
+    cost, cost_1 = 0.5, 0.01
+    expected = (-2.4 + cost * (std_refs + 0.4) + cost_1 * 2.0 + 0.5 * std_refs
+                + (1.5 * std_refs if std_refs > 0.1 else 0) + (loss_3 if loss_3 > 0.5 else 0))
+    assert epoch_loss(fixed_terms(loss_3, std_refs), 5, cost, cost_1).item() == pytest.approx(expected)
+
+
+def test_phase_thresholds_are_parameters():
+    phases = DrupePhases(warm_up_end=2, stage_1_end=3, fix_end=5)
+    t = fixed_terms()
+    assert epoch_loss(t, 2, 0.1, 0.001, phases).item() == pytest.approx(-1.5 + 0.15)
+    assert epoch_loss(t, 3, 0.1, 0.001, phases).item() == pytest.approx(-2.4 + 0.1)
+    assert epoch_loss(t, 4, 0.1, 0.001, phases).item() == pytest.approx(-2.4 + 0.1 * 0.45 + 0.002 + 0.025)
+    with pytest.raises(ValueError):
+        DrupePhases(warm_up_end=3, stage_1_end=2)
+
+
+def test_epoch_loss_keeps_gradients():
+    t = {k: v.clone().requires_grad_(True) for k, v in fixed_terms(std_refs=0.2).items()}
+    epoch_loss(t, 5, 0.5, 0.01).backward()
+    assert t["swd_std"].grad.item() == pytest.approx(0.01)
+    assert t["std_refs"].grad.item() == pytest.approx(0.5 + 0.5 + 1.5)
+    assert t["swd"].grad is None                                # only the normalised distance is used
+
+
+# ---- the cost schedule ----
+
+UP, DOWN = 1.25, 1.25 ** 1.25
+GOOD = {"loss_0": -0.97, "loss_1": -0.95, "loss_2": -0.95}
+
+
+def means(sim_b2b, good=True):
+    return {**(GOOD if good else {**GOOD, "loss_0": -0.5}), "sim_b2b": sim_b2b}
+
+
+def test_costs_do_not_change_up_to_the_fix_epoch():
+    s = CostSchedule()
+    for epoch in range(1, 21):
+        s = s.update(means(0.3), epoch)
+    assert (s.cost, s.cost_1, s.up_count) == (0.1, 0.001, 0)
+    assert CostSchedule().update(means(0.3), 6, DrupePhases(fix_end=5)).cost == pytest.approx(0.1 * UP)
+
+
+def test_success_and_failure_move_both_costs():
+    s = CostSchedule().update(means(0.55), 21)                 # success, sim_b2b < 0.6: both up
+    assert (s.cost, s.cost_1) == pytest.approx((0.1 * UP, 0.001 * UP))
+    s = s.update(means(0.55, good=False), 22)                  # failure: both down
+    assert (s.cost, s.cost_1) == pytest.approx((0.1 * UP / DOWN, 0.001 * UP / DOWN))
+    s = s.update(means(0.7), 23)                               # success, sim_b2b >= 0.6: cost_1 down
+    assert (s.cost, s.cost_1) == pytest.approx((0.1 * UP * UP / DOWN, 0.001 * UP / DOWN ** 2))
+    # each threshold is strict, and loss_1 and loss_2 count too
+    for bad in ({"loss_0": -0.96}, {"loss_1": -0.9}, {"loss_2": -0.85}):
+        assert CostSchedule().update({**means(0.3), **bad}, 21).cost == pytest.approx(0.1 / DOWN)
+
+
+def test_low_sim_b2b_skips_the_next_raise_of_cost():
+    s = CostSchedule().update(means(0.4), 21)                  # raises both, then arms the skip
+    assert (s.cost, s.cost_1, s.skip_next_raise) == pytest.approx((0.1 * UP, 0.001 * UP, True))
+    s = s.update(means(0.55), 22)                              # success: cost skipped, cost_1 up
+    assert (s.cost, s.cost_1, s.skip_next_raise) == pytest.approx((0.1 * UP, 0.001 * UP ** 2, False))
+    s = s.update(means(0.55), 23)                              # the next success raises again
+    assert s.cost == pytest.approx(0.1 * UP ** 2)
+    # a failure in between disarms the skip (and lowers cost)
+    s = CostSchedule().update(means(0.4), 21).update(means(0.4, good=False), 22).update(means(0.55), 23)
+    assert s.cost == pytest.approx(0.1 * UP / DOWN * UP)
+
+
+def test_cost_schedule_is_pure():
+    s = CostSchedule()
+    s.update(means(0.4), 21)
+    assert (s.cost, s.cost_1, s.up_count) == (0.1, 0.001, 0)
