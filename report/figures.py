@@ -449,6 +449,21 @@ def sample_grid(images_clean, images_triggered, references, view1, view2, path, 
 
 # ---------------------------------------------------------------- a whole folder
 
+def skip_reason(error, source):
+    """Why a figure was skipped, in one plain line: what is wrong with which file, not the text of
+    the exception that found it (a UserError's own line is already plain)."""
+    where = f"{source} " if isinstance(source, (str, Path)) else "its source "
+    if isinstance(error, UserError):
+        return str(error)
+    if isinstance(error, json.JSONDecodeError):
+        return f"{where}is not valid JSON (damaged or cut short at line {error.lineno})"
+    if isinstance(error, OSError):
+        return f"cannot read {error.filename or source}" + (f" ({error.strerror.lower()})" if error.strerror else "")
+    if isinstance(error, KeyError):
+        return f"{where}has no {error.args[0]!r} entry (written by another version, or damaged)"
+    return f"{where}holds a value that cannot be drawn (written by another version, or damaged)"
+
+
 def _draw(function, source, path):
     """Draw one figure; a source with nothing in it is skipped silently, a damaged one with a warning,
     so one bad file never stops the others."""
@@ -458,7 +473,7 @@ def _draw(function, source, path):
         return None
     except (OSError, ValueError, KeyError, TypeError, AttributeError, UserError) as error:
         plt.close("all")
-        print(f"warning: skipped {Path(path).name}: {error}", file=sys.stderr)
+        print(f"warning: skipped {Path(path).name}: {skip_reason(error, source)}", file=sys.stderr)
         return None
 
 

@@ -11,6 +11,7 @@ import pytest
 
 from report import figures
 from report.stats import markdown_seed_table, paired_differences, summarize_seeds
+from utils.errors import UserError
 
 ROOT = Path(__file__).resolve().parent.parent
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -258,7 +259,19 @@ def test_plot_results_seeds_and_damaged_files(tmp_path, capsys):
     written = figures.plot_results(tmp_path)
     assert sorted(p.name for p in written) == ["acc_asr.png", "seed_1_training_clean.png",
                                                 "seed_2_training_clean.png"]
-    assert "skipped seed_2_mi_weights_clean.png" in capsys.readouterr().err
+    assert (f"warning: skipped seed_2_mi_weights_clean.png: {tmp_path / 'seed_2/clean/mi.json'} is not valid JSON "
+            "(damaged or cut short at line 1)\n") in capsys.readouterr().err
+
+
+def test_a_skipped_figure_says_what_is_wrong_with_which_file_in_plain_words(tmp_path):
+    source = tmp_path / "mi.json"
+    assert figures.skip_reason(KeyError("curve"), source) == \
+        f"{source} has no 'curve' entry (written by another version, or damaged)"
+    assert figures.skip_reason(FileNotFoundError(2, "No such file or directory", str(source)), source) == \
+        f"cannot read {source} (no such file or directory)"
+    assert figures.skip_reason(TypeError("unsupported operand"), {"mimic": source}) == \
+        "its source holds a value that cannot be drawn (written by another version, or damaged)"
+    assert figures.skip_reason(UserError("x.json is damaged"), source) == "x.json is damaged"
 
 
 def test_command_on_missing_folder(tmp_path):
