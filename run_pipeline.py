@@ -33,7 +33,7 @@ from paper import Task
 from datasets.npz import npz_shape, split_path
 from pipeline.data import (METHODS, ROOT, attack_list, method_list, name_list, prepare_data, ratio_list, select_data,
                            stage_flags, task_spec)
-from pipeline.plan import STAGE_ARGS, Plan, seed_jobs
+from pipeline.plan import STAGE_ARGS, Plan, check_flags, seed_jobs
 from pipeline.presets import PRESETS
 from pipeline.pretrained import shipped_clean
 from pipeline.runner import Runner, hold_runner_lock
@@ -138,7 +138,9 @@ def main(args):
         folders = {s: out_dir / f"seed_{s}" if args.seeds else out_dir for s in seeds}
         keys = {s: f"seed_{s}/" if args.seeds else "" for s in seeds}
         runner = Runner(out_dir, [], threads=args.threads, nproc=args.nproc_per_node)
-        done = runner.run([j for s in seeds for j in seed_jobs(plan, s, folders[s], keys[s])], parallel=args.jobs)
+        jobs = [j for s in seeds for j in seed_jobs(plan, s, folders[s], keys[s])]
+        check_flags(plan, jobs)
+        done = runner.run(jobs, parallel=args.jobs)
         wall = round(time.time() - began, 1)
         write_summaries(plan, out_dir, folders, keys, done, runner.times, wall, over_seeds=bool(args.seeds))
         print("\n" + (out_dir / "summary.md").read_text())

@@ -14,14 +14,18 @@ With --ratios (the clean-data fraction sweep) every defence and control runs onc
 its folders named <method>_r<r>_<task> (no_teacher_r<r>, eval/<method>_r<r>_<task>), against the
 same clean and backdoored encoders, which are trained and evaluated once.
 """
+import contextlib
+import io
 import json
+import shlex
 from dataclasses import asdict, dataclass, field
+from types import SimpleNamespace
 
 from paper import TRIGGER
 from report.methods import BADENCODER, BASELINES, CTRL, DEFENSES, MIMIC, NO_TEACHER, UNIFORM, table_key
 from utils.errors import UserError
 
-from .runner import Job
+from .runner import Job, stage_module
 
 # MIMIC.py's extra flags for MIMIC and its controls. The no-teacher control has attention transfer
 # and cloning switched off, so only InfoNCE trains it: its teacher's values never reach it (a test
@@ -33,7 +37,10 @@ STUDENT_FLAGS = {
                    "--at_base_layer3", "0", "--at_base_layer4", "0", "--clone_weight", "0"],
     UNIFORM: ["--attention", "uniform"],
 }
-STAGE_ARGS = ("clean", "badencoder", "mimic", "defense", "downstream")     # the --<stage>_args flags
+# The stage scripts, by the name of their --<stage>_args flag (CTRL's stage 0 is a clean job too).
+STAGE_SCRIPTS = {"clean": "train_clean_encoder.py", "badencoder": "train_badencoder.py", "mimic": "MIMIC.py",
+                 "defense": "defenses.py", "downstream": "training_downstream_classifier.py"}
+STAGE_ARGS = tuple(STAGE_SCRIPTS)
 SUBSET_STAGES = ("mimic", "defense")        # the stages that read the clean subset, whose --ratio --ratios sets
 
 
@@ -159,11 +166,11 @@ def seed_jobs(plan, seed, out_dir, key=""):
 
     clean = [] if plan.clean_encoder else ["clean"]         # the clean encoder's job, if it is trained
     jobs = [] if plan.clean_encoder else [job(
-        "stage 0: clean encoder", "train_clean_encoder.py", "clean",
+        "stage 0: clean encoder", STAGE_SCRIPTS["clean"], "clean",
         lambda done: ["--pretraining_dataset", plan.pretraining, *p.clean, *plan.batch("clean"), *x["clean"]])]
     for ratio in plan.fractions() if NO_TEACHER in plan.students() else []:
         at = "" if ratio is None else f" (fraction {ratio:g})"
-        jobs.append(job(f"stage 2: {NO_TEACHER}{at}", "MIMIC.py", f"{NO_TEACHER}{plan.ratio_tag(ratio)}",
+        jobs.append(job(f"stage 2: {NO_TEACHER}{at}", STAGE_SCRIPTS["mimic"], NO_TEACHER + plan.ratio_tag(ratio),
                         lambda done, r=ratio: [
                             "--pretraining_dataset", plan.pretraining, "--teacher", encoder("clean")(done),
                             *p.mimic, *plan.batch("mimic"), *x["mimic"], *STUDENT_FLAGS[NO_TEACHER],
@@ -174,14 +181,15 @@ def seed_jobs(plan, seed, out_dir, key=""):
         bad = plan.encoder_folders(attack, task)["backdoored"]
         what = f"{name}" if attack == BADENCODER else f"{attack}, {name}"
         if attack == BADENCODER:
-            jobs.append(job(f"stage 1: BadEncoder ({name})", "train_badencoder.py", bad, lambda done, t=task: [
+            jobs.append(job(f"stage 1: BadEncoder ({name})", STAGE_SCRIPTS["badencoder"], bad,
+                            lambda done, t=task: [
                 "--pretraining_dataset", plan.pretraining, "--downstreamTask", t.dataset, "--trigger_file", TRIGGER,
                 "--reference_file", t.reference, "--pretrained_encoder", encoder("clean")(done),
                 *p.badencoder, *plan.batch("badencoder"), *x["badencoder"]], deps=clean))
             trigger, reference = ["--trigger_file", TRIGGER], ["--reference_file", task.reference]
         else:
             # The poisoned copy is an input file: rewritten with other data or settings, it trains anew.
-            jobs.append(job(f"stage 0 on CTRL's poisoned data ({name})", "train_clean_encoder.py", bad,
+            jobs.append(job(f"stage 0 on CTRL's poisoned data ({name})", STAGE_SCRIPTS["clean"], bad,
                             lambda done: ["--pretraining_dataset", plan.ctrl_data, "--encoder_usage", plan.pretraining,
                                           *p.clean, *plan.batch("clean"), *x["clean"]],
                             inputs=(f"{plan.data_dir}/{plan.ctrl_data}/train.npz",)))
@@ -190,7 +198,7 @@ def seed_jobs(plan, seed, out_dir, key=""):
             folders = plan.encoder_folders(attack, task, ratio)
             at = what if ratio is None else f"{what}, fraction {ratio:g}"
             for method in [m for m in plan.students() if m != NO_TEACHER]:
-                jobs.append(job(f"stage 2: {method} ({at})", "MIMIC.py", folders[method],
+                jobs.append(job(f"stage 2: {method} ({at})", STAGE_SCRIPTS["mimic"], folders[method],
                                 lambda done, m=method, b=bad, r=ratio: [
                                     "--pretraining_dataset", plan.pretraining, "--teacher", encoder(b)(done),
                                     *p.mimic, *plan.batch("mimic"), *x["mimic"], *STUDENT_FLAGS[m],
@@ -200,14 +208,43 @@ def seed_jobs(plan, seed, out_dir, key=""):
                 def defense_args(done, m=method, b=bad, r=ratio):
                     return ["--defense", m, "--suspect", encoder(b)(done), "--pretraining_dataset", plan.pretraining,
                             *p.defenses[m], *plan.batch("defense"), *x["defense"], *plan.ratio_flags(r)]
-                jobs.append(job(f"stage 2: {method} ({at})", "defenses.py", folders[method], defense_args, deps=[bad]))
+                jobs.append(job(f"stage 2: {method} ({at})", STAGE_SCRIPTS["defense"], folders[method], defense_args,
+                                deps=[bad]))
             for method, folder in folders.items():
                 if method in BASELINES and ratio != plan.fractions()[0]:
                     continue                # the clean and backdoored encoders are evaluated once
                 jobs.append(job(f"stage 3: {method} on {at if method not in BASELINES else what}",
-                                "training_downstream_classifier.py", plan.eval_folder(attack, task, method, ratio),
+                                STAGE_SCRIPTS["downstream"], plan.eval_folder(attack, task, method, ratio),
                                 lambda done, f=folder, t=task, tr=trigger, r=reference: [
                                     "--dataset", t.dataset, "--reference_label", t.label, *tr,
                                     "--encoder", encoder(f)(done), *r, *p.downstream, *x["downstream"]],
                                 deps=[folder] if folder != "clean" else clean, training=False))
     return jobs
+
+
+class _Unrun(dict):
+    """Stands in for the finished jobs before any has run: every job's encoder is <its key>."""
+
+    def __missing__(self, key):
+        return SimpleNamespace(encoder=f"<{key}>")
+
+
+def check_flags(plan, jobs):
+    """Before any work: every job's command parses with its stage script's own parser, so a bad
+    flag in a preset or a --<stage>_args stops the run at once, in one line naming where the
+    flag came from, not as a stage failing after the stages before it trained."""
+    stage_of = {script: stage for stage, script in STAGE_SCRIPTS.items()}
+    for job in jobs:
+        module = stage_module(job.script)
+        if module is None:
+            continue
+        said = io.StringIO()
+        try:
+            with contextlib.redirect_stderr(said):
+                module.get_parser().parse_args([str(a) for a in job.args(_Unrun())])
+        except SystemExit:
+            stage = stage_of[job.script]
+            last = (said.getvalue().strip().splitlines() or ["error: its flags do not parse"])[-1]
+            source = (f"--{stage}_args {shlex.join(plan.extra[stage])!r}" if plan.extra[stage]
+                      else f"the {plan.preset_name} preset's {stage} flags")
+            raise UserError(f"{job.name} ({job.script}): {last.split('error: ', 1)[-1]}; check {source}") from None

@@ -540,3 +540,14 @@ def test_hostile_runner_inputs_are_one_line_before_any_work(tiny, tmp_path, fake
     with pytest.raises(UserError, match=message):
         run_pipeline.main(own_data_args(data, tmp_path, *extra))
     assert fake.commands == []
+
+
+def test_a_bad_flag_names_its_stage_args_before_any_stage_runs(tiny, tmp_path, fake):
+    with pytest.raises(UserError, match=r"^stage 2: mimic \(gtsrb\), seed 100 \(MIMIC.py\): unrecognized arguments: "
+                                        r"--fooo 1; check --mimic_args '--fooo 1'$"):
+        run_pipeline.main(own_data_args(tiny, tmp_path, "--no_controls", "--mimic_args", "--fooo 1"))
+    with pytest.raises(UserError, match=r"^stage 3: clean on gtsrb, seed 100 \(training_downstream_classifier.py\): "
+                                        r"argument --nn_epochs/--epochs: must be a positive integer, got -2; "
+                                        r"check --downstream_args '--nn_epochs -2'$"):
+        run_pipeline.main(own_data_args(tiny, tmp_path, "--no_controls", "--downstream_args", "--nn_epochs -2"))
+    assert fake.commands == [] and not (tmp_path / "out" / "clean").exists()
