@@ -81,6 +81,11 @@ def get_parser():
                              "given to MIMIC, its controls and the baselines, each run at every fraction against "
                              "the same clean and backdoored encoders (e.g. 0.01,0.04,0.2; summary.md gets a table "
                              "per fraction, figures/ratio_sweep.png) (default: the preset's --ratio alone)")
+    parser.add_argument("--sweep_budget", default="steps", choices=["steps", "epochs"],
+                        help="what a student of the sweep keeps from the preset's student at the preset's own "
+                             "fraction: its optimiser steps (its --epochs scaled by the subset's size: at 5x the "
+                             "data, a fifth of the epochs), or its epochs (5x the steps and the time at 5x the "
+                             "data); the baselines keep their epochs either way (default: steps)")
     data = parser.add_argument_group("data (default: the preset's)")
     data.add_argument("--data_dir", default="data", help="dataset folder (default: data)")
     data.add_argument("--pretraining_dataset", default=None,
@@ -126,7 +131,8 @@ def main(args):
                 args.nproc_per_node, str(data_dir), args.device, args.protocol,
                 demo_checks=args.preset == "demo" and not own, attacks=args.attacks,
                 ctrl_task=Task(pretraining, pretraining, ctrl_target, None),
-                clean_encoder=shipped_clean(preset, pretraining, args.train_clean), ratios=args.ratios)
+                clean_encoder=shipped_clean(preset, pretraining, args.train_clean), ratios=args.ratios,
+                sweep_budget=args.sweep_budget)
     for stage in preset.global_batch:
         plan.batch(stage)                   # a batch that does not split among the processes: before any work
     lock = hold_runner_lock(out_dir)

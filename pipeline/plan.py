@@ -17,6 +17,7 @@ same clean and backdoored encoders, which are trained and evaluated once.
 import contextlib
 import io
 import json
+import math
 import shlex
 from dataclasses import asdict, dataclass, field
 from types import SimpleNamespace
@@ -69,6 +70,8 @@ class Plan:
     ctrl_data: str = None
     clean_encoder: str = None           # a shipped stage-0 encoder used instead of training one
     ratios: list = None                 # --ratios: clean-data fractions of the sweep (None: the preset's alone)
+    sweep_budget: str = "steps"         # --sweep_budget: what a swept student keeps from the preset's run
+    images: int = None                  # the pre-training images, which the fractions share (check_ratios)
 
     def config(self):
         """The plan as JSON would return it (compared with a summary's)."""
@@ -98,6 +101,21 @@ class Plan:
         flags and --<stage>_args (which may not set it, check_ratios)."""
         return [] if ratio is None or ratio == self.preset.ratio else ["--ratio", f"{ratio:g}"]
 
+    def student_flags(self, ratio):
+        """ratio_flags(), and under the steps budget the --epochs that give a student at this
+        fraction the optimiser steps of the preset's student at its own: epochs x (its subset's steps
+        per epoch) / (this subset's), rounded up. The preset's epochs are the last --epochs of its
+        mimic flags and --mimic_args (MIMIC.py's default without one). Where the preset's own
+        fraction of these images holds no batch there are no steps to keep, and the epochs stay."""
+        flags, batch = self.ratio_flags(ratio), self.preset.global_batch["mimic"]
+        own_steps = int((self.preset.ratio or 0) * self.images) // batch if flags else 0
+        if not own_steps or self.sweep_budget != "steps":     # no steps of the preset's own to keep
+            return flags
+        given = [*self.preset.mimic, *self.extra["mimic"]]
+        epochs = (int(given[len(given) - 1 - given[::-1].index("--epochs") + 1]) if "--epochs" in given
+                  else stage_module(STAGE_SCRIPTS["mimic"]).get_parser().get_default("epochs"))
+        return [*flags, "--epochs", str(math.ceil(epochs * own_steps / (int(ratio * self.images) // batch)))]
+
     def fractions(self):
         """The clean-data fractions the defences and controls run at: each of --ratios, or [None]
         (once, at the preset's --ratio, in folders that do not name it)."""
@@ -126,6 +144,7 @@ class Plan:
         """Before any work: with --ratios, no --<stage>_args of a clean-subset stage may set --ratio
         (the sweep sets it), and each fraction of the `images` pre-training images must hold one
         batch of those stages (incomplete batches are dropped)."""
+        self.images = images
         if not self.ratios:
             return
         for stage in SUBSET_STAGES:
@@ -174,7 +193,7 @@ def seed_jobs(plan, seed, out_dir, key=""):
                         lambda done, r=ratio: [
                             "--pretraining_dataset", plan.pretraining, "--teacher", encoder("clean")(done),
                             *p.mimic, *plan.batch("mimic"), *x["mimic"], *STUDENT_FLAGS[NO_TEACHER],
-                            *plan.ratio_flags(r)],
+                            *plan.student_flags(r)],
                         deps=clean))
     for attack, task in plan.attack_tasks():
         name = task.dataset
@@ -202,7 +221,7 @@ def seed_jobs(plan, seed, out_dir, key=""):
                                 lambda done, m=method, b=bad, r=ratio: [
                                     "--pretraining_dataset", plan.pretraining, "--teacher", encoder(b)(done),
                                     *p.mimic, *plan.batch("mimic"), *x["mimic"], *STUDENT_FLAGS[m],
-                                    *plan.ratio_flags(r)],
+                                    *plan.student_flags(r)],
                                 deps=[bad]))
             for method in plan.defenses():
                 def defense_args(done, m=method, b=bad, r=ratio):

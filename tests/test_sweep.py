@@ -24,10 +24,10 @@ from utils.errors import UserError
 DEMO_TASK = presets.DEMO.tasks[0]
 
 
-def demo_plan(ratios, methods=("mimic", "finetune", "fine_pruning", "nad")):
+def demo_plan(ratios, methods=("mimic", "finetune", "fine_pruning", "nad"), budget="steps"):
     return Plan("demo", presets.DEMO, "demo_pretrain", [DEMO_TASK], list(methods), True,
                 {s: [] for s in STAGE_ARGS}, 1, "data", "cpu", "ours", True,
-                clean_encoder="pretrained/demo_clean.pth", ratios=ratios)
+                clean_encoder="pretrained/demo_clean.pth", ratios=ratios, sweep_budget=budget, images=6000)
 
 
 class Done(dict):
@@ -60,6 +60,25 @@ def test_each_fraction_runs_every_defence_and_control_against_one_backdoored_enc
             evaluated = f"eval/{folder}" + ("_demo_downstream" if folder.startswith("no_teacher") else "")
             assert flag(jobs[evaluated], "--encoder") == f"<{folder}>"
     assert len(jobs) == 1 + 2 + 2 * (6 + 6)          # BadEncoder, two evaluations, per fraction 6 trained + 6 evaluated
+
+
+def test_a_swept_student_keeps_the_presets_optimiser_steps_and_a_baseline_its_epochs():
+    epochs, batch = int(flag(presets.DEMO.mimic, "--epochs")), presets.DEMO.global_batch["mimic"]
+    steps = epochs * (int(presets.DEMO.ratio * 6000) // batch)            # the demo's: 200 x 5 = 1,000
+    jobs = jobs_by_folder(demo_plan([0.01, 0.2]))
+    for ratio, folder in ((0.2, "mimic_r0.2_demo_downstream"), (0.01, "uniform_r0.01_demo_downstream"),
+                          (0.2, "no_teacher_r0.2")):
+        per_epoch = int(ratio * 6000) // batch                              # 25 and 1 steps an epoch
+        assert int(flag(jobs[folder], "--epochs")) == math.ceil(steps / per_epoch)
+    assert (flag(jobs["mimic_r0.2_demo_downstream"], "--epochs"), flag(jobs["mimic_r0.01_demo_downstream"],
+                                                                        "--epochs")) == ("40", "1000")
+    assert flag(jobs["finetune_r0.2_demo_downstream"], "--epochs") == flag(presets.DEMO.defenses["finetune"],
+                                                                           "--epochs")
+    by_epochs = jobs_by_folder(demo_plan([0.01, 0.2], budget="epochs"))
+    assert flag(by_epochs["mimic_r0.2_demo_downstream"], "--epochs") == str(epochs)
+    plan = demo_plan([0.2])
+    plan.extra["mimic"] = ["--epochs", "20"]                              # --mimic_args sets the epochs kept
+    assert plan.student_flags(0.2) == ["--ratio", "0.2", "--epochs", str(math.ceil(20 * 5 / 25))]
 
 
 def test_without_ratios_the_folders_and_flags_are_those_of_before_the_sweep():
