@@ -86,7 +86,8 @@ def test_without_ratios_the_folders_and_flags_are_those_of_before_the_sweep():
     assert set(jobs) == {"no_teacher", "badencoder_demo_downstream", "eval/clean_demo_downstream",
                          "eval/backdoored_demo_downstream", "eval/no_teacher_demo_downstream",
                          *(f"{m}_demo_downstream" for m in ("mimic", "uniform", "finetune", "fine_pruning", "nad")),
-                         *(f"eval/{m}_demo_downstream" for m in ("mimic", "uniform", "finetune", "fine_pruning", "nad"))}
+                         *(f"eval/{m}_demo_downstream"
+                           for m in ("mimic", "uniform", "finetune", "fine_pruning", "nad"))}
     mimic = jobs["mimic_demo_downstream"]
     assert mimic.count("--ratio") == 1 and flag(mimic, "--ratio") == flag(presets.DEMO.mimic, "--ratio")
 
