@@ -20,7 +20,8 @@ from matplotlib.patches import Patch  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from report.methods import ATTACKS, BADENCODER, BASELINES, attack_label, label  # noqa: E402
-from report.stats import METRIC_LABELS, asr_matrix, several_attacks, summarize_seeds, sweep_data  # noqa: E402
+from report.stats import (METRIC_LABELS, asr_matrix, seed_count, several_attacks, summarize_seeds,  # noqa: E402
+                          sweep_data)
 from utils.errors import UserError  # noqa: E402
 from utils.records import LOG, MI, RESULTS, SUMMARY, MIRecord, Summary, read_log  # noqa: E402
 
@@ -60,7 +61,7 @@ def bar_data(stats, task):
     nan = float("nan")     # a metric missing for one encoder leaves a gap, not a zero-height bar
     means = {m: [rows[e][m]["mean"] if m in rows[e] else nan for e in encoders] for m in metrics}
     stds = {m: [rows[e][m]["std"] if m in rows[e] else 0.0 for e in encoders] for m in metrics}
-    seeds = max((len(c["values"]) for r in rows.values() for c in r.values()), default=0)
+    seeds = seed_count(c for r in rows.values() for c in r.values())
     return {"encoders": [label(e) for e in encoders], "metrics": metrics, "means": means, "stds": stds, "seeds": seeds}
 
 
@@ -181,7 +182,7 @@ def matrix_data(matrix):
     nan = float("nan")
     means = [[matrix[r][m]["mean"] if m in matrix[r] else nan for m in methods] for r in rows]
     stds = [[matrix[r][m]["std"] if m in matrix[r] else nan for m in methods] for r in rows]
-    seeds = max((len(c["values"]) for cells in matrix.values() for c in cells.values()), default=0)
+    seeds = seed_count(c for cells in matrix.values() for c in cells.values())
     return {"rows": rows, "columns": [label(m) for m in methods], "means": means, "stds": stds, "seeds": seeds}
 
 
@@ -194,8 +195,7 @@ def sweep_lines(methods):
     lines = {label(m): {metric: {"means": [by[r][metric]["mean"] if metric in by.get(r, {}) else nan for r in ratios],
                                  "stds": [by[r][metric]["std"] if metric in by.get(r, {}) else 0.0 for r in ratios]}
                         for metric in ("acc", "asr")} for m, by in methods.items()}
-    seeds = max((len(c["values"]) for by in methods.values() for cells in by.values() for c in cells.values()),
-                default=0)
+    seeds = seed_count(c for by in methods.values() for cells in by.values() for c in cells.values())
     return {"ratios": ratios, "lines": lines, "fixed": [label(m) for m in methods if m in BASELINES], "seeds": seeds}
 
 

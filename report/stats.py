@@ -74,6 +74,12 @@ def mean_std(cell):
     return f"{cell['mean']:.1f} ± {cell['std']:.1f}"
 
 
+def seed_count(cells):
+    """The most seeds behind any of these spread cells (0 for none): a table says "mean ± std over
+    N seeds" with it, and shows a lone value when N is 1."""
+    return max((len(c["values"]) for c in cells), default=0)
+
+
 def _cell(cell, seeds):
     """mean_std(cell) over several seeds, the value alone over one."""
     return mean_std(cell) if seeds > 1 else f"{cell['mean']:.1f}"
@@ -147,8 +153,7 @@ def markdown_sweep_table(sweep):
     lines = []
     for (attack, task), methods in sweep.items():
         ratios = sorted({r for by in methods.values() for r in by})
-        seeds = max((len(c["values"]) for by in methods.values() for cells in by.values() for c in cells.values()),
-                    default=0)
+        seeds = seed_count(c for by in methods.values() for cells in by.values() for c in cells.values())
         over = f"mean ± std over {seeds} seeds" if seeds > 1 else "one seed"
         lines += [f"### {attack_label(attack)} on {task}: ACC / ASR (%) by clean-data fraction ({over})", "",
                   "| encoder | " + " | ".join(fraction_text(r) for r in ratios) + " |",
@@ -165,7 +170,7 @@ def markdown_asr_matrix(matrix, metric="asr"):
     """Markdown: rows = attack on task, columns = encoders (method ids, shown by label); each cell
     the mean ± sample std over seeds, the value alone with one seed."""
     methods = _ordered_union(matrix.values())
-    seeds = max((len(c["values"]) for cells in matrix.values() for c in cells.values()), default=0)
+    seeds = seed_count(c for cells in matrix.values() for c in cells.values())
     over = f"mean ± std over {seeds} seeds" if seeds > 1 else "one seed"
     lines = [f"### {METRIC_LABELS.get(metric, metric)} (%) by attack and defence ({over})", "",
              "| attack | " + " | ".join(label(m) for m in methods) + " |", "|" + "---|" * (len(methods) + 1)]
