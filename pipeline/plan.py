@@ -38,6 +38,18 @@ STUDENT_FLAGS = {
                    "--at_base_layer3", "0", "--at_base_layer4", "0", "--clone_weight", "0"],
     UNIFORM: ["--attention", "uniform"],
 }
+def flag_value(flags, name):
+    """The value a list of command-line flags gives `name`, spelled `name V` or `name=V`, the last
+    one winning as in argparse; None when the list does not set it."""
+    value = None
+    for i, token in enumerate(flags):
+        if token == name and i + 1 < len(flags):
+            value = flags[i + 1]
+        elif token.startswith(f"{name}="):
+            value = token.split("=", 1)[1]
+    return value
+
+
 # The stage scripts, by the name of their --<stage>_args flag (CTRL's stage 0 is a clean job too).
 STAGE_SCRIPTS = {"clean": "train_clean_encoder.py", "badencoder": "train_badencoder.py", "mimic": "MIMIC.py",
                  "defense": "defenses.py", "downstream": "training_downstream_classifier.py"}
@@ -89,17 +101,22 @@ class Plan:
         pairs = [(BADENCODER, t) for t in self.tasks] if BADENCODER in self.attacks else []
         return pairs + ([(CTRL, self.ctrl_task)] if CTRL in self.attacks else [])
 
+    def swept(self, ratio):
+        """Whether a job's fraction is one the preset's flags do not give (None or Preset.ratio: they
+        do), so that its folder names the fraction and its command sets it."""
+        return ratio is not None and ratio != self.preset.ratio
+
     def ratio_tag(self, ratio):
         """The part of a defence's or control's folder name that gives its fraction: "" for the
-        preset's own (Preset.ratio; so a sweep reuses the folders of a run without --ratios), else
-        _r<ratio> (e.g. mimic_r0.01_demo_downstream)."""
-        return "" if ratio is None or ratio == self.preset.ratio else f"_r{ratio:g}"
+        preset's own (so a sweep reuses the folders of a run without --ratios), else _r<ratio>
+        (e.g. mimic_r0.01_demo_downstream)."""
+        return f"_r{ratio:g}" if self.swept(ratio) else ""
 
     def ratio_flags(self, ratio):
         """The flags that set a job's clean-data fraction: none for the preset's own (its flags give
         it, and the command stays that of a run without --ratios), else --ratio, after the preset's
         flags and --<stage>_args (which may not set it, check_ratios)."""
-        return [] if ratio is None or ratio == self.preset.ratio else ["--ratio", f"{ratio:g}"]
+        return ["--ratio", f"{ratio:g}"] if self.swept(ratio) else []
 
     def student_flags(self, ratio):
         """ratio_flags(), and under the steps budget the --epochs that give a student at this
@@ -111,10 +128,10 @@ class Plan:
         own_steps = int((self.preset.ratio or 0) * self.images) // batch if flags else 0
         if not own_steps or self.sweep_budget != "steps":     # no steps of the preset's own to keep
             return flags
-        given = [*self.preset.mimic, *self.extra["mimic"]]
-        epochs = (int(given[len(given) - 1 - given[::-1].index("--epochs") + 1]) if "--epochs" in given
-                  else stage_module(STAGE_SCRIPTS["mimic"]).get_parser().get_default("epochs"))
-        return [*flags, "--epochs", str(math.ceil(epochs * own_steps / (int(ratio * self.images) // batch)))]
+        epochs = flag_value([*self.preset.mimic, *self.extra["mimic"]], "--epochs")
+        if epochs is None:
+            epochs = stage_module(STAGE_SCRIPTS["mimic"]).get_parser().get_default("epochs")
+        return [*flags, "--epochs", str(math.ceil(int(epochs) * own_steps / (int(ratio * self.images) // batch)))]
 
     def fractions(self):
         """The clean-data fractions the defences and controls run at: each of --ratios, or [None]
@@ -148,7 +165,7 @@ class Plan:
         if not self.ratios:
             return
         for stage in SUBSET_STAGES:
-            if "--ratio" in self.extra[stage] or any(f.startswith("--ratio=") for f in self.extra[stage]):
+            if flag_value(self.extra[stage], "--ratio") is not None:
                 raise UserError(f"--{stage}_args sets --ratio, which --ratios sets for every {stage} job; "
                                 f"drop it from --{stage}_args")
         for stage in SUBSET_STAGES:
@@ -241,8 +258,9 @@ def seed_jobs(plan, seed, out_dir, key=""):
     return jobs
 
 
-class _Unrun(dict):
-    """Stands in for the finished jobs before any has run: every job's encoder is <its key>."""
+class NotRun(dict):
+    """Stands in for the finished jobs before any has run (job.args(NotRun())): every job's encoder
+    is <its key>."""
 
     def __missing__(self, key):
         return SimpleNamespace(encoder=f"<{key}>")
@@ -260,7 +278,7 @@ def check_flags(plan, jobs):
         said = io.StringIO()
         try:
             with contextlib.redirect_stderr(said):
-                module.get_parser().parse_args([str(a) for a in job.args(_Unrun())])
+                module.get_parser().parse_args([str(a) for a in job.args(NotRun())])
         except SystemExit:
             stage = stage_of[job.script]
             last = (said.getvalue().strip().splitlines() or ["error: its flags do not parse"])[-1]

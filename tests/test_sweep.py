@@ -14,7 +14,7 @@ import run_pipeline
 from datasets import save_split
 from models.distill import epoch_lr
 from pipeline import presets
-from pipeline.plan import STAGE_ARGS, Plan, seed_jobs
+from pipeline.plan import STAGE_ARGS, NotRun, Plan, flag_value, seed_jobs
 from report.figures import ratio_sweep, sweep_lines
 from report.stats import markdown_sweep_table, summarize_seeds, sweep_data
 from test_pipeline_runner import FAKE_METRICS, TASK, fake, flag, own_data_args, read  # noqa: F401 (fake: a fixture)
@@ -30,15 +30,8 @@ def demo_plan(ratios, methods=("mimic", "finetune", "fine_pruning", "nad"), budg
                 clean_encoder="pretrained/demo_clean.pth", ratios=ratios, sweep_budget=budget, images=6000)
 
 
-class Done(dict):
-    """Stands in for the runner's finished jobs: every job's encoder is <its folder>."""
-
-    def __missing__(self, key):
-        return type("Finished", (), {"encoder": f"<{key}>"})()
-
-
 def jobs_by_folder(plan):
-    return {job.key: job.args(Done()) for job in seed_jobs(plan, 100, Path("out"))}
+    return {job.key: job.args(NotRun()) for job in seed_jobs(plan, 100, Path("out"))}
 
 
 # ---------------------------------------------------------------- the plan
@@ -77,8 +70,16 @@ def test_a_swept_student_keeps_the_presets_optimiser_steps_and_a_baseline_its_ep
     by_epochs = jobs_by_folder(demo_plan([0.01, 0.2], budget="epochs"))
     assert flag(by_epochs["mimic_r0.2_demo_downstream"], "--epochs") == str(epochs)
     plan = demo_plan([0.2])
-    plan.extra["mimic"] = ["--epochs", "20"]                              # --mimic_args sets the epochs kept
-    assert plan.student_flags(0.2) == ["--ratio", "0.2", "--epochs", str(math.ceil(20 * 5 / 25))]
+    for spelled in (["--epochs", "20"], ["--epochs=20"], ["--epochs", "7", "--epochs=20"]):
+        plan.extra["mimic"] = spelled                                     # --mimic_args sets the epochs kept
+        assert plan.student_flags(0.2) == ["--ratio", "0.2", "--epochs", str(math.ceil(20 * 5 / 25))]
+
+
+def test_flag_value_reads_both_spellings_and_the_last_wins():
+    assert flag_value(["--lr", "1e-3", "--ratio", "0.2", "--ratio=0.04"], "--ratio") == "0.04"
+    assert flag_value(["--ratio=0.1", "--ratio", "0.3"], "--ratio") == "0.3"
+    assert flag_value(["--ratios", "0.1", "--ratio_x=2"], "--ratio") is None
+    assert flag_value(["--epochs"], "--epochs") is None                    # no value after it: not set
 
 
 def test_without_ratios_the_folders_and_flags_are_those_of_before_the_sweep():
