@@ -32,7 +32,7 @@ from models.encoder import INITS
 from models.health import PROBE_IMAGES, check_finite_encoder
 from models.mine import (AUTHORS as MI_AUTHORS, EVAL_PERMUTATIONS, EVALUATIONS, FIRST_LAYERS, ORDERS, SCHEDULES,
                          STANDARDIZATIONS, MISettings, holdout_split)
-from utils.cli import (MAX_HIDDEN, StageParser, add_clean_subset, add_distributed_args, add_init_flag,
+from utils.cli import (AUTHORS_RUN, MAX_HIDDEN, StageParser, add_clean_subset, add_distributed_args, add_init_flag,
                        add_pretraining_split, add_protocol, add_run_args, int_in, learning_rate, nonnegative_float,
                        positive_float, positive_int, run_cli, unit_interval)
 from utils.device import fast_paths, place
@@ -49,9 +49,7 @@ AUTHORS = {
     "init": "torchvision",              # the fresh student: torchvision's resnet18() init
     "pretraining_split": "auto",        # STL-10: distil on train_unlabeled, MI on train
     "augment": "torchvision",           # the per-image PIL pipeline of their code
-    "amp": "off",                       # float32
-    "channels_last": "off",             # torch's default memory layout
-    "cudnn_deterministic": "on",        # torch.backends.cudnn.deterministic = True
+    **AUTHORS_RUN,                      # float32, torch's default layout, deterministic cuDNN
     "mi_model": "student",              # MI measured on the untrained student
     **{f"mi_{f.name}": getattr(MI_AUTHORS, f.name) for f in fields(MISettings) if f.name != "seed"},
 }

@@ -38,7 +38,7 @@ from models.health import PROBE_IMAGES, check_finite_encoder
 from models.knn import knn_predict
 from models.pruning import channel_ranking, prune_channels, prune_until, pruned_count
 from report.methods import DEFENSES
-from utils.cli import (StageParser, add_clean_subset, add_distributed_args, add_protocol, add_run_args,
+from utils.cli import (AUTHORS_RUN, StageParser, add_clean_subset, add_distributed_args, add_protocol, add_run_args,
                        learning_rate, nonnegative_float, nonnegative_int, positive_float, positive_int, run_cli,
                        unit_interval)
 from utils.device import fast_paths, place
@@ -54,9 +54,7 @@ from utils.stage import TrainingRun, check_batchnorm_batch, start_run
 # runs it, so that a baseline sees the views MIMIC sees under --protocol authors.
 AUTHORS = {
     "augment": "torchvision",
-    "amp": "off",
-    "channels_last": "off",
-    "cudnn_deterministic": "on",
+    **AUTHORS_RUN,
 }
 
 

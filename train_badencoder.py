@@ -29,9 +29,8 @@ from datasets.loader import augment_copies, extract_features, index_batches, to_
 from models import badencoder_loss, encoder_checkpoint, load_encoder
 from models.health import PROBE_IMAGES, check_finite_encoder
 from paper import TASKS, TRIGGER, paper_task
-from utils.cli import (MAX_COPIES, StageParser, add_pretraining_split, add_protocol, add_run_args, int_at_least,
-                       int_in, learning_rate,
-                       nonnegative_float, positive_int, run_cli, unit_interval)
+from utils.cli import (AUTHORS_RUN, MAX_COPIES, StageParser, add_pretraining_split, add_protocol, add_run_args,
+                       int_at_least, int_in, learning_rate, nonnegative_float, positive_int, run_cli, unit_interval)
 from utils.device import autocast, fast_paths, place
 from utils.distributed import distribute, mean_over_ranks
 from utils.errors import UserError
@@ -44,9 +43,7 @@ AUTHORS = {
     "pretraining_split": "auto",        # STL-10: the first 50,000 unlabeled images as shadow data
     "reference_copies": None,           # --batch_size augmented copies of each reference per step
     "keep_last_batch": False,           # the incomplete last batch of shadow data dropped
-    "amp": "off",                       # float32
-    "channels_last": "off",             # torch's default memory layout
-    "cudnn_deterministic": "on",        # torch.backends.cudnn.deterministic = True
+    **AUTHORS_RUN,                      # float32, torch's default layout, deterministic cuDNN
 }
 
 

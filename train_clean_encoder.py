@@ -22,7 +22,7 @@ from models import SimCLR, encoder_checkpoint, nt_xent
 from models.encoder import INITS
 from models.health import PROBE_IMAGES, check_finite_encoder
 from models.knn import knn_predict
-from utils.cli import (MAX_WIDTH, StageParser, add_distributed_args, add_init_flag, add_pretraining_split,
+from utils.cli import (AUTHORS_RUN, MAX_WIDTH, StageParser, add_distributed_args, add_init_flag, add_pretraining_split,
                        add_protocol, add_run_args, int_in, learning_rate, nonnegative_float, nonnegative_int,
                        positive_float, positive_int, run_cli)
 from utils.device import autocast, fast_paths, place
@@ -37,9 +37,7 @@ AUTHORS = {
     "init": "torchvision",              # torchvision's resnet18() init, a fresh 3x3 conv1
     "pretraining_split": "auto",        # STL-10: train_unlabeled.npz
     "augment": "torchvision",           # the per-image PIL pipeline of their code
-    "amp": "off",                       # float32
-    "channels_last": "off",             # torch's default memory layout
-    "cudnn_deterministic": "on",        # torch.backends.cudnn.deterministic = True
+    **AUTHORS_RUN,                      # float32, torch's default layout, deterministic cuDNN
 }
 
 

@@ -31,8 +31,8 @@ from models import DownstreamClassifier, load_encoder
 from models.health import check_finite_features, check_not_collapsed
 from models.metrics import backdoor_metrics
 from paper import TRIGGER
-from utils.cli import (MAX_HIDDEN, StageParser, add_protocol, add_run_args, finite_float, int_at_least, int_in,
-                       learning_rate, positive_int, run_cli)
+from utils.cli import (AUTHORS_RUN, MAX_HIDDEN, StageParser, add_protocol, add_run_args, finite_float, int_at_least,
+                       int_in, learning_rate, positive_int, run_cli)
 from utils.errors import UserError
 from utils.fingerprint import encoder_usage, stage_fingerprint
 from utils.logs import RunLog, check_finite, progress
@@ -42,8 +42,8 @@ from utils.stage import start_run
 # --protocol authors: this stage as the authors' code runs it (docs/fidelity.md, first table).
 AUTHORS = {
     "train_order": "file",              # training features in file order every epoch
-    "amp": "off",                       # float32
-    "cudnn_deterministic": "on",        # torch.backends.cudnn.deterministic = True
+    # float32 and deterministic cuDNN; this stage has no channels-last path, so that flag is not listed
+    **{k: AUTHORS_RUN[k] for k in ("amp", "cudnn_deterministic")},
 }
 
 

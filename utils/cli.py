@@ -104,6 +104,11 @@ unit_interval = float_in(0, 1, hi_open=True, name="unit_interval")   # e.g. --mo
 learning_rate = float_in(0, 10, lo_open=True, name="learning_rate")
 
 
+# The shared run flags (add_run_args) as the authors' code runs: float32, torch's default memory
+# layout, cuDNN's deterministic algorithms. Each stage's --protocol table takes them from here.
+AUTHORS_RUN = {"amp": "off", "channels_last": "off", "cudnn_deterministic": "on"}
+
+
 def add_run_args(parser, seed, save_freq=None):
     """Flags every stage shares: where to run, where to write, how to restart."""
     group = parser.add_argument_group("run")
