@@ -37,7 +37,7 @@ from models.distill import distill_epoch
 from models.health import PROBE_IMAGES, check_finite_encoder
 from models.knn import knn_predict
 from models.pruning import channel_ranking, prune_channels, prune_until, pruned_count
-from report.methods import DEFENSES
+import methods
 from utils.cli import (AUTHORS_RUN, StageParser, add_clean_subset, add_distributed_args, add_protocol, add_run_args,
                        learning_rate, nonnegative_float, nonnegative_int, positive_float, positive_int, run_cli,
                        unit_interval)
@@ -48,6 +48,9 @@ from utils.fingerprint import encoder_usage, file_hash, stage_fingerprint
 from utils.lock import RunLock
 from utils.seeding import preserved_rng, set_seed
 from utils.stage import TrainingRun, check_batchnorm_batch, start_run
+
+# The defences this script runs: those the registry gives it (methods/baselines.py).
+OWN = tuple(i for i, d in methods.defences().items() if d.script == "defenses.py")
 
 # --protocol authors: the baselines are this project's adaptations (docs/defenses.md); what they
 # share with the authors' code is set as there: float32, and stage 0's augmentation as their code
@@ -61,7 +64,7 @@ AUTHORS = {
 def get_parser():
     parser = StageParser(description="Stage 2 baselines: fine-tuning, fine-pruning or NAD.")
     data = parser.add_argument_group("data")
-    data.add_argument("--defense", required=True, choices=DEFENSES, help="which defence to run")
+    data.add_argument("--defense", required=True, choices=OWN, help="which defence to run")
     data.add_argument("--suspect", "--teacher", dest="suspect", required=True,
                       help="suspect (e.g. backdoored) encoder checkpoint; --teacher as in MIMIC.py")
     add_clean_subset(data)

@@ -28,19 +28,17 @@ import os
 import time
 from pathlib import Path
 
-from datasets.poison import CTRL_POISON_RATIO
-from paper import Task
+import methods
 from datasets.npz import npz_shape, split_path
-from pipeline.data import (METHODS, ROOT, attack_list, method_list, name_list, prepare_data, ratio_list, select_data,
-                           stage_flags, task_spec)
-from pipeline.plan import STAGE_ARGS, Plan, check_flags, seed_jobs
+from pipeline.data import (ROOT, attack_list, defence_ids, method_list, name_list, prepare_data, ratio_list,
+                           select_data, stage_flags, task_spec)
+from pipeline.plan import Plan, check_flags, seed_jobs, stage_scripts
 from pipeline.presets import PRESETS
 from pipeline.pretrained import shipped_clean
 from pipeline.runner import Runner, hold_runner_lock
 from pipeline.samples import draw_figures
 from pipeline.summary import write_summaries
-from report.methods import BADENCODER, CTRL, DEFENSES, MIMIC
-from utils.cli import PROTOCOLS, fraction, nonnegative_int, positive_int, run_cli, seed_int
+from utils.cli import PROTOCOLS, positive_int, run_cli, seed_int
 
 def get_parser():
     parser = argparse.ArgumentParser(description="Run stages 0-3, the defences and two controls; summarise "
@@ -59,23 +57,21 @@ def get_parser():
     parser.add_argument("--seeds", type=seed_int, nargs="+", default=None, metavar="S",
                         help="run the whole pipeline once per seed in <results_dir>/seed_<s>/ and summarise "
                              "over the seeds (default: --seed alone, written to <results_dir>/)")
-    parser.add_argument("--defenses", type=method_list, default=list(METHODS), metavar="LIST",
-                        help=f"comma-separated methods run on each backdoored encoder: {MIMIC} (MIMIC.py) and "
-                             f"the baselines {', '.join(DEFENSES)} (defenses.py) (default: {','.join(METHODS)})")
+    parser.add_argument("--defenses", type=method_list, default=list(defence_ids()), metavar="LIST",
+                        help="comma-separated defences run on each backdoored encoder, shown in this order in "
+                             "the tables: " + "; ".join(f"{i}: {d.doc}" for i, d in methods.defences(False).items())
+                             + f" (default: {','.join(defence_ids())})")
     parser.add_argument("--no_controls", action="store_true", help="skip the two control students")
     parser.add_argument("--train_clean", action="store_true",
                         help="train stage 0 in this run even when the preset ships its clean encoder (the demo's "
                              "is pretrained/demo_clean.pth, stage 0 of the demo preset at seed 100, used by every "
                              "seed; default: the shipped encoder when there is one)")
-    parser.add_argument("--attacks", type=attack_list, default=[BADENCODER], metavar="LIST",
-                        help=f"comma-separated attacks every defence runs against: {BADENCODER} (stage 1, a patch "
-                             f"trigger, on each task) and {CTRL} (stage 0 on a poisoned copy of the pre-training data, "
-                             f"a frequency trigger, evaluated on the pre-training dataset) (default: {BADENCODER})")
-    parser.add_argument("--ctrl_target", type=nonnegative_int, default=None,
-                        help="CTRL's target class in the pre-training dataset (default: the preset's, 0)")
-    parser.add_argument("--ctrl_poison_ratio", type=fraction, default=CTRL_POISON_RATIO,
-                        help=f"share of the pre-training images CTRL poisons, all of the target class "
-                             f"(default: {CTRL_POISON_RATIO}, CTRL's)")
+    first = methods.first_attack()
+    parser.add_argument("--attacks", type=attack_list, default=[first], metavar="LIST",
+                        help="comma-separated attacks every defence runs against: " + "; ".join(
+                            f"{i}: {a.doc}" for i, a in methods.attacks().items()) + f" (default: {first})")
+    for attack in methods.attacks().values():
+        attack.add_runner_args(parser)
     parser.add_argument("--ratios", type=ratio_list, default=None, metavar="LIST",
                         help="the clean-data fraction sweep: comma-separated fractions of the pre-training images "
                              "given to MIMIC, its controls and the baselines, each run at every fraction against "
@@ -110,12 +106,20 @@ def get_parser():
     run.add_argument("--nproc_per_node", type=positive_int, default=1,
                      help="processes (GPUs) per training stage; above 1 the stages run under torchrun and each "
                           "process gets global batch / N images per step (default: 1)")
-    for stage in STAGE_ARGS:
+    for stage in stage_scripts():
         parser.add_argument(f"--{stage}_args", default="",
                             help=f"extra flags appended to every {stage} command, e.g. --mimic_args \"--epochs 50\" "
                                  f"(later flags win) (default: none)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser
+
+
+def method_options(args):
+    """{flag: value} of the methods' own flags (Attack.add_runner_args), which Plan.options keeps."""
+    own = argparse.ArgumentParser(add_help=False)
+    for attack in methods.attacks().values():
+        attack.add_runner_args(own)
+    return {a.dest: getattr(args, a.dest) for a in own._actions}
 
 
 def main(args):
@@ -125,20 +129,16 @@ def main(args):
     own = bool(args.pretraining_dataset or args.task)
     out_dir = Path(args.results_dir or f"output/{args.preset}").resolve()
     data_dir = Path(args.data_dir).resolve()
-    extra = {s: stage_flags(getattr(args, f"{s}_args"), f"--{s}_args") for s in STAGE_ARGS}
-    ctrl_target = preset.ctrl_target if args.ctrl_target is None else args.ctrl_target
+    extra = {s: stage_flags(getattr(args, f"{s}_args"), f"--{s}_args") for s in stage_scripts()}
     plan = Plan(args.preset, preset, pretraining, tasks, args.defenses, not args.no_controls, extra,
                 args.nproc_per_node, str(data_dir), args.device, args.protocol,
-                demo_checks=args.preset == "demo" and not own, attacks=args.attacks,
-                ctrl_task=Task(pretraining, pretraining, ctrl_target, None),
+                demo_checks=args.preset == "demo" and not own, attacks=args.attacks, options=method_options(args),
                 clean_encoder=shipped_clean(preset, pretraining, args.train_clean), ratios=args.ratios,
                 sweep_budget=args.sweep_budget)
-    for stage in preset.global_batch:
-        plan.batch(stage)                   # a batch that does not split among the processes: before any work
+    plan.check_batches()                    # a batch that does not split, a method without flags: before any work
     lock = hold_runner_lock(out_dir)
     try:
-        prepare_data(plan, "this run" if own else f"the {args.preset} preset", args.ctrl_poison_ratio,
-                     args.reference_dir)
+        prepare_data(plan, "this run" if own else f"the {args.preset} preset", args.reference_dir)
         plan.check_ratios(npz_shape(split_path(data_dir, pretraining, "train"), "x")[0])
         seeds = list(dict.fromkeys(args.seeds)) if args.seeds else [args.seed]
         folders = {s: out_dir / f"seed_{s}" if args.seeds else out_dir for s in seeds}

@@ -21,6 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import methods  # noqa: E402
 from datasets import demo  # noqa: E402
 from paper import TRIGGER  # noqa: E402
 from pipeline.presets import DEMO  # noqa: E402
@@ -40,12 +41,12 @@ def stage_commands(work, data, epochs):
                      "--epochs", str(epochs), "--batch_size", "128", "--results_dir", work / "clean"]),
         ("BadEncoder", ["train_badencoder.py", "--pretraining_dataset", demo.PRETRAIN_NAME, "--downstreamTask",
                         task.dataset, "--trigger_file", TRIGGER, "--reference_file", task.reference,
-                        "--pretrained_encoder", clean, *DEMO.badencoder, "--epochs", str(epochs),
+                        "--pretrained_encoder", clean, *methods.get("badencoder").presets["demo"], "--epochs", str(epochs),
                         "--batch_size", "64", "--results_dir", work / "bad"]),
         ("MIMIC", ["MIMIC.py", "--pretraining_dataset", demo.PRETRAIN_NAME, "--teacher", bad, *DEMO.mimic,
                    "--epochs", str(epochs), "--mi_epochs", "20", "--batch_size", "128", "--results_dir", work / "mimic"]),
         ("fine-tuning", ["defenses.py", "--defense", "finetune", "--suspect", bad, "--pretraining_dataset",
-                         demo.PRETRAIN_NAME, *DEMO.defenses["finetune"], "--epochs", str(epochs),
+                         demo.PRETRAIN_NAME, *["--ratio", f"{DEMO.ratio:g}", *methods.get("finetune").presets["demo"]], "--epochs", str(epochs),
                          "--batch_size", "128", "--results_dir", work / "ft"]),
         ("evaluation", ["training_downstream_classifier.py", "--dataset", task.dataset, "--reference_label",
                         str(task.label), "--trigger_file", TRIGGER, "--encoder", bad, "--reference_file",

@@ -8,38 +8,40 @@ from pathlib import Path
 
 import numpy as np
 
-from datasets import FrequencyTrigger, demo, load_trigger, pretraining_split
+import methods
+from datasets import demo, load_trigger, pretraining_split
 from datasets.npz import check_reference_label, npz_shape, split_path
-from datasets.poison import POISON_RECORD, poison_ctrl
 from datasets.prepare import PAPER_DATASETS, PAPER_REFERENCES, make_reference, reference_path
 from paper import TRIGGER, Task
-from report.methods import ATTACKS, BADENCODER, CTRL, DEFENSES, MIMIC
 from utils.cli import fraction
 from utils.errors import UserError
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-METHODS = (MIMIC, *DEFENSES)   # what --defenses may name
+def defence_ids():
+    """What --defenses may name: every registered defence but the controls, in table order."""
+    return tuple(methods.defences(controls=False))
 
 
 def method_list(text):
-    """--defenses: comma-separated names of METHODS, in the given order."""
+    """--defenses: comma-separated defence ids (defence_ids()); the tables keep the registry's order."""
     names = [n.strip() for n in text.split(",") if n.strip()]
-    unknown = [n for n in names if n not in METHODS]
+    unknown = [n for n in names if n not in defence_ids()]
     if unknown:
-        raise argparse.ArgumentTypeError(f"unknown {', '.join(unknown)}; choose among {','.join(METHODS)}")
+        raise argparse.ArgumentTypeError(f"unknown {', '.join(unknown)}; choose among {','.join(defence_ids())}")
     return list(dict.fromkeys(names))
 
 
 def attack_list(text):
-    """--attacks: comma-separated attack ids of report.methods.ATTACKS, in table order."""
+    """--attacks: comma-separated attack ids of methods.attacks(), in table order."""
+    known = tuple(methods.attacks())
     names = [n.strip() for n in text.split(",") if n.strip()]
-    unknown = [n for n in names if n not in ATTACKS]
+    unknown = [n for n in names if n not in known]
     if unknown or not names:
         raise argparse.ArgumentTypeError(f"unknown {', '.join(unknown) or 'empty list'}; "
-                                         f"choose among {','.join(ATTACKS)}")
-    return [a for a in ATTACKS if a in names]
+                                         f"choose among {','.join(known)}")
+    return [a for a in known if a in names]
 
 
 def ratio_list(text):
@@ -48,23 +50,6 @@ def ratio_list(text):
     if not names:
         raise argparse.ArgumentTypeError("empty list; give fractions such as 0.01,0.04,0.2")
     return sorted({fraction(n) for n in names})
-
-
-def poison_name(pretraining, target, ratio, trigger):
-    """The poisoned copy's dataset name, which spells its settings, so runs with other settings
-    sharing a --data_dir never rewrite each other's copy: e.g. demo_pretrain_ctrl_t0_p0.01_m100_w32."""
-    return f"{pretraining}_ctrl_t{target}_p{ratio:g}_m{trigger.magnitude:g}_w{trigger.window_size}"
-
-
-def poison_data(pretraining, target, ratio, data_dir):
-    """CTRL's poisoned copy of the pre-training data, <data_dir>/<poison_name(...)> (kept when it is
-    already the one asked for); returns its name."""
-    trigger = FrequencyTrigger(image_size=tuple(npz_shape(split_path(data_dir, pretraining, "train"), "x")[1:3]))
-    name = poison_name(pretraining, target, ratio, trigger)
-    record = poison_ctrl(data_dir, pretraining, name, target, ratio, trigger)
-    print(f"CTRL's poisoned data {data_dir / name}: {record['poisoned']} of {record['images']} images of class "
-          f"{target} triggered ({record['status']}; indices in {POISON_RECORD})")
-    return name
 
 
 def name_list(text):
@@ -191,20 +176,23 @@ def add_references(tasks, data_dir, reference_dir):
     return done
 
 
-def prepare_data(plan, who, ctrl_poison_ratio, reference_dir):
+def prepare_data(plan, who, reference_dir):
     """Everything a run's stages read, made or checked before any of them starts: the demo data
-    (generated when missing), the tasks' files (BadEncoder), CTRL's poisoned copy, and a
-    reference file for every task without one. Fills plan.ctrl_data and plan.tasks."""
+    (generated when missing), each attack's tasks' files, what each attack prepares itself (e.g.
+    CTRL's poisoned copy, in plan.prepared), and a reference file for every task without one
+    (in plan.tasks)."""
     data_dir = Path(plan.data_dir)
     if {plan.pretraining, *(t.dataset for t in plan.tasks)} & set(demo.CLASSES):
         print("== demo data")
         demo.make_demo_data(data_dir, ROOT / "reference", **demo.DEFAULTS)
-    if BADENCODER in plan.attacks:
-        check_data(plan.pretraining, plan.tasks, data_dir, who)
-    if CTRL in plan.attacks:
-        check_data(plan.pretraining, [plan.ctrl_task], data_dir, f"CTRL in {who}")
-        plan.ctrl_data = poison_data(plan.pretraining, plan.ctrl_task.label, ctrl_poison_ratio, data_dir)
-    if BADENCODER in plan.attacks:
+    on_tasks = False                     # whether an attack targets the run's tasks (not only its own)
+    for attack_id in plan.attacks:
+        attack = methods.get(attack_id)
+        tasks = attack.tasks(plan)
+        on_tasks = on_tasks or any(t in plan.tasks for t in tasks)
+        check_data(plan.pretraining, tasks, data_dir, f"{attack.label} in {who}" if attack.named else who)
+        plan.prepared[attack_id] = attack.prepare(plan)
+    if on_tasks:
         plan.tasks = add_references(plan.tasks, data_dir, reference_dir)
 
 

@@ -2,11 +2,11 @@
 images (pre-training images, triggered test images, reference inputs, augmented views)."""
 import torch
 
-from datasets import FrequencyTrigger, load_reference, load_split, load_trigger, stamp_trigger
+from datasets import load_reference, load_split, load_trigger, stamp_trigger
 from datasets.augment import BatchAugment
 from paper import TRIGGER
 from report.figures import plot_results, sample_grid
-from report.methods import CTRL
+import methods
 from utils.seeding import preserved_rng
 
 from .data import ROOT
@@ -15,7 +15,8 @@ from .data import ROOT
 def sample_images(plan, seed, count=8):
     """The sample grid's rows as uint8 (N, H, W, 3): pre-training images, the first task's test
     images with the trigger, its reference inputs, and two augmented views of the pre-training images;
-    then, when the plan runs CTRL, the pre-training images with CTRL's trigger (the poisoned copy's), else None."""
+    then (label, the pre-training images with its trigger) of the first attack of the plan whose
+    trigger gets a row of its own (methods.Attack.sample_trigger), else None."""
     clean = load_split(plan.data_dir, plan.pretraining, "train")[0][:count]
     task = plan.tasks[0]
     test = load_split(plan.data_dir, task.dataset, "test")[0][:count]
@@ -26,13 +27,14 @@ def sample_images(plan, seed, count=8):
         torch.manual_seed(seed)
         views = [augment(torch.from_numpy(clean)) for _ in range(2)]   # Nx3xHxW
     views = [v.clamp(0, 1).mul(255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy() for v in views]
-    ctrl = FrequencyTrigger(image_size=clean.shape[1:3]).apply(clean) if CTRL in plan.attacks else None
-    return clean, stamp_trigger(test, t, tm), reference, *views, ctrl
+    rows = ((methods.get(a).label, methods.get(a).sample_trigger(clean)) for a in plan.attacks)
+    own = next((r for r in rows if r[1] is not None), None)
+    return clean, stamp_trigger(test, t, tm), reference, *views, own
 
 
 def draw_samples(plan, seed, path):
-    *rows, ctrl = sample_images(plan, seed)
-    return sample_grid(*rows, path, ctrl=ctrl)
+    *rows, own = sample_images(plan, seed)
+    return sample_grid(*rows, path, attack=own)
 
 
 def draw_figures(out_dir, plan, seed):

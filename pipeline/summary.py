@@ -1,11 +1,14 @@
 """The numbers a run ends with: each seed's ACC/ASR table, MIMIC's MI, whether each defence left
 the backdoor in place, the demo's checks, and the summary over seeds. Rows are keyed by method id
-(report.methods) and turned into labels only in the markdown."""
-from report.methods import BADENCODER, BASELINES, MIMIC, NO_TEACHER, fraction_text, label
+(methods/) and turned into labels only in the markdown."""
+import methods
+from methods import BASELINES, fraction_text, label
+from methods.mimic import MIMIC, NO_TEACHER
 from report.stats import (asr_matrix, markdown_asr_matrix, markdown_mi_table, markdown_seed_table,
                           markdown_sweep_table, mi_not_converged, paired_differences, several_attacks, summarize_seeds,
                           sweep_data, table_title)
-from utils.records import METRICS, MI, SUMMARY, MIRecord, SeedsSummary, Summary
+from utils.files import save_json
+from utils.records import LAYOUT, METRICS, MI, SUMMARY, MIRecord, SeedsSummary, Summary
 
 # A defence left the backdoor in place when its ASR stays this many points above the clean encoder's.
 BACKDOOR_LEFT = 10.0
@@ -33,8 +36,8 @@ def seed_summary(plan, seed, out_dir, done, key, times):
                       stage_seconds=stage_seconds, total_seconds=round(sum(stage_seconds.values()), 1),
                       config=plan.config(), attacks=attacks,
                       asr_matrix=asr_matrix(summarize_seeds({seed: results}), attacks))
-    bad = [t for t, a in attacks.items() if a["attack"] == BADENCODER]
-    if plan.demo_checks and bad:            # the demo's checks are BadEncoder's, at each fraction of a sweep
+    bad = [t for t, a in attacks.items() if a["attack"] == methods.first_attack()]
+    if plan.demo_checks and bad:            # the demo's checks are the first attack's, at each fraction of a sweep
         checks = {t: check_demo(results[t]) for t in (bad if plan.ratios else bad[:1])}
         summary.checks = [{"check": f"{fraction_text(attacks[t]['ratio'])}: {c}" if plan.ratios else c, "passed": ok}
                           for t, found in checks.items() for c, ok in found]
@@ -157,6 +160,7 @@ def write_summaries(plan, out_dir, folders, keys, done, times, wall_seconds, ove
     per_seed = {s: seed_summary(plan, s, folders[s], done, keys[s], times) for s in folders}
     for s, summary in per_seed.items():
         summary.save(folders[s] / SUMMARY)
+        save_json(folders[s] / LAYOUT, plan.layout())
         (folders[s] / "summary.md").write_text(seed_markdown(summary))
     if over_seeds:
         summary, text = seeds_summary(per_seed, wall_seconds)

@@ -19,21 +19,17 @@ import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first
 from matplotlib.patches import Patch  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from report.methods import ATTACKS, BADENCODER, BASELINES, attack_label, label  # noqa: E402
+from methods import BASELINES, attack_label, label, term_labels  # noqa: E402
 from report.stats import (METRIC_LABELS, asr_matrix, seed_count, several_attacks, summarize_seeds,  # noqa: E402
                           sweep_data)
 from utils.errors import UserError  # noqa: E402
-from utils.records import LOG, MI, RESULTS, SUMMARY, MIRecord, Summary, read_log  # noqa: E402
+from utils.records import LAYOUT, LOG, MI, RESULTS, SUMMARY, MIRecord, Summary, read_log  # noqa: E402
 
 DPI = 120
 NOT_PLOTTED = ("epoch", "seconds")
-TERM_LABELS = {"loss": "total loss", "loss0": "loss0 (backdoor effectiveness)",
-               "loss1": "loss1 (reference preserving)", "loss2": "loss2 (utility)",
-               "nce": "InfoNCE (contrastive)", "at": "attention transfer (weighted)",
-               "clone": "feature clone"}
+TOTAL_LABELS = {"loss": "total loss"}    # the other logged terms are named by their methods (methods/)
 GRID_ROWS = ("clean", "triggered", "reference", "view 1", "view 2")
-CTRL_GAIN = 8   # the CTRL difference row shows 128 + 8 x (triggered - clean), so the faint trigger is visible
-CTRL_ROWS = ("CTRL trigger", f"CTRL - clean, x{CTRL_GAIN}")
+GAIN = 8   # an attack's difference row shows 128 + 8 x (triggered - clean), so a faint trigger is visible
 
 
 class NothingToPlot(ValueError):
@@ -110,33 +106,19 @@ def eval_rows(eval_dir):
     return curve if curve is not None else read_log(eval_dir / LOG)
 
 
-def _dataset_of(eval_dir):
-    """The evaluated dataset from results.json, else from args.json, else the folder name."""
-    for name in (RESULTS, "args.json"):
-        try:
-            return read_json(eval_dir / name)["dataset"]
-        except (OSError, ValueError, KeyError, TypeError):
-            continue
-    return eval_dir.name
-
-
 def eval_groups(run_dir):
-    """{dataset: {method id: eval folder}} of <run_dir>/eval, so each task gets one figure.
-
-    The method id is the folder name without its `_<dataset>` suffix; the evaluations of another
-    attack than BadEncoder (`<method>_<attack>_<dataset>`, pipeline.plan) group as `<attack>_<dataset>`.
-    """
+    """{figure group: {row name: eval folder}} of a run, so each attack's task gets one figure: the
+    layout.json the runner wrote (pipeline.plan.Plan.layout), whose folders exist; {} without one."""
+    try:
+        layout = read_json(Path(run_dir) / LAYOUT)
+    except (OSError, ValueError):
+        return {}
     groups = {}
-    root = Path(run_dir) / "eval"
-    folders = sorted(root.iterdir()) if root.is_dir() else []
-    for folder in folders:
-        if not ((folder / RESULTS).exists() or (folder / LOG).exists()):
-            continue
-        dataset = str(_dataset_of(folder))
-        name = folder.name.removesuffix(f"_{dataset}")
-        attack = next((a for a in ATTACKS if a != BADENCODER and name.endswith(f"_{a}")), None)
-        group = f"{attack}_{dataset}" if attack else dataset
-        groups.setdefault(group, {})[name.removesuffix(f"_{attack}") if attack else name] = folder
+    for group, rows in layout.items():
+        found = {row: Path(run_dir) / folder for row, folder in rows.items()
+                 if (Path(run_dir) / folder / RESULTS).exists() or (Path(run_dir) / folder / LOG).exists()}
+        if found:
+            groups[group] = found
     return groups
 
 
@@ -211,21 +193,23 @@ def to_uint8(images):
     return np.repeat(a, 3, axis=-1) if a.shape[-1] == 1 else a
 
 
-def ctrl_difference(clean, triggered):
-    """uint8 images of 128 + CTRL_GAIN x (triggered - clean), clipped: the CTRL trigger made visible."""
+def trigger_difference(clean, triggered):
+    """uint8 images of 128 + GAIN x (triggered - clean), clipped: a faint trigger made visible."""
     diff = triggered.astype(np.int16) - clean.astype(np.int16)
-    return np.clip(128 + CTRL_GAIN * diff, 0, 255).astype(np.uint8)
+    return np.clip(128 + GAIN * diff, 0, 255).astype(np.uint8)
 
 
-def grid_rows(images_clean, images_triggered, references, view1, view2, max_columns=8, ctrl=None):
+def grid_rows(images_clean, images_triggered, references, view1, view2, max_columns=8, attack=None):
     """[(row label, uint8 NHWC)] in the fixed order, rows given as None left out, at most max_columns each.
 
-    ctrl: the clean images with CTRL's trigger (uint8, same shape as images_clean); adds the CTRL row
-    and its amplified difference from the clean images after the patch-triggered row."""
+    attack: (its label, the clean images with its trigger, uint8 of the same shape) of an attack
+    whose trigger the patch row does not show (methods.Attack.sample_trigger); adds its row and its
+    amplified difference from the clean images after the patch-triggered row."""
     rows = [images_clean, images_triggered, None, None, references, view1, view2]
-    labels = GRID_ROWS[:2] + CTRL_ROWS + GRID_ROWS[2:]
-    if ctrl is not None:
-        rows[2:4] = ctrl, ctrl_difference(images_clean, ctrl)
+    name = attack[0] if attack is not None else ""
+    labels = GRID_ROWS[:2] + (f"{name} trigger", f"{name} - clean, x{GAIN}") + GRID_ROWS[2:]
+    if attack is not None:
+        rows[2:4] = attack[1], trigger_difference(images_clean, attack[1])
     return [(label, to_uint8(images)[:max_columns]) for label, images in zip(labels, rows) if images is not None]
 
 
@@ -344,7 +328,8 @@ def training_curves(stage_dir, path):
     if not series:
         raise NothingToPlot(f"no epochs logged in {stage_dir}")
     knn = series.pop("knn_acc", None)
-    panels = [(TERM_LABELS.get(n, n), "loss", s) for n, s in series.items()]
+    names = {**TOTAL_LABELS, **term_labels()}
+    panels = [(names.get(n, n), "loss", s) for n, s in series.items()]
     panels += [("kNN accuracy", "kNN accuracy (%)", knn)] if knn else []
     fig, axes = _panels(len(panels))
     for ax, (title, ylabel, s) in zip(axes, panels):
@@ -425,10 +410,10 @@ def downstream_curves(eval_dirs, path):
     return _save(fig, path)
 
 
-def sample_grid(images_clean, images_triggered, references, view1, view2, path, max_columns=8, ctrl=None):
+def sample_grid(images_clean, images_triggered, references, view1, view2, path, max_columns=8, attack=None):
     """One labelled row per kind of image: uint8 (N,H,W,3) arrays, or float [0,1] arrays for the
-    augmented views; pass None for a row to leave it out; ctrl as for grid_rows."""
-    rows = grid_rows(images_clean, images_triggered, references, view1, view2, max_columns, ctrl)
+    augmented views; pass None for a row to leave it out; attack as for grid_rows."""
+    rows = grid_rows(images_clean, images_triggered, references, view1, view2, max_columns, attack)
     if not rows:
         raise NothingToPlot("no images given")
     cols = max(len(images) for _, images in rows)

@@ -6,7 +6,9 @@ number by hand. Metrics are percentages, as the downstream stage reports them.
 """
 import statistics
 
-from .methods import BADENCODER, BASELINES, MIMIC, attack_label, fraction_text, label, matrix_row
+import methods
+from methods import BASELINES, attack_label, fraction_text, label, matrix_row
+from methods.mimic import MIMIC
 
 METRIC_LABELS = {"acc": "ACC", "asr": "ASR", "asr_excluding_target": "ASR excl. target"}
 
@@ -107,10 +109,10 @@ def _table(first_header, rows, unit="%"):
 
 def table_title(attacks, table):
     """The heading of a summary table: its key, BadEncoder's prefixed with the attack when other
-    attacks ran too (the others' keys carry theirs, report.methods.table_key)."""
+    attacks ran too (the others' keys carry theirs, methods.table_key)."""
     kinds = {a["attack"] for a in attacks.values()}
-    attack = attacks.get(table, {}).get("attack", BADENCODER)
-    return f"{attack_label(attack)}: {table}" if attack == BADENCODER and len(kinds) > 1 else table
+    attack = attacks.get(table, {}).get("attack", methods.first_attack())
+    return f"{attack_label(attack)}: {table}" if not methods.named(attack) and len(kinds) > 1 else table
 
 
 def several_attacks(attacks):
@@ -123,10 +125,10 @@ def asr_matrix(stats, attacks, metric="asr"):
     """The attacks x defences table: {row: {method id: spread}} from summarize_seeds() output.
 
     attacks: {table key: {"attack", "task"}} as a Summary holds it; a table it does not name is
-    BadEncoder's on the task of that name. Rows (report.methods.matrix_row) follow the tables' order."""
+    the first attack's on the task of that name. Rows (methods.matrix_row) follow the tables' order."""
     out = {}
     for table, rows in stats.items():
-        who = attacks.get(table, {"attack": BADENCODER, "task": table})
+        who = attacks.get(table, {"attack": methods.first_attack(), "task": table})
         out[matrix_row(who["attack"], who["task"], who.get("ratio"))] = {
             m: cells[metric] for m, cells in rows.items() if metric in cells}
     return out

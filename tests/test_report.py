@@ -140,6 +140,10 @@ def make_run(root, results):
     write_json(root / "eval/mimic_demo_downstream/args.json", {"dataset": "demo_downstream"})
     write_json(root / "summary.json", {"preset": "demo", "seed": 1, "results": results, "stage_seconds": {},
                                        "total_seconds": 1})
+    # which evaluation each figure draws, as the runner writes it (pipeline.plan.Plan.layout); the
+    # no-teacher control's has not started
+    write_json(root / "layout.json", {"demo_downstream": {
+        m: f"eval/{m}_demo_downstream" for m in ("clean", "backdoored", "mimic", "no_teacher")}})
     return root
 
 
@@ -212,7 +216,7 @@ def test_grid_ctrl_rows_show_the_trigger_and_its_amplified_difference():
     clean = np.full((3, 4, 4, 3), 100, np.uint8)
     ctrl = clean.copy()
     ctrl[0, 0, 0] = (102, 97, 100)     # +2, -3, 0 grey levels
-    rows = figures.grid_rows(clean, None, None, None, None, ctrl=ctrl)
+    rows = figures.grid_rows(clean, None, None, None, None, attack=("CTRL", ctrl))
     assert [label for label, _ in rows] == ["clean", "CTRL trigger", "CTRL - clean, x8"]
     diff = rows[2][1]
     assert diff[0, 0, 0].tolist() == [144, 104, 128]      # 128 + 8 x difference
@@ -234,7 +238,7 @@ def test_every_figure_writes_a_png(run_dir, tmp_path):
         figures.mi_history(mi, tmp_path / "mi_history.png"),
         figures.downstream_curves(figures.eval_groups(run_dir)["demo_downstream"], tmp_path / "down.png"),
         figures.sample_grid(images, images, images[:2], rng.random((4, 3, 8, 8)), images, tmp_path / "grid.png"),
-        figures.sample_grid(images, images, images[:2], None, None, tmp_path / "grid_ctrl.png", ctrl=images),
+        figures.sample_grid(images, images, images[:2], None, None, tmp_path / "grid_ctrl.png", attack=("CTRL", images)),
     ]
     assert all(is_png(p) for p in written)
 

@@ -10,7 +10,7 @@ import run_pipeline
 from models import load_encoder
 from pipeline import presets, pretrained
 from pipeline.plan import Plan, seed_jobs
-from report.methods import NO_TEACHER
+from methods.mimic import NO_TEACHER
 from stage_cli import clean, mimic
 from test_pipeline_runner import flag
 from utils.errors import UserError
@@ -81,7 +81,7 @@ def test_train_clean_and_own_data_train_stage_0():
 
 def test_no_teacher_student_does_not_depend_on_its_teacher(tiny, tmp_path):
     """Two different teachers, the no-teacher flags: the same student, bit for bit."""
-    from pipeline.plan import STUDENT_FLAGS
+    import methods
     teachers = []
     for seed in (1, 2):
         assert clean(tiny, tmp_path / f"clean{seed}", "--seed", str(seed), epochs=1) == 0
@@ -89,7 +89,7 @@ def test_no_teacher_student_does_not_depend_on_its_teacher(tiny, tmp_path):
     assert load_encoder(str(teachers[0]))[1]["weights_sha256"] != load_encoder(str(teachers[1]))[1]["weights_sha256"]
     students = []
     for i, teacher in enumerate(teachers):
-        assert mimic(tiny, teacher, tmp_path / f"student{i}", *STUDENT_FLAGS[NO_TEACHER], "--epochs", "2") == 0
+        assert mimic(tiny, teacher, tmp_path / f"student{i}", *methods.get(NO_TEACHER).student, "--epochs", "2") == 0
         students.append(torch.load(tmp_path / f"student{i}" / "model_2.pth", weights_only=False)["state_dict"])
     assert students[0].keys() == students[1].keys()
     assert all(torch.equal(students[0][k], students[1][k]) for k in students[0])

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import MIMIC
+import methods
 import run_pipeline
 from datasets import save_split
 from models.distill import epoch_lr
@@ -65,7 +66,7 @@ def test_a_swept_student_keeps_the_presets_optimiser_steps_and_a_baseline_its_ep
         assert int(flag(jobs[folder], "--epochs")) == math.ceil(steps / per_epoch)
     assert (flag(jobs["mimic_r0.2_demo_downstream"], "--epochs"), flag(jobs["mimic_r0.01_demo_downstream"],
                                                                         "--epochs")) == ("40", "1000")
-    assert flag(jobs["finetune_r0.2_demo_downstream"], "--epochs") == flag(presets.DEMO.defenses["finetune"],
+    assert flag(jobs["finetune_r0.2_demo_downstream"], "--epochs") == flag(methods.get("finetune").presets["demo"],
                                                                            "--epochs")
     by_epochs = jobs_by_folder(demo_plan([0.01, 0.2], budget="epochs"))
     assert flag(by_epochs["mimic_r0.2_demo_downstream"], "--epochs") == str(epochs)
@@ -128,7 +129,7 @@ def larger(tiny, tmp_path):
 
 
 def test_the_sweep_reports_a_table_per_fraction_and_reuses_the_fractions_done(larger, tmp_path, fake, capsys):
-    batch = max(presets.DEMO.global_batch[s] for s in ("mimic", "defense"))
+    batch = max(presets.DEMO.global_batch["mimic"], methods.get("finetune").batch["demo"])
     low, mid, high = (round(k * batch / 400, 4) for k in (1.25, 1.5, 2))
     run_pipeline.main(own_data_args(larger, tmp_path, "--ratios", f"{mid},{high}"))
     first = len(fake.commands)

@@ -20,6 +20,7 @@ RESULTS = "results.json"
 MI = "mi.json"
 SUMMARY = "summary.json"
 LOG = "log.jsonl"
+LAYOUT = "layout.json"      # a seed folder's stage-3 folders per figure (pipeline.plan.Plan.layout)
 METRICS = ("acc", "asr", "asr_excluding_target")     # stage 3's numbers, in percent
 
 
@@ -124,7 +125,7 @@ class Summary(_Record):
     `mi`: {task: MIRecord.per_block()}; `backdoor_left`: {task: {method id: bool}}, whether a
     defence left the backdoor in place (pipeline.summary.BACKDOOR_LEFT); `checks`:
     [{"check", "passed"}] of the demo; `stage_seconds`: wall time of each stage run this time;
-    `attacks`: {task: {"attack": attack id, "task": the task's own key}} (report.methods.ATTACKS;
+    `attacks`: {task: {"attack": attack id, "task": the task's own key}} (methods.attacks();
     a task it lacks is BadEncoder's); `asr_matrix`: {attack on task: {method id: spread of ASR}}."""
     preset: str
     seed: int

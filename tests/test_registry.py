@@ -1,0 +1,124 @@
+"""The registry of attacks and defences (methods/): a method registered by this module alone, with
+no other file touched, is planned, run (by the fake stages) and summarised like the built-in ones;
+and the folder layout is built in one place."""
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+import methods
+import run_pipeline
+from methods import Attack, Defence
+from paper import TRIGGER
+from pipeline import presets
+from pipeline.plan import Plan
+from test_pipeline_runner import FAKE_BACKDOORED, TASK, fake, flag, own_data_args, read  # noqa: F401 (fake: a fixture)
+from utils.errors import UserError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class ToyAttack(Attack):
+    """A model-poisoning attack run by a script of its own (the fake stages stand in for it)."""
+
+    def command(self, plan, task, clean_encoder):
+        return ["--pretrained_encoder", clean_encoder, "--target", str(task.label)]
+
+    def trigger_flags(self, task):
+        return ["--trigger_file", TRIGGER]
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class ToyDefence(Defence):
+    def command(self, plan, suspect):
+        return ["--suspect", suspect]
+
+
+TOY_ATTACK = ToyAttack(id="toyattack", label="ToyAttack", kind="model poisoning", stage="toyattack",
+                       script="toy_attack.py", presets={"demo": ["--strength", "3"]}, batch={"demo": 32},
+                       terms={"toy_term": "toy term (made up)"}, doc="a made-up attack")
+TOY_DEFENCE = ToyDefence(id="toydefence", label="Toy defence", stage="toydefence", script="toy_defence.py",
+                         presets={"demo": ["--rounds", "2"]}, doc="a made-up defence")
+
+
+@pytest.fixture
+def toys():
+    for method in (TOY_ATTACK, TOY_DEFENCE):
+        methods.register(method)
+    yield
+    for method in (TOY_ATTACK, TOY_DEFENCE):
+        methods.unregister(method.id)
+
+
+def test_a_registered_attack_and_defence_are_planned_run_and_summarised(toys, tiny, tmp_path, fake):
+    args = own_data_args(tiny, tmp_path, "--attacks", "badencoder,toyattack", "--defenses", "mimic,toydefence",
+                         "--no_controls", "--toyattack_args", "--strength 5")
+    run_pipeline.main(args)
+    by_folder = {Path(flag(a, "--results_dir")).relative_to(tmp_path / "out").as_posix(): (s, a)
+                 for s, a in fake.commands}
+    script, attack = by_folder["toyattack_gtsrb"]
+    # its own flags, its preset's, its batch and its --<stage>_args, in that order
+    assert script == "toy_attack.py" and attack[:4] == ["--pretrained_encoder", str(tmp_path / "out/clean/model_1.pth"),
+                                                        "--target", "1"]
+    assert attack[4:10] == ["--strength", "3", "--batch_size", "32", "--strength", "5"]
+    # the registered defence runs against both attacks' encoders, and MIMIC against the toy's
+    assert by_folder["toydefence_gtsrb"][1][:2] == ["--suspect", str(tmp_path / "out/badencoder_gtsrb/model_1.pth")]
+    assert by_folder["toydefence_toyattack_gtsrb"][1][:2] == [
+        "--suspect", str(tmp_path / "out/toyattack_gtsrb/model_1.pth")]
+    assert by_folder["mimic_toyattack_gtsrb"][0] == "MIMIC.py"
+    assert by_folder["eval/toydefence_toyattack_gtsrb"][0] == "training_downstream_classifier.py"
+    summary = read(tmp_path / "out/summary.json")
+    assert list(summary["results"]) == [TASK, f"ToyAttack: {TASK}"]
+    toy = summary["results"][f"ToyAttack: {TASK}"]
+    assert list(toy) == ["clean", "backdoored", "mimic", "toydefence"]
+    assert (toy["backdoored"]["acc"], toy["backdoored"]["asr"]) == FAKE_BACKDOORED
+    assert list(summary["asr_matrix"]) == [f"BadEncoder on {TASK}", f"ToyAttack on {TASK}"]
+    text = (tmp_path / "out/summary.md").read_text()
+    assert f"### ToyAttack: {TASK}" in text and "| Toy defence |" in text
+    assert re.search(r"\| ToyAttack on gtsrb \(target 1\) \| 5\.0 \| 99\.0 \| 20\.0 \| 20\.0 \|", text)
+    # the figures find each attack's evaluations through the layout the runner wrote
+    layout = read(tmp_path / "out/layout.json")
+    assert layout["toyattack_gtsrb"]["toydefence"] == "eval/toydefence_toyattack_gtsrb"
+    assert methods.term_labels()["toy_term"] == "toy term (made up)"
+
+
+def test_a_method_without_flags_for_the_preset_is_refused_before_any_work(toys, tiny, tmp_path, fake):
+    args = own_data_args(tiny, tmp_path, "--attacks", "toyattack", "--preset", "paper")
+    with pytest.raises(UserError, match=r"^ToyAttack \(toyattack\) has no flags for the paper preset; add an entry "
+                                        r"to its presets in test_registry\.py$"):
+        run_pipeline.main(args)
+    assert fake.commands == []
+
+
+def test_registering_twice_or_a_wrong_kind_is_refused(toys):
+    with pytest.raises(ValueError, match="a method 'toyattack' is registered already"):
+        methods.register(TOY_ATTACK)
+    with pytest.raises(ValueError, match="kind 'detection' is not one of"):
+        methods.register(ToyAttack(id="other", label="x", kind="detection", stage="x", script="x.py"))
+    with pytest.raises(ValueError, match="a method 'clean' is registered already"):
+        methods.register(ToyDefence(id="clean", label="x", stage="x", script="x.py"))
+
+
+def test_the_folder_layout_of_both_kinds_of_attack():
+    plan = Plan("demo", presets.DEMO, "demo_pretrain", list(presets.DEMO.tasks), ["mimic", "finetune"], True, {}, 1,
+                "data", "cpu", "ours", True, attacks=["badencoder", "ctrl"], ratios=[0.01, 0.04])
+    task = presets.DEMO.tasks[0]
+    assert plan.encoder_folders("badencoder", task, 0.01) == {
+        "clean": "clean", "backdoored": "badencoder_demo_downstream", "mimic": "mimic_r0.01_demo_downstream",
+        "no_teacher": "no_teacher_r0.01", "uniform": "uniform_r0.01_demo_downstream",
+        "finetune": "finetune_r0.01_demo_downstream"}
+    assert plan.encoder_folders("ctrl", task, 0.04)["finetune"] == "finetune_ctrl_demo_downstream"
+    assert plan.eval_folder("ctrl", task, "backdoored", 0.01) == "eval/backdoored_ctrl_demo_downstream"
+    assert plan.eval_folder("badencoder", task, "mimic", 0.01) == "eval/mimic_r0.01_demo_downstream"
+    assert plan.layout()["demo_downstream"]["mimic_r0.01"] == "eval/mimic_r0.01_demo_downstream"
+
+
+def test_no_attack_or_defence_is_named_outside_its_module():
+    """The runner, the summaries and the figures ask the registry, never `attack == <id>`."""
+    ids = "|".join(sorted(methods.attacks()) + sorted(methods.defences()))
+    branch = re.compile(rf"""(==|!=|\bin)\s*\(?["'](?:{ids})["']|\b(BADENCODER|CTRL|DEFENSES|ATTACKS)\b(?!')""")
+    found = [f"{path.relative_to(ROOT)}:{n}" for folder in ("pipeline", "report") for path in (ROOT / folder).glob("*.py")
+             for n, line in enumerate(path.read_text().splitlines(), 1) if branch.search(line)]
+    assert found == []
