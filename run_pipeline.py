@@ -30,8 +30,8 @@ from pathlib import Path
 
 import methods
 from datasets.npz import npz_shape, split_path
-from pipeline.data import (ROOT, attack_list, defence_ids, method_list, name_list, prepare_data, ratio_list,
-                           select_data, stage_flags, task_spec)
+from pipeline.data import (ROOT, attack_list, defence_ids, detector_list, method_list, name_list, prepare_data,
+                           ratio_list, select_data, stage_flags, task_spec)
 from pipeline.plan import Plan, check_flags, seed_jobs, stage_scripts
 from pipeline.presets import PRESETS
 from pipeline.pretrained import shipped_clean
@@ -72,6 +72,10 @@ def get_parser():
                             f"{i}: {a.doc}" for i, a in methods.attacks().items()) + f" (default: {first})")
     for attack in methods.attacks().values():
         attack.add_runner_args(parser)
+    parser.add_argument("--detect", type=detector_list, default=[], metavar="LIST",
+                        help="comma-separated detection defences run on every encoder of the tables (the clean one, "
+                             "each attack's, every defence's and control's), each encoder once: " + "; ".join(
+                                 f"{i}: {d.doc}" for i, d in methods.detectors().items()) + " (default: none)")
     parser.add_argument("--ratios", type=ratio_list, default=None, metavar="LIST",
                         help="the clean-data fraction sweep: comma-separated fractions of the pre-training images "
                              "given to MIMIC, its controls and the baselines, each run at every fraction against "
@@ -134,7 +138,7 @@ def main(args):
                 args.nproc_per_node, str(data_dir), args.device, args.protocol,
                 demo_checks=args.preset == "demo" and not own, attacks=args.attacks, options=method_options(args),
                 clean_encoder=shipped_clean(preset, pretraining, args.train_clean), ratios=args.ratios,
-                sweep_budget=args.sweep_budget)
+                sweep_budget=args.sweep_budget, detectors=args.detect)
     plan.check_batches()                    # a batch that does not split, a method without flags: before any work
     lock = hold_runner_lock(out_dir)
     try:

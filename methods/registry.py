@@ -16,13 +16,14 @@ The results folders of a seed are built here and nowhere else (pipeline.plan cal
                                     a fraction of the sweep that is not the preset's own
     <defence><tag>/                 a defence trained once per seed (the no-teacher control)
     eval/<encoder><tag>_<suffix>/   stage 3 of each encoder (clean and backdoored: no tag)
+    detect/<detector>/<folder>/     a detection defence on the encoder of stage folder <folder>
 """
 from dataclasses import dataclass, field
 
 from utils.errors import UserError
 
 ATTACK_KINDS = ("model poisoning", "data poisoning")
-DEFENCE_KINDS = ("purification",)
+DEFENCE_KINDS = ("purification", "detection")
 # The two rows every table starts with: the encoders an attack begins from and ends with.
 BASELINES = ("clean", "backdoored")
 
@@ -133,6 +134,30 @@ class Defence(Method):
         return plan.ratio_flags(ratio)
 
 
+@dataclass(frozen=True, kw_only=True, eq=False)
+class Detector(Defence):
+    """A detection defence: it trains nothing and runs on every encoder of every table (the clean
+    one, each attack's backdoored one, every defence's and control's output), once per encoder,
+    and says whether the encoder looks backdoored. score: the results.json key of its score (lower
+    is more suspicious, or higher: see its doc); score_label: the score's name in tables."""
+    kind: str = "detection"
+    reads_subset: bool = False
+    score: str = "score"
+    score_label: str = "score"
+
+    def command(self, plan, encoder):
+        """The flags of its command on the encoder file `encoder`."""
+        raise NotImplementedError
+
+    def tail(self, plan, ratio):
+        return []
+
+    def reading(self, results):
+        """{score, verdict ("backdoored" or "clean"), seconds} of its stage's Results."""
+        extra = results.extra
+        return {"score": extra[self.score], "verdict": extra["verdict"], "seconds": extra.get("seconds")}
+
+
 def register(method):
     """Add a method to the registry (at the end of the tables' order); returns it."""
     if not isinstance(method, (Attack, Defence)):
@@ -157,9 +182,15 @@ def attacks():
 
 
 def defences(controls=None):
-    """{id: Defence} in table order; controls=True/False keeps only controls / non-controls."""
+    """{id: Defence} of the defences that make an encoder (purification), in table order;
+    controls=True/False keeps only controls / non-controls."""
     return {i: m for i, m in _METHODS.items()
-            if isinstance(m, Defence) and (controls is None or m.control == controls)}
+            if isinstance(m, Defence) and not isinstance(m, Detector) and (controls is None or m.control == controls)}
+
+
+def detectors():
+    """{id: Detector} in table order."""
+    return {i: m for i, m in _METHODS.items() if isinstance(m, Detector)}
 
 
 def get(method_id):
@@ -247,6 +278,12 @@ def eval_folder(attack_id, task, row, tag=""):
     """Stage 3's folder of one encoder of an attack's table (the clean and backdoored encoders'
     carry no fraction: they are evaluated once)."""
     return f"eval/{row}{'' if row in BASELINES else tag}_{folder_suffix(attack_id, task)}"
+
+
+def detect_folder(detector_id, encoder_folder):
+    """A detector's folder for one encoder of a seed (each encoder is examined once, whatever the
+    tables it is in): detect/<detector>/<the encoder's stage folder>."""
+    return f"detect/{detector_id}/{encoder_folder}"
 
 
 def figure_group(attack_id, task):

@@ -44,6 +44,17 @@ def attack_list(text):
     return [a for a in known if a in names]
 
 
+def detector_list(text):
+    """--detect: comma-separated detection defence ids of methods.detectors(), in table order."""
+    known = tuple(methods.detectors())
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in known]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown {', '.join(unknown) or 'empty list'}; "
+                                         f"choose among {','.join(known) or 'none registered'}")
+    return [d for d in known if d in names]
+
+
 def ratio_list(text):
     """--ratios: comma-separated clean-data fractions in (0, 1], in increasing order, each once."""
     names = [n.strip() for n in text.split(",") if n.strip()]

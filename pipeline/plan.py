@@ -79,13 +79,15 @@ class Plan:
     clean_encoder: str = None           # a shipped stage-0 encoder used instead of training one
     ratios: list = None                 # --ratios: clean-data fractions of the sweep (None: the preset's alone)
     sweep_budget: str = "steps"         # --sweep_budget: what a swept student keeps from the preset's run
+    detectors: list = field(default_factory=list)   # --detect: detection defences run on every encoder
     images: int = None                  # the pre-training images, which the fractions share (check_ratios)
 
     def config(self):
         """The plan as JSON would return it, with the flags and batch each method of the run gets
         under the preset (its module's), as summary.json records it."""
         own = {m.id: {"flags": m.preset_flags(self), "batch": m.global_batch(self)}
-               for m in [*(methods.get(a) for a in self.attacks), *(methods.get(d) for d in self.defences())]}
+               for m in [*(methods.get(a) for a in self.attacks), *(methods.get(d) for d in self.defences()),
+                         *(methods.get(d) for d in self.detectors)]}
         return json.loads(json.dumps({**asdict(self), "method_flags": own}, default=str))
 
     @property
@@ -151,16 +153,26 @@ class Plan:
         methods.table_key's."""
         return {methods.table_key(a, t.key, r): (a, t, r) for a, t in self.attack_tasks() for r in self.fractions()}
 
+    def detections(self):
+        """{detector id: {table key: {row id: its detect folder}}}: which detection folder examines
+        each encoder of each table (an encoder in several tables is examined once)."""
+        return {d: {key: {row: methods.detect_folder(d, folder)
+                          for row, folder in self.encoder_folders(a, t, r).items()}
+                    for key, (a, t, r) in self.tables().items()} for d in self.detectors}
+
     def layout(self):
-        """{figure group: {row name: eval folder}} of a seed: which stage-3 folders each task's
-        downstream-curve figure draws (written to layout.json for report.figures)."""
+        """What report.figures reads from a seed folder (layout.json): "eval": {figure group: {row
+        name: eval folder}}, which stage-3 folders each task's downstream-curve figure draws;
+        "detect": detections(); "triggers": {table key: the attack's trigger file, or None}."""
         groups = {}
         for attack, task, ratio in self.tables().values():
             rows = groups.setdefault(methods.figure_group(attack, task), {})
             for row in self.encoder_folders(attack, task, ratio):
                 name = row if row in BASELINES else f"{row}{self.ratio_tag(ratio)}"
                 rows[name] = self.eval_folder(attack, task, row, ratio)
-        return groups
+        triggers = {key: flag_value(methods.get(a).trigger_flags(t), "--trigger_file")
+                    for key, (a, t, r) in self.tables().items()}
+        return {"eval": groups, "detect": self.detections(), "triggers": triggers}
 
     def subset_batches(self):
         """(stage, global batch) of every job that reads the clean subset (--ratio)."""
@@ -202,7 +214,8 @@ class Plan:
         """Before any work: every job's batch splits among the processes, and every method of the
         run has flags for the preset."""
         self.batch("clean")
-        for method in [*(methods.get(a) for a in self.attacks), *(methods.get(d) for d in self.defences())]:
+        for method in [*(methods.get(a) for a in self.attacks), *(methods.get(d) for d in self.defences()),
+                       *(methods.get(d) for d in self.detectors)]:
             method.preset_flags(self)
             self.method_batch(method)
 
@@ -270,6 +283,19 @@ def seed_jobs(plan, seed, out_dir, key=""):
                                     "--encoder", encoder(f)(done), *a.reference_flags(t), *p.downstream,
                                     *x["downstream"]],
                                 deps=[folder] if folder != "clean" else clean, training=False))
+    examined = set()
+    for detector_id, tables in plan.detections().items():
+        detector = methods.get(detector_id)
+        for table, rows in tables.items():
+            for row, folder in rows.items():
+                encoder_folder = plan.encoder_folders(*plan.tables()[table])[row]
+                if folder in examined:
+                    continue
+                examined.add(folder)
+                jobs.append(job(f"detection: {detector.label} on {encoder_folder}", detector.script, folder,
+                                lambda done, d=detector, f=encoder_folder: plan.method_args(
+                                    d, d.command(plan, encoder(f)(done))),
+                                deps=[encoder_folder] if encoder_folder != "clean" else clean, training=False))
     return jobs
 
 

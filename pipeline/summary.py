@@ -4,9 +4,9 @@ the backdoor in place, the demo's checks, and the summary over seeds. Rows are k
 import methods
 from methods import BASELINES, fraction_text, label
 from methods.mimic import MIMIC, NO_TEACHER
-from report.stats import (asr_matrix, markdown_asr_matrix, markdown_mi_table, markdown_seed_table,
-                          markdown_sweep_table, mi_not_converged, paired_differences, several_attacks, summarize_seeds,
-                          sweep_data, table_title)
+from report.stats import (asr_matrix, detection_stats, markdown_asr_matrix, markdown_detection_table,
+                          markdown_mi_table, markdown_seed_table, markdown_sweep_table, mi_not_converged,
+                          paired_differences, several_attacks, summarize_seeds, sweep_data, table_title)
 from utils.files import save_json
 from utils.records import LAYOUT, METRICS, MI, SUMMARY, MIRecord, SeedsSummary, Summary
 
@@ -36,12 +36,26 @@ def seed_summary(plan, seed, out_dir, done, key, times):
                       stage_seconds=stage_seconds, total_seconds=round(sum(stage_seconds.values()), 1),
                       config=plan.config(), attacks=attacks,
                       asr_matrix=asr_matrix(summarize_seeds({seed: results}), attacks))
+    summary.detection = detection_readings(plan, done, key)
     bad = [t for t, a in attacks.items() if a["attack"] == methods.first_attack()]
     if plan.demo_checks and bad:            # the demo's checks are the first attack's, at each fraction of a sweep
         checks = {t: check_demo(results[t]) for t in (bad if plan.ratios else bad[:1])}
         summary.checks = [{"check": f"{fraction_text(attacks[t]['ratio'])}: {c}" if plan.ratios else c, "passed": ok}
                           for t, found in checks.items() for c, ok in found]
     return summary
+
+
+def detection_readings(plan, done, key):
+    """{detector: {table: {row: its reading}}} of a seed's finished detection jobs (methods.Detector.
+    reading: score, verdict, seconds); None without --detect."""
+    if not plan.detectors:
+        return None
+    out = {}
+    for detector_id, tables in plan.detections().items():
+        detector = methods.get(detector_id)
+        out[detector_id] = {table: {row: detector.reading(done[f"{key}{folder}"]) for row, folder in rows.items()
+                                    if f"{key}{folder}" in done} for table, rows in tables.items()}
+    return out
 
 
 def above_clean(row, clean):
@@ -116,6 +130,7 @@ def seed_markdown(summary):
                   for m, r in rows.items()]
         lines.append("")
     text = "\n".join(lines) + "\n" + matrix_text(summary.asr_matrix, summary.attacks)
+    text += markdown_detection_table(detection_stats({summary.seed: summary.detection}))
     text += markdown_sweep_table(sweep_data(summarize_seeds({summary.seed: summary.results}), summary.attacks))
     text += left_lines(summary.backdoor_left, summary.results)
     text += "\n| stage | wall time (s) |\n|---|---|\n" + "".join(
@@ -142,9 +157,11 @@ def seeds_summary(per_seed, wall_seconds=None):
                            paired_differences=paired, mi=mi, mi_not_converged=mi_not_converged(mi),
                            backdoor_left={seed: s.backdoor_left for seed, s in per_seed.items()},
                            seed_seconds={seed: s.total_seconds for seed, s in per_seed.items()},
-                           wall_seconds=wall_seconds, checks=checks or None, attacks=attacks, asr_matrix=matrix)
+                           wall_seconds=wall_seconds, checks=checks or None, attacks=attacks, asr_matrix=matrix,
+                           detection=detection_stats({seed: s.detection for seed, s in per_seed.items()}) or None)
     text = f"## Over seeds {', '.join(map(str, per_seed))}: mean ± sample std\n\n"
     text += markdown_seed_table(stats, paired, attacks=attacks) + matrix_text(matrix, attacks)
+    text += markdown_detection_table(summary.detection)
     text += markdown_sweep_table(sweep_data(stats, attacks))
     text += "".join(f"\n### Seed {seed}\n\n" + left_lines(s.backdoor_left, s.results) for seed, s in per_seed.items())
     text += "".join(f"\n### Demo checks, seed {seed}\n\n" + checklist(c) for seed, c in checks.items())

@@ -23,8 +23,10 @@ from methods import BASELINES, attack_label, label, term_labels  # noqa: E402
 from report.stats import (METRIC_LABELS, asr_matrix, seed_count, several_attacks, summarize_seeds,  # noqa: E402
                           sweep_data)
 from utils.errors import UserError  # noqa: E402
-from utils.records import LAYOUT, LOG, MI, RESULTS, SUMMARY, MIRecord, Summary, read_log  # noqa: E402
+from utils.records import (DETECTED_TRIGGER, LAYOUT, LOG, MI, RESULTS, SUMMARY, MIRecord, Summary,  # noqa: E402
+                           read_log)
 
+ROOT = Path(__file__).resolve().parent.parent   # trigger files in layout.json are relative to it
 DPI = 120
 NOT_PLOTTED = ("epoch", "seconds")
 TOTAL_LABELS = {"loss": "total loss"}    # the other logged terms are named by their methods (methods/)
@@ -110,8 +112,8 @@ def eval_groups(run_dir):
     """{figure group: {row name: eval folder}} of a run, so each attack's task gets one figure: the
     layout.json the runner wrote (pipeline.plan.Plan.layout), whose folders exist; {} without one."""
     try:
-        layout = read_json(Path(run_dir) / LAYOUT)
-    except (OSError, ValueError):
+        layout = read_json(Path(run_dir) / LAYOUT)["eval"]
+    except (OSError, ValueError, KeyError, TypeError):
         return {}
     groups = {}
     for group, rows in layout.items():
@@ -432,6 +434,66 @@ def sample_grid(images_clean, images_triggered, references, view1, view2, path, 
     return _save(fig, path)
 
 
+def detection_data(run_dir):
+    """The triggers a detection defence recovered in one seed folder, from its layout.json:
+    [(detector, table, [(title, uint8 HxWx3 image or None)])], the attack's real trigger first
+    (its trigger file stamped on a black image; none for a trigger without a file), then
+    each encoder's recovered mask x pattern (None where no trigger was found), titled with its
+    score and verdict. [] without detection."""
+    from datasets import load_trigger, stamp_trigger      # here: only this figure reads trigger files
+    run_dir = Path(run_dir)
+    layout = read_json(run_dir / LAYOUT)
+    out = []
+    for detector, tables in layout.get("detect", {}).items():
+        for table, rows in tables.items():
+            images = []
+            trigger = layout.get("triggers", {}).get(table)
+            if trigger is not None:
+                t, tm = load_trigger(ROOT / trigger)        # ROOT / an absolute path is that path
+                images.append(("real trigger", stamp_trigger(np.zeros((1, *t.shape), np.uint8), t, tm)[0]))
+            for row, folder in rows.items():
+                results = run_dir / folder / RESULTS
+                if not results.exists():
+                    continue
+                found = read_json(results)
+                image = None
+                if (run_dir / folder / DETECTED_TRIGGER).exists():
+                    with np.load(run_dir / folder / DETECTED_TRIGGER) as npz:
+                        image = np.clip(npz["mask"][..., None] * npz["pattern"], 0, 255).astype(np.uint8)
+                score = found.get("pl1", found.get("score"))
+                images.append((f"{label(row)}\n{score:.3g}, {found.get('verdict', '?')}", image))
+            out.append((detector, table, images))
+    if not any(len(images) > 1 for _, _, images in out):
+        raise NothingToPlot("no detection results")
+    return out
+
+
+def detection_figure(run_dir, path):
+    """figures/detection.png: per detection defence and attack table, the real trigger beside the
+    trigger recovered from each encoder (blank where none was found), titled with score and verdict."""
+    data = detection_data(run_dir)
+    cols = max(len(images) for _, _, images in data)
+    fig, axes = plt.subplots(len(data), cols, figsize=(1.6 * cols + 1.2, 1.9 * len(data)), squeeze=False)
+    for ax_row, (detector, table, images) in zip(axes, data):
+        for j, ax in enumerate(ax_row):
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if j >= len(images):
+                ax.axis("off")
+                continue
+            title, image = images[j]
+            if image is None:
+                ax.text(0.5, 0.5, "none found", ha="center", va="center", fontsize=7, transform=ax.transAxes)
+            else:
+                ax.imshow(image, interpolation="nearest")
+            ax.set_title(title, fontsize=7)
+        ax_row[0].set_ylabel(f"{label(detector)}\n{textwrap.fill(table, 22)}", fontsize=7, rotation=0, ha="right",
+                             va="center")
+    fig.suptitle("Recovered triggers (mask x pattern): score, verdict")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
 # ---------------------------------------------------------------- a whole folder
 
 def skip_reason(error, source):
@@ -498,6 +560,9 @@ def plot_results(results_dir):
     sweep = sweep_data(stats, attacks)
     if sweep:
         jobs.append((ratio_sweep, sweep, out / "ratio_sweep.png"))
+    first = next(iter(runs.values()))
+    if (first / LAYOUT).exists() and read_json(first / LAYOUT).get("detect"):
+        jobs.append((detection_figure, first, out / "detection.png"))
     for folder in runs.values():
         jobs += run_jobs(folder, out, prefix=f"{folder.name}_" if seeds else "")
     return [p for p in (_draw(*job) for job in jobs) if p is not None]

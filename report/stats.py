@@ -221,3 +221,51 @@ def markdown_mi_table(mi_by_seed):
         lines += [f"**MI estimate not converged** in {len(failed)} block(s): {where}. MIMIC.py printed why; "
                   "e.g. raise --mi_epochs.", ""]
     return "\n".join(lines)
+
+
+def detection_stats(per_seed):
+    """{detector: {table: {row: {"score": spread over seeds, "flagged": seeds whose verdict is
+    "backdoored", "seeds": seeds examined}}}} from {seed: Summary.detection} (seeds without one
+    left out); {} when no seed has one."""
+    out = {}
+    for seed, detection in per_seed.items():
+        for detector, tables in (detection or {}).items():
+            for table, rows in tables.items():
+                for row, reading in rows.items():
+                    cell = out.setdefault(detector, {}).setdefault(table, {}).setdefault(row, {"by_seed": {}})
+                    cell["by_seed"][seed] = reading
+    for tables in out.values():
+        for rows in tables.values():
+            for row, cell in rows.items():
+                readings = cell.pop("by_seed")
+                rows[row] = {"score": spread({s: r["score"] for s, r in readings.items()}),
+                             "flagged": sum(r["verdict"] == "backdoored" for r in readings.values()),
+                             "seeds": len(readings)}
+    return out
+
+
+def markdown_detection_table(stats):
+    """Markdown: per detection defence, its score (mean ± std over seeds) and how many seeds it flags
+    as backdoored, rows the encoders, columns the attacks' tables; "" without --detect."""
+    text = ""
+    for detector, tables in (stats or {}).items():
+        method = methods.get(detector) if detector in methods.detectors() else None
+        name, score = (method.label, method.score_label) if method else (detector, "score")
+        keys = list(tables)
+        rows = list(dict.fromkeys(r for cells in tables.values() for r in cells))
+        text += (f"\n### {name}: is the encoder backdoored? {score} (mean ± std over seeds) and the seeds "
+                 f"flagged\n\n| encoder | " + " | ".join(keys) + " |\n|---|" + "---|" * len(keys) + "\n")
+        for row in rows:
+            cells = []
+            for key in keys:
+                cell = tables[key].get(row)
+                cells.append("" if cell is None else
+                             f"{_number(cell['score'])}, {cell['flagged']}/{cell['seeds']} flagged")
+            text += f"| {label(row)} | " + " | ".join(cells) + " |\n"
+    return text
+
+
+def _number(cell):
+    """mean ± std of a score spread, to three significant digits (± only with several seeds)."""
+    mean = f"{cell['mean']:.3g}"
+    return mean if len(cell["values"]) < 2 else f"{mean} ± {cell['std']:.2g}"

@@ -75,7 +75,16 @@ class FakeStages:
         self.commands.append((script, args))
         out, seed = Path(flag(args, "--results_dir")), int(flag(args, "--seed"))
         out.mkdir(parents=True, exist_ok=True)
-        if script == "training_downstream_classifier.py":
+        if script == "detect.py":
+            # a detector's score: small (backdoored) on an attack's own encoder, large elsewhere
+            backdoored = Path(flag(args, "--encoder")).parent.name.split("_")[0] in methods.attacks()
+            score = 0.1 + 0.01 * (seed % 10) if backdoored else 0.6
+            results = {"stage": "detect", "args": {}, "pl1": score, "seconds": 1.0,
+                       "verdict": "backdoored" if backdoored else "clean"}
+            mask = np.zeros((4, 4))
+            mask[:2, :2] = 1.0
+            np.savez(out / "trigger.npz", mask=mask, pattern=np.full((4, 4, 3), 255.0))
+        elif script == "training_downstream_classifier.py":
             folder = Path(flag(args, "--encoder")).parent.name.removesuffix("_" + flag(args, "--dataset"))
             swept = re.fullmatch(r"(.+)_r([0-9.e-]+)", folder)      # a fraction of --ratios adds 10 x it to ACC
             acc, asr = fake_metrics(swept[1] if swept else folder)

@@ -80,7 +80,7 @@ def test_a_registered_attack_and_defence_are_planned_run_and_summarised(toys, ti
     assert re.search(r"\| ToyAttack on gtsrb \(target 1\) \| 5\.0 \| 99\.0 \| 20\.0 \| 20\.0 \|", text)
     # the figures find each attack's evaluations through the layout the runner wrote
     layout = read(tmp_path / "out/layout.json")
-    assert layout["toyattack_gtsrb"]["toydefence"] == "eval/toydefence_toyattack_gtsrb"
+    assert layout["eval"]["toyattack_gtsrb"]["toydefence"] == "eval/toydefence_toyattack_gtsrb"
     assert methods.term_labels()["toy_term"] == "toy term (made up)"
 
 
@@ -112,7 +112,7 @@ def test_the_folder_layout_of_both_kinds_of_attack():
     assert plan.encoder_folders("ctrl", task, 0.04)["finetune"] == "finetune_ctrl_demo_downstream"
     assert plan.eval_folder("ctrl", task, "backdoored", 0.01) == "eval/backdoored_ctrl_demo_downstream"
     assert plan.eval_folder("badencoder", task, "mimic", 0.01) == "eval/mimic_r0.01_demo_downstream"
-    assert plan.layout()["demo_downstream"]["mimic_r0.01"] == "eval/mimic_r0.01_demo_downstream"
+    assert plan.layout()["eval"]["demo_downstream"]["mimic_r0.01"] == "eval/mimic_r0.01_demo_downstream"
 
 
 def test_no_attack_or_defence_is_named_outside_its_module():
@@ -122,3 +122,41 @@ def test_no_attack_or_defence_is_named_outside_its_module():
     found = [f"{path.relative_to(ROOT)}:{n}" for folder in ("pipeline", "report") for path in (ROOT / folder).glob("*.py")
              for n, line in enumerate(path.read_text().splitlines(), 1) if branch.search(line)]
     assert found == []
+
+
+def test_detection_runs_once_per_encoder_and_is_summarised_over_seeds(tiny, tmp_path, fake):
+    run_pipeline.main(own_data_args(tiny, tmp_path, "--seeds", "1", "2", "--defenses", "mimic,finetune",
+                                    "--detect", "decree", "--detect_args", "--epochs 3"))
+    detect = [(s, a) for s, a in fake.commands if s == "detect.py"]
+    # clean, backdoored, MIMIC, FT and the two controls, once each per seed
+    folders = sorted(Path(flag(a, "--results_dir")).relative_to(tmp_path / "out/seed_1").as_posix()
+                     for _, a in detect if "/seed_1/" in flag(a, "--results_dir"))
+    assert folders == [f"detect/decree/{f}" for f in sorted(
+        ["clean", "badencoder_gtsrb", "mimic_gtsrb", "uniform_gtsrb", "no_teacher", "finetune_gtsrb"])]
+    assert len(detect) == 12
+    args = next(a for _, a in detect if "badencoder_gtsrb" in flag(a, "--encoder"))
+    assert args[:4] == ["--encoder", str(tmp_path / "out/seed_1/badencoder_gtsrb/model_1.pth"),
+                        "--pretraining_dataset", "cifar10"]
+    assert flag(args, "--epochs") == "3"                     # --detect_args after the preset's flags
+    summary = read(tmp_path / "out/summary.json")
+    cells = summary["detection"]["decree"][TASK]
+    assert cells["backdoored"]["score"]["mean"] == pytest.approx(0.115) and cells["backdoored"]["flagged"] == 2
+    assert cells["clean"]["flagged"] == 0 and cells["mimic"]["score"]["mean"] == pytest.approx(0.6)
+    text = (tmp_path / "out/summary.md").read_text()
+    assert "### DECREE: is the encoder backdoored? PL1 (mean ± std over seeds) and the seeds flagged" in text
+    assert "| backdoored | 0.115 ± 0.0071, 2/2 flagged |" in text and "| clean | 0.6 ± 0, 0/2 flagged |" in text
+    seed = read(tmp_path / "out/seed_1/summary.json")["detection"]["decree"][TASK]["backdoored"]
+    assert seed == {"score": pytest.approx(0.11), "verdict": "backdoored", "seconds": 1.0}
+
+
+def test_the_detection_figure_shows_the_real_and_the_recovered_triggers(tiny, tmp_path, fake):
+    from report import figures
+    run_pipeline.main(own_data_args(tiny, tmp_path, "--defenses", "mimic", "--no_controls", "--detect", "decree"))
+    data = figures.detection_data(tmp_path / "out")
+    (detector, table, images), = data
+    assert (detector, table) == ("decree", TASK)
+    assert [t.split("\n")[0] for t, _ in images] == ["real trigger", "clean", "backdoored", "MIMIC"]
+    real = images[0][1]
+    assert real.shape == (32, 32, 3) and real[21:31, 21:31].min() == 255 and real[:21].max() == 0
+    assert images[2][0] == "backdoored\n0.1, backdoored" and images[2][1][:2, :2].min() == 255
+    assert figures.detection_figure(tmp_path / "out", tmp_path / "d.png").stat().st_size > 1000

@@ -142,8 +142,8 @@ def make_run(root, results):
                                        "total_seconds": 1})
     # which evaluation each figure draws, as the runner writes it (pipeline.plan.Plan.layout); the
     # no-teacher control's has not started
-    write_json(root / "layout.json", {"demo_downstream": {
-        m: f"eval/{m}_demo_downstream" for m in ("clean", "backdoored", "mimic", "no_teacher")}})
+    write_json(root / "layout.json", {"eval": {"demo_downstream": {
+        m: f"eval/{m}_demo_downstream" for m in ("clean", "backdoored", "mimic", "no_teacher")}}})
     return root
 
 

@@ -20,7 +20,9 @@ RESULTS = "results.json"
 MI = "mi.json"
 SUMMARY = "summary.json"
 LOG = "log.jsonl"
-LAYOUT = "layout.json"      # a seed folder's stage-3 folders per figure (pipeline.plan.Plan.layout)
+LAYOUT = "layout.json"
+DETECTED_TRIGGER = "trigger.npz"    # a detection stage's best trigger: mask (HxW in [0, 1]), pattern (HxWx3, 0-255)
+DETECTED_TRIGGER_IMAGE = "trigger.png"  # the same drawn: mask, pattern, mask x pattern side by side      # a seed folder's stage-3 folders per figure (pipeline.plan.Plan.layout)
 METRICS = ("acc", "asr", "asr_excluding_target")     # stage 3's numbers, in percent
 
 
@@ -139,6 +141,7 @@ class Summary(_Record):
     checks: list = None
     attacks: dict = field(default_factory=dict)
     asr_matrix: dict = field(default_factory=dict)
+    detection: dict = None              # --detect: {detector: {table: {encoder: {score, verdict, seconds}}}}
 
 
 @dataclass
@@ -158,6 +161,7 @@ class SeedsSummary(_Record):
     checks: dict = None
     attacks: dict = field(default_factory=dict)
     asr_matrix: dict = field(default_factory=dict)
+    detection: dict = None              # {detector: {table: {encoder: {"score": spread, "flagged", "seeds"}}}}
 
 
 def read_log(path):
