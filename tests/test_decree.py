@@ -13,9 +13,12 @@ import torch.nn.functional as F
 from PIL import Image
 
 import detect
-from models import SimCLR, encoder_checkpoint
+from datasets import NORMALIZATION, load_split
+from datasets.loader import to_input
+from models import SimCLR, encoder_checkpoint, load_encoder
 from models.decree import (NO_TRIGGER_L1, LambdaState, SearchState, Settings, Trigger, lr_at, mask_from, mask_l1,
-                           next_lambda, pattern_from, pl1, search_epoch, self_cosine, stamp, to_param, verdict)
+                           next_lambda, pattern_from, pl1, record_step, search_epoch, self_cosine, should_stop, stamp,
+                           to_param, verdict)
 from utils.cli import run_cli
 from utils.files import save_checkpoint
 
@@ -104,6 +107,25 @@ def test_lambda_schedule_on_a_made_up_sequence():
     # no raise from lambda_max
     state, values = run_lambda([True] * 6, LambdaState(1e5))
     assert values[-1] == 1e5
+
+
+def test_best_trigger_and_early_stop_counter_on_a_made_up_sequence():
+    s = Settings()
+    state = SearchState.start(s)
+    mask, pattern = torch.zeros(2, 2, dtype=torch.float64), torch.zeros(2, 2, 3, dtype=torch.float64)
+    stale, best = [], []
+    #           fail        best        worse       fail        best       failing step with a smaller L1
+    for cos, l1 in ((0.5, 10.0), (0.995, 100.0), (-0.999, 120.0), (0.98, 50.0), (0.991, 90.0), (0.9, 1.0)):
+        record_step(state, cos, l1, mask + l1, pattern, epoch=1, s=s)
+        stale.append(state.stale)
+        best.append(state.best_l1)
+    assert stale == [0, 0, 1, 2, 0, 1]                  # counted once a trigger exists; a new best restarts it
+    assert best == [NO_TRIGGER_L1, 100.0, 100.0, 100.0, 90.0, 90.0]
+    assert state.best_mask[0, 0] == 90.0                 # the mask of the step that gave the best L1
+    state.stale = 10
+    assert not should_stop(0.995, state, s)              # the counter must exceed 10
+    state.stale = 11
+    assert should_stop(-0.995, state, s) and not should_stop(0.98, state, s)   # and the epoch's |cos| pass 0.99
 
 
 # ---------------------------------------------------------------- the search on hand-made encoders
@@ -234,6 +256,11 @@ def test_stage_end_to_end(tiny, encoder, tmp_path):
     # a fresh width-4 encoder embeds all images alike already: a trigger is found
     assert res["trigger_found"] and 0 < res["l1"] < 3 * 32 * 32
     assert res["pl1"] == pytest.approx(res["l1"] / (3 * 32 * 32))
+    x, _ = load_split(tiny / "data", "cifar10", "test")                 # all 32 images: 10 per class covers them
+    model, _ = load_encoder(encoder)
+    with torch.no_grad():
+        feats = model.eval().f(to_input(x, *NORMALIZATION["cifar10"], "cpu"))
+    assert res["clean_cos"] == pytest.approx(self_cosine(feats).item(), abs=1e-5)
     assert res["verdict"] == ("backdoored" if res["pl1"] < 0.9 else "clean") and res["threshold"] == 0.9
     with np.load(out / "trigger.npz") as saved:
         mask, pattern = saved["mask"], saved["pattern"]
