@@ -46,9 +46,9 @@ from utils.seeding import rng_state
 from utils.stage import TrainingRun, start_run
 
 STAGE = "decree"
-# The PL1 below which an encoder is called backdoored: between the demo's backdoored encoder and
-# the lowest clean-encoder score measured at demo scale (docs/decree.md, "Threshold").
-THRESHOLD = 0.14
+# The PL1 below which an encoder is called backdoored: the demo's clean encoder scored 0.159 +- 0.019
+# (mean +- std over 8 search seeds, lowest 0.142); mean - 1.5 std = 0.131 (docs/decree.md, "The threshold").
+THRESHOLD = 0.13
 SHADOW_SHARE = 0.1          # the authors' shadow data: 10% of each class of the test split
 # Above this mean pairwise cosine of the clean shadow images' embeddings, an encoder embeds images
 # alike before any trigger, so a tiny mask passes the 0.99 test and the score says nothing about a
@@ -102,16 +102,16 @@ def get_parser():
                         help="a step's trigger succeeds when the mean cosine similarity of the triggered "
                              f"embeddings exceeds it; --thres in DECREE's code (default: {Settings.cos_threshold:g})")
     search.add_argument("--lambda_min", type=positive_float, default=Settings.lambda_min,
-                        help="the L1 weight is not cut below it; the authors use 1e-7 for 224x224 encoders "
-                             f"(default: {Settings.lambda_min:g})")
+                        help="the L1 weight is divided only while at or above it; the authors use 1e-7 for 224x224 "
+                             f"encoders (default: {Settings.lambda_min:g})")
     search.add_argument("--stop_patience", type=positive_int, default=Settings.stop_patience,
                         help="early stop after more than this many steps without a smaller L1; the authors use 35 "
                              f"for 224x224 encoders (default: {Settings.stop_patience})")
     detection = parser.add_argument_group("detection")
     detection.add_argument("--threshold", type=positive_float, default=THRESHOLD,
-                           help="PL1 below which the encoder is called backdoored; DECREE's code has none. Ours lies "
-                                "between the demo's backdoored and clean encoders (docs/decree.md) "
-                                f"(default: {THRESHOLD:g})")
+                           help="PL1 below which the encoder is called backdoored; DECREE's code has none. Ours is "
+                                "1.5 standard deviations below the demo's clean encoder's mean score; measure clean "
+                                f"encoders of another architecture or dataset to set it (default: {THRESHOLD:g})")
     run = add_run_args(parser, seed=100)
     run.add_argument("--resume", action="store_true",
                      help="continue the search in --results_dir from its checkpoint.pth (trigger, optimiser, "
