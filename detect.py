@@ -41,7 +41,7 @@ from utils.device import autocast, fast_paths, place
 from utils.errors import UserError
 from utils.files import atomic_write, save_checkpoint
 from utils.fingerprint import encoder_usage, stage_fingerprint
-from utils.records import RESULTS, Results
+from utils.records import DETECTED_TRIGGER, DETECTED_TRIGGER_IMAGE, RESULTS, Results
 from utils.seeding import rng_state
 from utils.stage import TrainingRun, start_run
 
@@ -54,7 +54,7 @@ SHADOW_SHARE = 0.1          # the authors' shadow data: 10% of each class of the
 # alike before any trigger, so a tiny mask passes the 0.99 test and the score says nothing about a
 # backdoor. At demo scale: trained encoders 0.58-0.77, fresh random ones 0.97-0.99 (docs/decree.md).
 ALIKE_COS = 0.9
-TRIGGER_FILES = ("trigger.png", "trigger.npz")
+TRIGGER_FILES = (DETECTED_TRIGGER_IMAGE, DETECTED_TRIGGER)
 
 # --protocol authors: this stage as DECREE's code runs it (docs/fidelity.md, first table).
 AUTHORS = {

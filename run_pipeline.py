@@ -138,7 +138,7 @@ def main(args):
                 args.nproc_per_node, str(data_dir), args.device, args.protocol,
                 demo_checks=args.preset == "demo" and not own, attacks=args.attacks, options=method_options(args),
                 clean_encoder=shipped_clean(preset, pretraining, args.train_clean), ratios=args.ratios,
-                sweep_budget=args.sweep_budget, detectors=args.detect)
+                sweep_budget=args.sweep_budget, detectors=args.detect, reference_dir=args.reference_dir)
     plan.check_batches()                    # a batch that does not split, a method without flags: before any work
     lock = hold_runner_lock(out_dir)
     try:

@@ -80,6 +80,7 @@ class Plan:
     ratios: list = None                 # --ratios: clean-data fractions of the sweep (None: the preset's alone)
     sweep_budget: str = "steps"         # --sweep_budget: what a swept student keeps from the preset's run
     detectors: list = field(default_factory=list)   # --detect: detection defences run on every encoder
+    reference_dir: str = "reference"    # --reference_dir: where reference files the run makes go
     images: int = None                  # the pre-training images, which the fractions share (check_ratios)
 
     def config(self):
