@@ -262,6 +262,7 @@ def markdown_detection_table(stats):
                 cells.append("" if cell is None else
                              f"{_number(cell['score'])}, {cell['flagged']}/{cell['seeds']} flagged")
             text += f"| {label(row)} | " + " | ".join(cells) + " |\n"
+        text += f"\nThe verdict is {name}'s own ({score} below its --threshold: backdoored).\n"
     return text
 
 
