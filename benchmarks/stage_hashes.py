@@ -23,7 +23,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from paper import TRIGGER as TRIGGER_FILE  # noqa: E402  (the repository root is importable only now)
+import methods  # noqa: E402  (the repository root is importable only now)
+from paper import TRIGGER as TRIGGER_FILE  # noqa: E402
 
 TRIGGER = str(ROOT / TRIGGER_FILE)
 
@@ -75,11 +76,12 @@ def stage_hashes(work):
     teacher = out / "bad/model_2.pth"
     run(["MIMIC.py", "--teacher", teacher, "--ratio", "0.5", "--batch_size", "16", "--epochs", "2",
          "--mi_epochs", "12", "--results_dir", out / "mimic", *common], env)
-    for defense in ("finetune", "fine_pruning", "nad"):
+    baselines = [i for i, d in methods.defences().items() if d.script == "defenses.py"]   # the registry's
+    for defense in baselines:
         run(["defenses.py", "--defense", defense, "--suspect", teacher, "--ratio", "0.5", "--batch_size", "16",
              "--epochs", "2", "--nad_teacher_epochs", "1", "--results_dir", out / defense, *common], env)
     models = {"clean": out / "clean/model_2.pth", "backdoored": teacher, "mimic": out / "mimic/model_2.pth",
-              **{d: out / d / "model_2.pth" for d in ("finetune", "fine_pruning", "nad")}}
+              **{d: out / d / "model_2.pth" for d in baselines}}
     hashes = {f"{name} weights": tensor_hash(path) for name, path in models.items()}
     mi = json.loads((out / "mimic/mi.json").read_text())
     hashes["mimic MI"] = hashlib.sha256(json.dumps([mi["mi"], mi["weights"]]).encode()).hexdigest()[:16]
