@@ -59,3 +59,33 @@ RELEASED_REFERENCES = {
     "reference/stl10/one.npz": "dfbea5e2be57f8ec2502b91674d85523",
     "reference/stl10/airplane.npz": "0991e769bd54b6894264565cd669a0e4",
 }
+
+# DRUPE (Tao et al., "Distribution Preserving Backdoor Attack in Self-supervised Learning", IEEE
+# S&P 2024) pulls triggered inputs towards three reference images of the target class. Its code
+# (Gwinhen/DRUPE, commit e16077d) ships them as reference/<dataset>_l<label>_n3.npz, x uint8
+# (3, 32, 32, 3) and y uint8 (3, 1), named by the downstream task alone: CIFAR-10 and STL-10
+# encoders share a file. Copied byte for byte into reference/drupe/ (reference/README.md).
+DRUPE_REFERENCE_IMAGES = 3
+
+
+def _drupe(task):
+    name = f"{task.dataset}_l{task.label}_n{DRUPE_REFERENCE_IMAGES}"
+    return Task(task.pretraining, task.dataset, task.label, f"reference/drupe/{name}.npz")
+
+
+# The paper's tasks (TASKS) with DRUPE's reference files in place of BadEncoder's.
+DRUPE_TASKS = {pretraining: tuple(_drupe(t) for t in tasks) for pretraining, tasks in TASKS.items()}
+
+
+def drupe_task(pretraining, dataset):
+    """DRUPE's version of the paper's task on `dataset` for `pretraining` encoders, or None."""
+    return next((t for t in DRUPE_TASKS.get(pretraining, ()) if t.dataset == dataset), None)
+
+
+# md5 of each of DRUPE's released reference files (tests/test_drupe_stage.py checks the shipped bytes).
+RELEASED_DRUPE_REFERENCES = {
+    "reference/drupe/gtsrb_l12_n3.npz": "f6fd01d4ba30007525c77a9d079ce916",
+    "reference/drupe/svhn_l1_n3.npz": "50da82bf100c797d62b42fcdcfd528da",
+    "reference/drupe/stl10_l9_n3.npz": "16f5d19e91b2a8738ce7c89b7d863666",
+    "reference/drupe/cifar10_l0_n3.npz": "b3b2d909d1391a1e06d4b843d2e4c2fb",
+}

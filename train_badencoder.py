@@ -19,14 +19,14 @@ import copy
 from dataclasses import dataclass
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
-from datasets import (NORMALIZATION, UNLABELED_SHADOW_IMAGES, encoder_normalization, load_reference, load_split,
-                      load_trigger, normalization_record, pretraining_split, split_input, stamp_trigger)
+from datasets import (UNLABELED_SHADOW_IMAGES, encoder_normalization, load_reference, load_trigger, normalization_record,
+                      stamp_trigger)
+from datasets.attack import attack_input_files, check_reference, shadow_images
 from datasets.augment import BatchAugment
 from datasets.loader import augment_copies, extract_features, index_batches, to_input
-from models import badencoder_loss, encoder_checkpoint, load_encoder
+from models import badencoder_loss, encoder_checkpoint, freeze_batchnorm, load_encoder
 from models.health import PROBE_IMAGES, check_finite_encoder
 from paper import TASKS, TRIGGER, paper_task
 from utils.cli import (AUTHORS_RUN, MAX_COPIES, StageParser, add_pretraining_split, add_protocol, add_run_args,
@@ -109,23 +109,8 @@ def input_files(args):
     split, the trigger and the reference file (and the train split that gives the normalisation of
     a dataset without published statistics)."""
     usage = encoder_usage(args.pretrained_encoder, args.pretraining_dataset)
-    shadow = args.shadow_dataset or usage
-    files = {"pretrained_encoder": args.pretrained_encoder, "trigger": args.trigger_file,
-             **split_input(args.data_dir, shadow, pretraining_split(shadow, args.pretraining_split))}
-    if usage not in NORMALIZATION:
-        files.update(split_input(args.data_dir, usage, "train"))
-    reference = reference_file(args, usage)
-    if reference is not None:
-        files["reference"] = reference
-    return files
-
-
-def freeze_batchnorm(backbone):
-    """BadEncoder keeps BatchNorm statistics and affine parameters of the encoder fixed."""
-    for m in backbone.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.eval()
-            m.requires_grad_(False)
+    return attack_input_files(args.data_dir, usage, args.shadow_dataset, args.pretraining_split,
+                              args.pretrained_encoder, args.trigger_file, reference_file(args, usage))
 
 
 @dataclass
@@ -186,10 +171,7 @@ def main(args):
     args.pretraining_dataset, mean, std = encoder_normalization(clean_ckpt, args.pretrained_encoder,
                                                                 args.pretraining_dataset, args.data_dir)
     shadow = args.shadow_dataset or args.pretraining_dataset
-    split = pretraining_split(shadow, args.pretraining_split)
-    x, _ = load_split(args.data_dir, shadow, split)
-    if split == "train_unlabeled":
-        x = x[:UNLABELED_SHADOW_IMAGES]             # the authors' shadow data: the first 50,000
+    x, _ = shadow_images(args.data_dir, shadow, args.pretraining_split, UNLABELED_SHADOW_IMAGES)
     if len(x) < args.batch_size and not args.keep_last_batch:
         raise UserError(f"the {len(x)} shadow images are fewer than one batch of --batch_size {args.batch_size}, "
                         f"and the incomplete last batch is dropped: lower --batch_size or pass --keep_last_batch")
@@ -198,14 +180,8 @@ def main(args):
                         f"{args.pretraining_dataset} encoders; pass --reference_file")
     args.reference_file = reference_file(args, args.pretraining_dataset)
     ref_x, target = load_reference(args.reference_file)
-    if args.target_label is not None and target != args.target_label:
-        raise UserError(f"the reference file {args.reference_file} holds inputs of label {target}, but the "
-                        f"target label is {args.target_label} (--target_label); pass the reference file of "
-                        f"the target class")
+    check_reference(ref_x, target, args.reference_file, args.target_label, x.shape[1:])
     t, tm = load_trigger(args.trigger_file, image_size=x.shape[1:3])
-    if ref_x.shape[1:] != x.shape[1:]:
-        raise UserError(f"reference inputs are {ref_x.shape[1]}x{ref_x.shape[2]} but the shadow images "
-                        f"are {x.shape[1]}x{x.shape[2]}")
 
     amp, channels_last = fast_paths(args, device)
     clean = place(clean, device, channels_last).eval().requires_grad_(False)

@@ -8,7 +8,9 @@ Writes, in the BadEncoder npz layout (x uint8 Nx32x32x3, y Nx1):
     data/demo_downstream/{train,test}.npz   10 different but related classes, for the downstream task
     reference/demo/<class>.npz              one reference input of the target class: its prototype
                                             (or, with --n_reference R, its first R training images)
-and a generator.json next to each dataset recording how it was made.
+and a generator.json next to each dataset recording how it was made. DRUPE's three-image
+reference of the target class, reference/demo/hexagon_n3.npz (demo_drupe_task), is rebuilt with
+    python -m datasets.demo --n_reference 3 --reference_name hexagon_n3
 
 Each image is one object on a cluttered background. The class is carried by the object's
 shape or texture only: the colours (object and background), position, size, rotation,
@@ -26,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from paper import Task
+from paper import DRUPE_REFERENCE_IMAGES, Task
 from utils.cli import run_cli
 from utils.errors import UserError
 from utils.files import atomic_write
@@ -63,6 +65,15 @@ def demo_task():
     make_demo_data writes for it (paths relative to the repository root)."""
     target = DEFAULTS["target_class"]
     return Task(PRETRAIN_NAME, DOWNSTREAM_NAME, target, f"reference/{USAGE}/{DOWNSTREAM_CLASSES[target]}.npz")
+
+
+def demo_drupe_task():
+    """The demo's task for DRUPE, which needs several reference inputs (the std over them is one of
+    its terms): the target class's first DRUPE_REFERENCE_IMAGES (3) training images, in
+    reference/demo/<class>_n3.npz. Committed; the module docstring gives the command that rebuilds it."""
+    task = demo_task()
+    name = f"{DOWNSTREAM_CLASSES[task.label]}_n{DRUPE_REFERENCE_IMAGES}"
+    return Task(task.pretraining, task.dataset, task.label, f"reference/{USAGE}/{name}.npz")
 
 
 # ---------------------------------------------------------------- signed distances

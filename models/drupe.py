@@ -63,13 +63,24 @@ def reference_similarity_matrix(z_trig, z_ref):
     return z_ref @ z_trig.t()
 
 
-def attack_loss(z_trig, z_ref):
+ATTACK_LOSSES = ("closest", "mean")
+
+
+def attack_loss(z_trig, z_ref, reduce="closest"):
     """loss_0: minus the mean over triggered images of the cosine to their closest reference.
 
     Each triggered image is pulled only towards the reference it already resembles most, so the
     triggered embeddings may spread over the R references instead of collapsing on one point.
+    reduce="mean" averages the cosine over all R references instead, as BadEncoder's loss does
+    (the published code computes that value too, but its test for BadEncoder's modes compares the
+    mode string with a list and is never true, so every mode trains on the closest reference).
     """
-    return -reference_similarity_matrix(z_trig, z_ref).max(dim=0).values.mean()
+    sim = reference_similarity_matrix(z_trig, z_ref)             # RxB
+    if reduce == "closest":
+        return -sim.max(dim=0).values.mean()
+    if reduce == "mean":
+        return -sim.mean()
+    raise ValueError(f"attack_loss: reduce must be one of {ATTACK_LOSSES}, got {reduce!r}")
 
 
 def reference_loss(z_ref_aug, z_ref_clean):
@@ -129,14 +140,14 @@ def distribution_distance(h_trig, h_x, projections=50, generator=None):
 
 
 def drupe_terms(h_trig, h_x, h_x_clean, h_ref, h_ref_aug, h_ref_clean, projections=50, generator=None,
-                off_diagonal=False, unbiased=True):
+                off_diagonal=False, unbiased=True, attack="closest"):
     """Every DRUPE term from raw embeddings (shapes in the module docstring), as a dict keyed by
     TERMS: loss_0, loss_1, loss_2, loss_3, std_refs, sim_b2b (scalar tensors on unit-length
-    features), swd and swd_std (on raw features)."""
+    features), swd and swd_std (on raw features). attack: attack_loss's reduce."""
     z_trig, z_x, z_ref = (F.normalize(h, dim=-1) for h in (h_trig, h_x, h_ref))
     swd, swd_std = distribution_distance(h_trig, h_x, projections=projections, generator=generator)
     return {
-        "loss_0": attack_loss(z_trig, z_ref),
+        "loss_0": attack_loss(z_trig, z_ref, reduce=attack),
         "loss_1": reference_loss(F.normalize(h_ref_aug, dim=-1), F.normalize(h_ref_clean, dim=-1)),
         "loss_2": utility_loss(z_x, F.normalize(h_x_clean, dim=-1)),
         "loss_3": reference_cohesion(z_ref),
@@ -232,20 +243,30 @@ class CostSchedule:
         """True when the next success will not raise cost (its success count is below zero)."""
         return self.up_count < 0
 
+    @staticmethod
+    def adapts(epoch, phases=DrupePhases()):
+        """Whether the costs may change after `epoch`: past the warm-up and past phases.fix_end."""
+        return epoch > max(phases.fix_end, phases.warm_up_end)
+
+    def successes(self, epoch_means):
+        """(success, success_1) of an epoch with these means: the epoch met the attack's and the
+        utility's thresholds, and (success_1) its triggered embeddings were also spread enough."""
+        m = {k: float(epoch_means[k]) for k in ("loss_0", "loss_1", "loss_2", "sim_b2b")}
+        success = m["loss_0"] < self.l0_threshold and m["loss_1"] < -0.9 and m["loss_2"] < -0.9
+        return success, success and m["sim_b2b"] < self.b2b_threshold
+
     def update(self, epoch_means, epoch, phases=DrupePhases()):
         """The state after `epoch`, from that epoch's `epoch_means` (dict with loss_0, loss_1,
         loss_2 and sim_b2b as floats). The published code passes the epoch means of the three
         losses but the last batch's sim_b2b; pass whichever you mean to reproduce."""
-        if epoch <= max(phases.fix_end, phases.warm_up_end):
+        if not self.adapts(epoch, phases):
             return self
-        m = {k: float(epoch_means[k]) for k in ("loss_0", "loss_1", "loss_2", "sim_b2b")}
-        success = m["loss_0"] < self.l0_threshold and m["loss_1"] < -0.9 and m["loss_2"] < -0.9
+        success, success_1 = self.successes(epoch_means)
         cost, up_count, down_count = _step(self.cost, self.init_cost, success, self.up_count,
                                            self.down_count, self)
-        success_1 = success and m["sim_b2b"] < self.b2b_threshold
         cost_1, up_count_1, down_count_1 = _step(self.cost_1, self.init_cost_1, success_1,
                                                  self.up_count_1, self.down_count_1, self)
-        if success_1 and m["sim_b2b"] < self.b2b_threshold - 0.1:
+        if success_1 and float(epoch_means["sim_b2b"]) < self.b2b_threshold - 0.1:
             up_count -= 1
         return replace(self, cost=cost, cost_1=cost_1, up_count=up_count, down_count=down_count,
                        up_count_1=up_count_1, down_count_1=down_count_1)
@@ -262,3 +283,43 @@ def _step(value, init, success, up_count, down_count, rule):
     if down_count >= rule.patience:
         return value / rule.down, up_count, 0
     return value, up_count, down_count
+
+
+BEST_MEASURES = ("carried", "own")
+
+
+@dataclass(frozen=True)
+class BestTracker:
+    """Which epoch DRUPE's best.pth holds: after epoch `after`, the encoder whose measure is the
+    lowest so far, the measure being the raw SWD (`swd`, not divided by the std) of the last batch of
+    an epoch whose cost_1 step succeeded (CostSchedule.successes, in an epoch where the costs adapt).
+
+    rule="carried", as the published code: the measure is one variable that starts at 0 and is
+    only overwritten in such epochs, and every epoch past `after` compares it with the best so far.
+    So an epoch without a success is judged by the last success's measure (it then ties and is not
+    kept), and when no epoch up to `after` + 1 succeeded, epoch `after` + 1 is kept with measure 0,
+    which no later SWD can beat: best.pth stays that epoch's encoder.
+    rule="own": only epochs that succeeded themselves are candidates, each with its own measure.
+    Immutable: `update` returns the next state and whether this epoch's encoder is the new best.
+    """
+    after: int = 24
+    rule: str = "carried"
+    measure: float = 0.0
+    best: float = float("inf")
+    epoch: int = None
+
+    def __post_init__(self):
+        if self.rule not in BEST_MEASURES:
+            raise ValueError(f"BestTracker: rule must be one of {BEST_MEASURES}, got {self.rule!r}")
+
+    def update(self, epoch, success_1, swd):
+        """(next state, keep) after `epoch`; success_1: the epoch's cost_1 step succeeded; swd: the
+        raw SWD of its last batch (a float)."""
+        if success_1:
+            measure = float(swd)
+        else:
+            measure = self.measure if self.rule == "carried" else None
+        state = replace(self, measure=self.measure if measure is None else measure)
+        if epoch > self.after and measure is not None and measure < self.best:
+            return replace(state, best=measure, epoch=epoch), True
+        return state, False

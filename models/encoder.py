@@ -125,6 +125,16 @@ def build_encoder(config, init="torchvision"):
     return SimCLR(config.get("arch", "resnet18"), config.get("width", 64), config.get("proj_dim", 128), init)
 
 
+def freeze_batchnorm(module):
+    """Keep every BatchNorm of `module` fixed, as the attacks that fine-tune an encoder do (BadEncoder,
+    DRUPE): eval mode (running statistics neither used from the batch nor updated) and affine
+    parameters out of training. Call it again after each module.train()."""
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+            m.requires_grad_(False)
+
+
 def encoder_checkpoint(model, **extra):
     """The dict we save: weights plus the constructor arguments that rebuild the model."""
     return {"state_dict": model.state_dict(), "arch": dict(model.config), **extra}
