@@ -5,6 +5,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import methods
@@ -160,3 +161,21 @@ def test_the_detection_figure_shows_the_real_and_the_recovered_triggers(tiny, tm
     assert real.shape == (32, 32, 3) and real[21:31, 21:31].min() == 255 and real[:21].max() == 0
     assert images[2][0] == "backdoored\n0.1, backdoored" and images[2][1][:2, :2].min() == 255
     assert figures.detection_figure(tmp_path / "out", tmp_path / "d.png").stat().st_size > 1000
+
+
+def test_drupe_is_planned_from_its_module_with_its_three_image_references(tiny, tmp_path, fake):
+    from methods.drupe import scaled, shipped_reference
+    from paper import TASKS
+    assert scaled(120) == ["--epochs", "120", "--warm_up_end", "1", "--stage_1_end", "4", "--fix_end", "20",
+                           "--best_after", "24"]                              # its own schedule at 120 epochs
+    assert scaled(20)[2:] == ["--warm_up_end", "1", "--stage_1_end", "2", "--fix_end", "3", "--best_after", "4"]
+    assert shipped_reference(TASKS["cifar10"][0]) == "reference/drupe/gtsrb_l12_n3.npz"
+    assert shipped_reference(presets.DEMO.tasks[0]) == "reference/demo/hexagon_n3.npz"
+    run_pipeline.main(own_data_args(tiny, tmp_path, "--attacks", "badencoder,drupe", "--defenses", "mimic",
+                                    "--no_controls"))
+    attack = next(a for s, a in fake.commands if s == "train_drupe.py")
+    made = tmp_path / "ref/cifar10/gtsrb_1_n3.npz"                  # the user's task: its first 3 images
+    assert flag(attack, "--reference_file") == str(made) and len(np.load(made)["x"]) == 3
+    assert flag(attack, "--pretrained_encoder") == str(tmp_path / "out/clean/model_1.pth")
+    summary = read(tmp_path / "out/summary.json")
+    assert list(summary["results"]) == [TASK, f"DRUPE: {TASK}"]
