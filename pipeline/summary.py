@@ -130,7 +130,7 @@ def seed_markdown(summary):
                   for m, r in rows.items()]
         lines.append("")
     text = "\n".join(lines) + "\n" + matrix_text(summary.asr_matrix, summary.attacks)
-    text += markdown_detection_table(detection_stats({summary.seed: summary.detection}))
+    text += markdown_detection_table(detection_stats({summary.seed: summary.detection}), summary.attacks)
     text += markdown_sweep_table(sweep_data(summarize_seeds({summary.seed: summary.results}), summary.attacks))
     text += left_lines(summary.backdoor_left, summary.results)
     text += "\n| stage | wall time (s) |\n|---|---|\n" + "".join(
@@ -161,7 +161,7 @@ def seeds_summary(per_seed, wall_seconds=None):
                            detection=detection_stats({seed: s.detection for seed, s in per_seed.items()}) or None)
     text = f"## Over seeds {', '.join(map(str, per_seed))}: mean ± sample std\n\n"
     text += markdown_seed_table(stats, paired, attacks=attacks) + matrix_text(matrix, attacks)
-    text += markdown_detection_table(summary.detection)
+    text += markdown_detection_table(summary.detection, attacks)
     text += markdown_sweep_table(sweep_data(stats, attacks))
     text += "".join(f"\n### Seed {seed}\n\n" + left_lines(s.backdoor_left, s.results) for seed, s in per_seed.items())
     text += "".join(f"\n### Demo checks, seed {seed}\n\n" + checklist(c) for seed, c in checks.items())

@@ -489,7 +489,7 @@ def detection_figure(run_dir, path):
             ax.set_title(title, fontsize=7)
         ax_row[0].set_ylabel(f"{label(detector)}\n{textwrap.fill(table, 22)}", fontsize=7, rotation=0, ha="right",
                              va="center")
-    fig.suptitle("Recovered triggers (mask x pattern): score, verdict")
+    fig.suptitle(f"Recovered triggers (mask x pattern): score, verdict ({Path(run_dir).name})")
     fig.tight_layout()
     return _save(fig, path)
 

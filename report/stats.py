@@ -244,9 +244,10 @@ def detection_stats(per_seed):
     return out
 
 
-def markdown_detection_table(stats):
+def markdown_detection_table(stats, attacks=None):
     """Markdown: per detection defence, its score (mean ± std over seeds) and how many seeds it flags
-    as backdoored, rows the encoders, columns the attacks' tables; "" without --detect."""
+    as backdoored, rows the encoders, columns the attacks' tables (headed as table_title heads
+    them); "" without --detect."""
     text = ""
     for detector, tables in (stats or {}).items():
         method = methods.get(detector) if detector in methods.detectors() else None
@@ -254,7 +255,7 @@ def markdown_detection_table(stats):
         keys = list(tables)
         rows = list(dict.fromkeys(r for cells in tables.values() for r in cells))
         text += (f"\n### {name}: is the encoder backdoored? {score} (mean ± std over seeds) and the seeds "
-                 f"flagged\n\n| encoder | " + " | ".join(keys) + " |\n|---|" + "---|" * len(keys) + "\n")
+                 f"flagged\n\n| encoder | " + " | ".join(table_title(attacks or {}, k) for k in keys) + " |\n|---|" + "---|" * len(keys) + "\n")
         for row in rows:
             cells = []
             for key in keys:
