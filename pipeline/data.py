@@ -33,26 +33,24 @@ def method_list(text):
     return list(dict.fromkeys(names))
 
 
-def attack_list(text):
-    """--attacks: comma-separated attack ids of methods.attacks(), in table order."""
-    known = tuple(methods.attacks())
-    names = [n.strip() for n in text.split(",") if n.strip()]
-    unknown = [n for n in names if n not in known]
-    if unknown or not names:
-        raise argparse.ArgumentTypeError(f"unknown {', '.join(unknown) or 'empty list'}; "
-                                         f"choose among {','.join(known)}")
-    return [a for a in known if a in names]
-
-
-def detector_list(text):
-    """--detect: comma-separated detection defence ids of methods.detectors(), in table order."""
-    known = tuple(methods.detectors())
+def _registered(text, known):
+    """Comma-separated ids among `known` (registry ids), returned in the registry's order."""
     names = [n.strip() for n in text.split(",") if n.strip()]
     unknown = [n for n in names if n not in known]
     if unknown or not names:
         raise argparse.ArgumentTypeError(f"unknown {', '.join(unknown) or 'empty list'}; "
                                          f"choose among {','.join(known) or 'none registered'}")
-    return [d for d in known if d in names]
+    return [i for i in known if i in names]
+
+
+def attack_list(text):
+    """--attacks: comma-separated attack ids of methods.attacks(), in table order."""
+    return _registered(text, tuple(methods.attacks()))
+
+
+def detector_list(text):
+    """--detect: comma-separated detection defence ids of methods.detectors(), in table order."""
+    return _registered(text, tuple(methods.detectors()))
 
 
 def ratio_list(text):
