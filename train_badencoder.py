@@ -21,8 +21,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from datasets import (UNLABELED_SHADOW_IMAGES, encoder_normalization, load_reference, load_trigger, normalization_record,
-                      stamp_trigger)
+from datasets import (UNLABELED_SHADOW_IMAGES, encoder_normalization, load_reference, load_trigger,
+                      normalization_record, stamp_trigger)
 from datasets.attack import attack_input_files, check_reference, shadow_images
 from datasets.augment import BatchAugment
 from datasets.loader import augment_copies, extract_features, index_batches, to_input

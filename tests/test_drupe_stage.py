@@ -194,7 +194,8 @@ def test_shadow_images_are_the_authors_random_choice():
      "error: the schedule needs --warm_up_end <= --stage_1_end and --warm_up_end <= --fix_end; got --warm_up_end 3, "
      "--stage_1_end 2, --fix_end 1"),
     ("best", ["--output", "best", "--best_after", "3"],
-     "error: --output best: no epoch comes after --best_after 3 in --epochs 3; lower --best_after or use --output last"),
+     "error: --output best: no epoch comes after --best_after 3 in --epochs 3; lower --best_after or use "
+     "--output last"),
     ("batch", ["--batch_size", "128", "--shadow_size", "100"],
      "error: the 64 shadow images are fewer than one batch of --batch_size 128, and the incomplete last batch is "
      "dropped: lower --batch_size"),
