@@ -16,14 +16,13 @@ Writes  <results_dir>/args.json, log.jsonl, log.csv, checkpoint.pth, model_<epoc
         results.json. Only the backbone f is trained; the head g is carried over unchanged.
 """
 import copy
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from datasets import (UNLABELED_SHADOW_IMAGES, encoder_normalization, load_reference, load_trigger,
                       normalization_record, stamp_trigger)
-from datasets.attack import attack_input_files, check_reference, shadow_images
+from datasets.attack import AttackData, attack_input_files, check_reference, shadow_images
 from datasets.augment import BatchAugment
 from datasets.loader import augment_copies, extract_features, index_batches, to_input
 from models import badencoder_loss, encoder_checkpoint, freeze_batchnorm, load_encoder
@@ -111,19 +110,6 @@ def input_files(args):
     usage = encoder_usage(args.pretrained_encoder, args.pretraining_dataset)
     return attack_input_files(args.data_dir, usage, args.shadow_dataset, args.pretraining_split,
                               args.pretrained_encoder, args.trigger_file, reference_file(args, usage))
-
-
-@dataclass
-class AttackData:
-    """What every BadEncoder step reads. The clean encoder is frozen and its inputs are not
-    augmented, so its features are computed once."""
-    shadow: torch.Tensor            # NxHxWx3 uint8 clean shadow images
-    triggered: torch.Tensor         # NxHxWx3 uint8, the same images with the trigger stamped
-    shadow_clean: torch.Tensor      # NxD clean encoder's features of the shadow images
-    reference: torch.Tensor         # RxHxWx3 uint8 reference inputs, on the device
-    reference_clean: torch.Tensor   # RxD clean encoder's features of the reference inputs
-    mean: tuple
-    std: tuple
 
 
 def train_one_epoch(backbone, data, augment, optimizer, batch_size, lambdas, seed, epoch, out_dir, amp=False,

@@ -26,7 +26,7 @@ import torch
 
 from datasets import (UNLABELED_SHADOW_IMAGES, encoder_normalization, load_reference, load_trigger,
                       normalization_record, stamp_trigger)
-from datasets.attack import attack_input_files, check_reference, shadow_images
+from datasets.attack import AttackData, attack_input_files, check_reference, shadow_images
 from datasets.augment import BatchAugment
 from datasets.loader import augment_copies, extract_features, index_batches, to_input
 from models import encoder_checkpoint, freeze_batchnorm, load_encoder
@@ -178,19 +178,6 @@ def sample_shadow(x, size, seed):
     if len(x) <= size:
         return x
     return x[np.random.RandomState(seed).choice(len(x), size, replace=False)]
-
-
-@dataclass
-class AttackData:
-    """What every DRUPE step reads. The clean encoder is frozen and its inputs are not augmented, so
-    its features are computed once."""
-    shadow: torch.Tensor            # NxHxWx3 uint8 clean shadow images
-    triggered: torch.Tensor         # NxHxWx3 uint8, the same images with the trigger stamped
-    shadow_clean: torch.Tensor      # NxD clean encoder's features of the shadow images
-    reference: torch.Tensor         # RxHxWx3 uint8 reference inputs, on the device
-    reference_clean: torch.Tensor   # RxD clean encoder's features of the reference inputs
-    mean: tuple
-    std: tuple
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,10 @@
 """The inputs of the attacks that fine-tune a clean encoder (BadEncoder, DRUPE): the files a run
-reads, its shadow images and its reference inputs, each checked with a one-line error."""
+reads, its shadow images and its reference inputs, each checked with a one-line error, and what
+every training step of such an attack reads."""
+from dataclasses import dataclass
+
+import torch
+
 from utils.errors import UserError
 
 from .channel_stats import NORMALIZATION
@@ -43,3 +48,16 @@ def check_reference(ref_x, label, path, target_label, image_shape):
     if ref_x.shape[1:] != tuple(image_shape):
         raise UserError(f"reference inputs are {ref_x.shape[1]}x{ref_x.shape[2]} but the shadow images "
                         f"are {image_shape[0]}x{image_shape[1]}")
+
+
+@dataclass
+class AttackData:
+    """What every step of an attack reads. The clean encoder is frozen and its inputs are not
+    augmented, so its features are computed once."""
+    shadow: torch.Tensor            # NxHxWx3 uint8 clean shadow images
+    triggered: torch.Tensor         # NxHxWx3 uint8, the same images with the trigger stamped
+    shadow_clean: torch.Tensor      # NxD clean encoder's features of the shadow images
+    reference: torch.Tensor         # RxHxWx3 uint8 reference inputs, on the device
+    reference_clean: torch.Tensor   # RxD clean encoder's features of the reference inputs
+    mean: tuple
+    std: tuple
