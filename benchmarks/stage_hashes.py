@@ -4,9 +4,10 @@
     python benchmarks/stage_hashes.py --out before.json
     python benchmarks/stage_hashes.py --compare before.json
 
-Runs stage 0, BadEncoder, MIMIC, the three baseline defences and stage 3 on tiny seeded random
-data (width 4, one thread, CPU) as subprocesses, then hashes each trained model's tensors (keys in
-sorted order; not the file, whose metadata may change) and each evaluation's ACC/ASR curve. Two
+Runs stage 0, BadEncoder, DRUPE, MIMIC, the three baseline defences, stage 3 and DECREE's search
+on tiny seeded random data (width 4, one thread, CPU) as subprocesses, then hashes each trained
+model's tensors (keys in sorted order; not the file, whose metadata may change), each
+evaluation's ACC/ASR curve and each search's L1 and trigger. Two
 runs of the same code give the same hashes; a refactor that keeps every number keeps them.
 """
 import argparse
@@ -31,7 +32,7 @@ TRIGGER = str(ROOT / TRIGGER_FILE)
 
 def make_data(root):
     """Seeded random splits in the npz layout: a pre-training set (96/32 images) and a downstream
-    set (48/30, 5 classes), plus a one-image reference of label 1."""
+    set (48/30, 5 classes), plus a one-image and a three-image reference of label 1."""
     rng = np.random.default_rng(0)
     for name, sizes, classes in (("tinypre", (96, 32), 10), ("tinydown", (48, 30), 5)):
         for split, n in zip(("train", "test"), sizes):
@@ -40,6 +41,7 @@ def make_data(root):
             np.savez(folder / f"{split}.npz", x=rng.integers(0, 200, (n, 32, 32, 3), dtype=np.uint8),
                      y=rng.integers(0, classes, (n, 1)))
     np.savez(root / "reference.npz", x=rng.integers(0, 200, (1, 32, 32, 3), dtype=np.uint8), y=np.array([1]))
+    np.savez(root / "reference3.npz", x=rng.integers(0, 200, (3, 32, 32, 3), dtype=np.uint8), y=np.ones(3, int))
 
 
 def run(args, env):
@@ -63,6 +65,14 @@ def curve_hash(path):
     return hashlib.sha256(json.dumps(rows).encode()).hexdigest()[:16]
 
 
+def detection_hash(folder):
+    """The search's last mask and pattern parameters, its best L1 and the clean images' cosine."""
+    results = json.loads((folder / "results.json").read_text())
+    digest = hashlib.sha256(json.dumps([results["l1"], results["clean_cos"], results["epochs"]]).encode())
+    digest.update(tensor_hash(folder / "checkpoint.pth").encode())
+    return digest.hexdigest()[:16]
+
+
 def stage_hashes(work):
     make_data(work)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -73,6 +83,10 @@ def stage_hashes(work):
     run(["train_badencoder.py", "--pretrained_encoder", out / "clean/model_2.pth", "--trigger_file", TRIGGER,
          "--reference_file", work / "reference.npz", "--epochs", "2", "--batch_size", "16", "--lr", "1e-2",
          "--results_dir", out / "bad", *common], env)
+    run(["train_drupe.py", "--pretrained_encoder", out / "clean/model_2.pth", "--trigger_file", TRIGGER,
+         "--reference_file", work / "reference3.npz", "--epochs", "3", "--batch_size", "16", "--lr", "1e-2",
+         "--shadow_size", "64", "--reference_copies", "2", "--warm_up_end", "1", "--stage_1_end", "2",
+         "--fix_end", "2", "--best_after", "2", "--results_dir", out / "drupe", *common], env)
     teacher = out / "bad/model_2.pth"
     run(["MIMIC.py", "--teacher", teacher, "--ratio", "0.5", "--batch_size", "16", "--epochs", "2",
          "--mi_epochs", "12", "--results_dir", out / "mimic", *common], env)
@@ -80,8 +94,8 @@ def stage_hashes(work):
     for defense in baselines:
         run(["defenses.py", "--defense", defense, "--suspect", teacher, "--ratio", "0.5", "--batch_size", "16",
              "--epochs", "2", "--nad_teacher_epochs", "1", "--results_dir", out / defense, *common], env)
-    models = {"clean": out / "clean/model_2.pth", "backdoored": teacher, "mimic": out / "mimic/model_2.pth",
-              **{d: out / d / "model_2.pth" for d in baselines}}
+    models = {"clean": out / "clean/model_2.pth", "backdoored": teacher, "drupe": out / "drupe/model_3.pth",
+              "mimic": out / "mimic/model_2.pth", **{d: out / d / "model_2.pth" for d in baselines}}
     hashes = {f"{name} weights": tensor_hash(path) for name, path in models.items()}
     mi = json.loads((out / "mimic/mi.json").read_text())
     hashes["mimic MI"] = hashlib.sha256(json.dumps([mi["mi"], mi["weights"]]).encode()).hexdigest()[:16]
@@ -90,6 +104,11 @@ def stage_hashes(work):
              "--reference_file", work / "reference.npz", "--trigger_file", TRIGGER, "--nn_epochs", "3",
              "--results_dir", out / "eval" / name, *common], env)
         hashes[f"{name} evaluation"] = curve_hash(out / "eval" / name / "results.json")
+    hashes["drupe best weights"] = tensor_hash(out / "drupe" / "model_best.pth")
+    for name in ("clean", "backdoored"):
+        run(["detect.py", "--encoder", models[name], "--pretraining_dataset", "tinypre", "--shadow_per_class", "3",
+             "--batch_size", "16", "--epochs", "4", "--results_dir", out / "detect" / name, *common], env)
+        hashes[f"{name} detection"] = detection_hash(out / "detect" / name)
     return hashes
 
 
