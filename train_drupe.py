@@ -18,25 +18,24 @@ Writes  <results_dir>/args.json, log.jsonl, log.csv, checkpoint.pth, model_<epoc
         `encoder` is the stage's output (--output). Only the backbone f is trained; the head g is
         carried over unchanged.
 """
-import copy
 from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 
-from datasets import (UNLABELED_SHADOW_IMAGES, encoder_normalization, load_reference, load_trigger,
-                      normalization_record, stamp_trigger)
-from datasets.attack import AttackData, attack_input_files, check_reference, shadow_images
+from datasets import UNLABELED_SHADOW_IMAGES, encoder_normalization, normalization_record
+from datasets.attack import (AttackData, add_attack_data, attack_stage_inputs, load_reference_and_trigger,
+                             shadow_images)
 from datasets.augment import BatchAugment
-from datasets.loader import augment_copies, extract_features, index_batches, to_input
-from models import encoder_checkpoint, freeze_batchnorm, load_encoder
+from datasets.loader import augment_copies, index_batches, to_input
+from models import attack_copy, encoder_checkpoint, freeze_batchnorm, load_encoder
 from models.drupe import (ATTACK_LOSSES, BEST_MEASURES, TERMS, BestTracker, CostSchedule, DrupePhases, drupe_terms,
                           epoch_loss)
 from models.health import PROBE_IMAGES, check_finite_encoder
-from paper import DRUPE_TASKS, TRIGGER, drupe_task
-from utils.cli import (AUTHORS_RUN, MAX_COPIES, StageParser, add_pretraining_split, add_protocol, add_run_args,
-                       float_in, int_at_least, int_in, learning_rate, nonnegative_float, nonnegative_int,
-                       positive_int, run_cli, unit_interval)
+from paper import DRUPE_TASKS, drupe_task
+from utils.cli import (AUTHORS_RUN, MAX_COPIES, StageParser, add_protocol, add_run_args, float_in, int_at_least,
+                       int_in, learning_rate, nonnegative_float, nonnegative_int, positive_int, run_cli,
+                       unit_interval)
 from utils.device import autocast, fast_paths, place
 from utils.errors import UserError
 from utils.files import save_checkpoint
@@ -60,34 +59,12 @@ BEST = "model_best.pth"                 # DRUPE's best.pth
 
 def get_parser():
     parser = StageParser(description="Stage 1: backdoor a clean encoder with DRUPE.")
-    data = parser.add_argument_group("data")
-    data.add_argument("--pretraining_dataset", default=None,
-                      help="dataset the encoder was pre-trained on: the images to train on, and the "
-                           "normalisation unless the encoder carries its own (default: the encoder's own, "
-                           "else cifar10)")
-    data.add_argument("--shadow_dataset", default=None,
-                      help="shadow data under --data_dir: its train split, or the first 50,000 images of "
-                           "train_unlabeled for STL-10 (default: the pre-training dataset)")
-    add_pretraining_split(data)
+    data = add_attack_data(parser, "drupe", DRUPE_TASKS, "DRUPE's released three images",
+                           references="two or more reference inputs")
     data.add_argument("--shadow_size", type=positive_int, default=SHADOW_SIZE,
                       help="shadow images drawn at random (numpy's RandomState(--seed).choice, without "
                            "replacement, as the authors) from the shadow split; a split that holds fewer is "
                            f"used whole, with a message (default: {SHADOW_SIZE})")
-    data.add_argument("--downstreamTask", "--downstream_task", dest="downstream_task", default="gtsrb",
-                      help="downstream task the attacker targets; picks the default reference file, DRUPE's "
-                           "released three images: " + "; ".join(
-                               f"{t.pretraining} encoders: {t.dataset} -> {t.reference}"
-                               for tasks in DRUPE_TASKS.values() for t in tasks) + " (default: gtsrb)")
-    data.add_argument("--trigger_file", default=TRIGGER, help=f"trigger npz (t, tm) (default: {TRIGGER})")
-    data.add_argument("--reference_file", default=None,
-                      help="npz of two or more reference inputs of the target class (default: DRUPE's file for "
-                           "--pretraining_dataset and --downstreamTask, see --downstreamTask)")
-    data.add_argument("--target_label", type=int_at_least(0), default=None,
-                      help="attacker's target label; when given, the reference file's label must equal it "
-                           "(default: the reference file's label)")
-    data.add_argument("--pretrained_encoder", required=True, help="clean encoder checkpoint (stage 0)")
-    data.add_argument("--results_dir", default="output/cifar10/drupe",
-                      help="where checkpoints and logs go (default: output/cifar10/drupe)")
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--lr", type=learning_rate, default=0.05, help="SGD learning rate (default: 0.05)")
     optim.add_argument("--momentum", type=unit_interval, default=0.9, help="SGD momentum (default: 0.9)")
@@ -144,22 +121,11 @@ def get_parser():
     return add_protocol(parser, AUTHORS)
 
 
-def reference_file(args, usage):
-    """--reference_file, else DRUPE's file for the encoder's dataset and --downstreamTask (None
-    when the paper has no such task)."""
-    if args.reference_file is not None:
-        return args.reference_file
-    task = drupe_task(usage, args.downstream_task)
-    return task.reference if task is not None else None
-
-
 def input_files(args):
     """The files this stage reads, by role (utils.fingerprint): the clean encoder, the shadow
     split, the trigger and the reference file (and the train split that gives the normalisation of
     a dataset without published statistics)."""
-    usage = encoder_usage(args.pretrained_encoder, args.pretraining_dataset)
-    return attack_input_files(args.data_dir, usage, args.shadow_dataset, args.pretraining_split,
-                              args.pretrained_encoder, args.trigger_file, reference_file(args, usage))
+    return attack_stage_inputs(args, encoder_usage(args.pretrained_encoder, args.pretraining_dataset), drupe_task)
 
 
 def phases_of(args):
@@ -264,27 +230,17 @@ def main(args):
     if len(x) < args.batch_size:
         raise UserError(f"the {len(x)} shadow images are fewer than one batch of --batch_size {args.batch_size}, "
                         f"and the incomplete last batch is dropped: lower --batch_size")
-    if reference_file(args, args.pretraining_dataset) is None:
-        raise UserError(f"no default reference file for --downstreamTask {args.downstream_task} with "
-                        f"{args.pretraining_dataset} encoders; pass --reference_file")
-    args.reference_file = reference_file(args, args.pretraining_dataset)
-    ref_x, target = load_reference(args.reference_file)
-    check_reference(ref_x, target, args.reference_file, args.target_label, x.shape[1:])
+    ref_x, target, t, tm = load_reference_and_trigger(args, drupe_task, x.shape[1:])
     if len(ref_x) < 2:
         raise UserError(f"the reference file {args.reference_file} holds {len(ref_x)} reference input; DRUPE needs "
                         f"at least 2 (its std_refs term is a spread over the references): pass a file with "
                         f"several images of the target class, such as DRUPE's three")
-    t, tm = load_trigger(args.trigger_file, image_size=x.shape[1:3])
 
     amp, channels_last = fast_paths(args, device)
     clean = place(clean, device, channels_last).eval().requires_grad_(False)
     probe = to_input(x[:PROBE_IMAGES], mean, std, device)      # the health checks' images: shadow data
     check_finite_encoder(clean, probe, "DRUPE", source=args.pretrained_encoder)
-    model = copy.deepcopy(clean).requires_grad_(True)
-    model.g.requires_grad_(False)
-    freeze_batchnorm(model.f)
-    params = [p for p in model.f.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    model, optimizer = attack_copy(clean, args.lr, args.momentum, args.weight_decay)
     meta = {"stage": "drupe", "usage": args.pretraining_dataset, "target_label": target,
             "normalization": normalization_record(args.pretraining_dataset, mean, std)}
     costs = CostSchedule(l0_threshold=args.l0_threshold)
@@ -306,11 +262,7 @@ def main(args):
             raise UserError(f"--resume: {out_dir / 'checkpoint.pth'} holds no DRUPE cost schedule and best-epoch "
                             f"state, so the run cannot continue exactly; start a new --results_dir") from None
 
-    data = AttackData(
-        shadow=torch.from_numpy(x), triggered=torch.from_numpy(stamp_trigger(x, t, tm)),
-        shadow_clean=extract_features(clean, x, mean, std, device, desc="clean features").to(device),
-        reference=torch.from_numpy(ref_x).to(device),
-        reference_clean=extract_features(clean, ref_x, mean, std, device).to(device), mean=mean, std=std)
+    data = AttackData.build(clean, x, t, tm, ref_x, mean, std, device)
     augment = BatchAugment(x.shape[1], mean, std, crop=False)
     objective = Objective(phases, (args.lambda1, args.lambda2), args.reference_copies or args.batch_size,
                           args.projections, args.sim_b2b == "off_diagonal", args.attack_loss)

@@ -1,14 +1,58 @@
-"""The inputs of the attacks that fine-tune a clean encoder (BadEncoder, DRUPE): the files a run
-reads, its shadow images and its reference inputs, each checked with a one-line error, and what
-every training step of such an attack reads."""
+"""The inputs of the attacks that fine-tune a clean encoder (BadEncoder, DRUPE): their data flags,
+the files a run reads, its shadow images, reference inputs and trigger, each checked with a
+one-line error, and what every training step of such an attack reads."""
 from dataclasses import dataclass
 
 import torch
 
+from paper import TRIGGER
+from utils.cli import add_pretraining_split, int_at_least
 from utils.errors import UserError
 
 from .channel_stats import NORMALIZATION
-from .npz import UNLABELED_SHADOW_IMAGES, load_split, pretraining_split, split_input
+from .loader import extract_features
+from .npz import UNLABELED_SHADOW_IMAGES, load_reference, load_split, pretraining_split, split_input
+from .trigger import load_trigger, stamp_trigger
+
+
+def add_attack_data(parser, name, tasks, released, references="reference inputs"):
+    """The data flags of an attack stage, in a group it returns for the stage's own. name: the
+    stage's folder under output/cifar10; tasks: {pretraining dataset: [Task]}, whose reference
+    files --downstreamTask picks (`released` says whose they are); references: what a reference
+    file must hold."""
+    data = parser.add_argument_group("data")
+    data.add_argument("--pretraining_dataset", default=None,
+                      help="dataset the encoder was pre-trained on: the images to train on, and the "
+                           "normalisation unless the encoder carries its own (default: the encoder's own, "
+                           "else cifar10)")
+    data.add_argument("--shadow_dataset", default=None,
+                      help="shadow data under --data_dir: its train split, or the first 50,000 images of "
+                           "train_unlabeled for STL-10 (default: the pre-training dataset)")
+    add_pretraining_split(data)
+    data.add_argument("--downstreamTask", "--downstream_task", dest="downstream_task", default="gtsrb",
+                      help=f"downstream task the attacker targets; picks the default reference file, {released}: "
+                           + "; ".join(f"{t.pretraining} encoders: {t.dataset} -> {t.reference}"
+                                       for by_usage in tasks.values() for t in by_usage) + " (default: gtsrb)")
+    data.add_argument("--trigger_file", default=TRIGGER, help=f"trigger npz (t, tm) (default: {TRIGGER})")
+    data.add_argument("--reference_file", default=None,
+                      help=f"npz of {references} of the target class (default: the file --downstreamTask picks "
+                           "for --pretraining_dataset)")
+    data.add_argument("--target_label", type=int_at_least(0), default=None,
+                      help="attacker's target label; when given, the reference file's label must equal it "
+                           "(default: the reference file's label)")
+    data.add_argument("--pretrained_encoder", required=True, help="clean encoder checkpoint (stage 0)")
+    data.add_argument("--results_dir", default=f"output/cifar10/{name}",
+                      help=f"where checkpoints and logs go (default: output/cifar10/{name})")
+    return data
+
+
+def reference_file(args, usage, task_of):
+    """--reference_file, else the reference file of task_of(usage, --downstreamTask) (None when
+    there is no such task)."""
+    if args.reference_file is not None:
+        return args.reference_file
+    task = task_of(usage, args.downstream_task)
+    return task.reference if task is not None else None
 
 
 def attack_input_files(data_dir, usage, shadow_dataset, split_choice, pretrained_encoder, trigger_file,
@@ -25,6 +69,12 @@ def attack_input_files(data_dir, usage, shadow_dataset, split_choice, pretrained
     if reference_file is not None:
         files["reference"] = reference_file
     return files
+
+
+def attack_stage_inputs(args, usage, task_of):
+    """attack_input_files of an attack stage's parsed flags, for an encoder pre-trained on usage."""
+    return attack_input_files(args.data_dir, usage, args.shadow_dataset, args.pretraining_split,
+                              args.pretrained_encoder, args.trigger_file, reference_file(args, usage, task_of))
 
 
 def shadow_images(data_dir, shadow, split_choice, unlabeled_images=UNLABELED_SHADOW_IMAGES):
@@ -50,6 +100,20 @@ def check_reference(ref_x, label, path, target_label, image_shape):
                         f"are {image_shape[0]}x{image_shape[1]}")
 
 
+def load_reference_and_trigger(args, task_of, image_shape):
+    """The reference inputs, their label, and the trigger (t, tm) for shadow images of HxWx3
+    image_shape, each checked; args.reference_file is set to the file read."""
+    path = reference_file(args, args.pretraining_dataset, task_of)
+    if path is None:
+        raise UserError(f"no default reference file for --downstreamTask {args.downstream_task} with "
+                        f"{args.pretraining_dataset} encoders; pass --reference_file")
+    args.reference_file = path
+    ref_x, target = load_reference(path)
+    check_reference(ref_x, target, path, args.target_label, image_shape)
+    t, tm = load_trigger(args.trigger_file, image_size=image_shape[:2])
+    return ref_x, target, t, tm
+
+
 @dataclass
 class AttackData:
     """What every step of an attack reads. The clean encoder is frozen and its inputs are not
@@ -61,3 +125,11 @@ class AttackData:
     reference_clean: torch.Tensor   # RxD clean encoder's features of the reference inputs
     mean: tuple
     std: tuple
+
+    @classmethod
+    def build(cls, clean, x, t, tm, ref_x, mean, std, device):
+        """From the frozen clean encoder, the shadow images x, the trigger and the reference inputs."""
+        return cls(shadow=torch.from_numpy(x), triggered=torch.from_numpy(stamp_trigger(x, t, tm)),
+                   shadow_clean=extract_features(clean, x, mean, std, device, desc="clean features").to(device),
+                   reference=torch.from_numpy(ref_x).to(device),
+                   reference_clean=extract_features(clean, ref_x, mean, std, device).to(device), mean=mean, std=std)

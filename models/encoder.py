@@ -15,6 +15,7 @@ weights equal the authors' bit for bit. init="pytorch" re-initialises every back
 BatchNorm with PyTorch's defaults instead (this project's construction before it followed the
 authors; the flag --init of stages 0 and 2).
 """
+import copy
 import numbers
 
 import torch
@@ -133,6 +134,17 @@ def freeze_batchnorm(module):
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             m.eval()
             m.requires_grad_(False)
+
+
+def attack_copy(clean, lr, momentum, weight_decay):
+    """A trainable copy of the frozen clean encoder for an attack that fine-tunes it (BadEncoder,
+    DRUPE): only its backbone f trains, with BatchNorm frozen and the head g carried over, by SGD.
+    Returns (model, optimizer)."""
+    model = copy.deepcopy(clean).requires_grad_(True)
+    model.g.requires_grad_(False)
+    freeze_batchnorm(model.f)
+    params = [p for p in model.f.parameters() if p.requires_grad]
+    return model, torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
 
 
 def encoder_checkpoint(model, **extra):

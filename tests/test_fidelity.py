@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+import datasets.attack
 import MIMIC
 import train_badencoder
 import train_clean_encoder
@@ -149,7 +150,7 @@ def test_badencoder_shadow_data_is_the_first_images_of_the_unlabeled_split(stl, 
                                                                            capsys):
     root, splits, encoder = stl
     monkeypatch.setattr(train_badencoder, "UNLABELED_SHADOW_IMAGES", 48)
-    stamped = record_calls(monkeypatch, train_badencoder, "stamp_trigger")
+    stamped = record_calls(monkeypatch, datasets.attack, "stamp_trigger")
     batches = record_calls(monkeypatch, train_badencoder, "index_batches")
     train_badencoder.main(train_badencoder.get_parser().parse_args(
         ["--data_dir", str(root / "data"), "--pretrained_encoder", str(encoder), "--results_dir", str(tmp_path / "bad"),

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+import datasets.attack
 import MIMIC
 import defenses
 import prepare_data
@@ -54,12 +55,12 @@ def test_the_published_badencoder_command_trains_on_the_released_priority_sign(t
     encoder = tmp_path / "clean.pth"
     torch.save(encoder_checkpoint(SimCLR(width=4)), encoder)          # normalised as cifar10 by name
     reads = []
-    real = train_badencoder.load_reference
+    real = datasets.attack.load_reference
 
     def spy(path):
         reads.append(str(path))
         return real(path)
-    monkeypatch.setattr(train_badencoder, "load_reference", spy)
+    monkeypatch.setattr(datasets.attack, "load_reference", spy)
     out = tmp_path / "bad"
     train_badencoder.main(train_badencoder.get_parser().parse_args(
         ["--trigger_file", TRIGGER, "--pretraining_dataset", "cifar10", "--downstreamTask", "gtsrb",
