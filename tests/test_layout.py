@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # What utils/__init__.py says models/ and datasets/ import, besides errors, files and logs.
 EXTRA = {"models/distill.py": {"device", "distributed"}, "datasets/loader.py": {"distributed"},
-         "datasets/poison.py": {"fingerprint"}, "datasets/demo.py": {"cli"}}
+         "datasets/poison.py": {"fingerprint"}, "datasets/demo.py": {"cli"}, "datasets/attack.py": {"cli"}}
 
 
 def utils_imports(path):

@@ -14,7 +14,7 @@
 
 models/ and datasets/ import errors, files and logs, and besides those: models/distill.py device
 (autocast) and distributed (the loss averaged over processes), datasets/loader.py distributed (each
-process's share of a batch), datasets/poison.py fingerprint (file_hash) and datasets/demo.py cli
-(its command line). None of them imports lock, seeding, stage or records. Nothing is re-exported here, so
+process's share of a batch), datasets/poison.py fingerprint (file_hash), datasets/demo.py cli
+(its command line) and datasets/attack.py cli (the flag types of the attacks' data flags). None of them imports lock, seeding, stage or records. Nothing is re-exported here, so
 importing one module does not load the others.
 """
