@@ -40,17 +40,15 @@ def flag_value(flags, name):
     return value
 
 
-# The stage scripts, by the name of their --<stage>_args flag: stage 0 and stage 3, and each
-# registered method's (methods.stages(); CTRL's stage 0 is a clean job too).
-STAGE_SCRIPTS = {"clean": "train_clean_encoder.py", **methods.stages(),
-                 "downstream": "training_downstream_classifier.py"}
-STAGE_ARGS = tuple(STAGE_SCRIPTS)
+CLEAN_SCRIPT = "train_clean_encoder.py"                   # stage 0
+DOWNSTREAM_SCRIPT = "training_downstream_classifier.py"   # stage 3
 STUDENT_STAGE = "mimic"                 # the stage whose --epochs the steps budget of the sweep scales
 
 
 def stage_scripts():
-    """STAGE_SCRIPTS with the methods registered since import (a test's own)."""
-    return {"clean": STAGE_SCRIPTS["clean"], **methods.stages(), "downstream": STAGE_SCRIPTS["downstream"]}
+    """The stage scripts, by the name of their --<stage>_args flag: stage 0 and stage 3, and each
+    method registered so far (methods.stages(); CTRL's stage 0 is a clean job too)."""
+    return {"clean": CLEAN_SCRIPT, **methods.stages(), "downstream": DOWNSTREAM_SCRIPT}
 
 
 @dataclass
@@ -133,7 +131,7 @@ class Plan:
             return flags
         epochs = flag_value([*self.preset.mimic, *self.extra[STUDENT_STAGE]], "--epochs")
         if epochs is None:
-            epochs = stage_module(STAGE_SCRIPTS[STUDENT_STAGE]).get_parser().get_default("epochs")
+            epochs = stage_module(stage_scripts()[STUDENT_STAGE]).get_parser().get_default("epochs")
         return [*flags, "--epochs", str(math.ceil(int(epochs) * own_steps / (int(ratio * self.images) // batch)))]
 
     def fractions(self):
@@ -147,6 +145,18 @@ class Plan:
         return methods.encoder_folders(attack, task, self.defences(), self.ratio_tag(ratio))
 
     def eval_folder(self, attack, task, row, ratio=None):
+        """Stage 3's folder of one encoder of an attack's table. An encoder that an earlier attack's
+        table on the task holds too (the clean encoder, the no-teacher control), evaluated with
+        the same trigger and reference, is evaluated once, in that attack's folder."""
+        folder, this = self.encoder_folders(attack, task, ratio)[row], methods.get(attack)
+        for first in (a for a, t in self.attack_tasks() if t == task):
+            if first == attack:
+                break
+            other = methods.get(first)
+            if (self.encoder_folders(first, task, ratio).get(row) == folder
+                    and other.trigger_flags(task) == this.trigger_flags(task)
+                    and other.reference_flags(task) == this.reference_flags(task)):
+                return methods.eval_folder(first, task, row, self.ratio_tag(ratio))
         return methods.eval_folder(attack, task, row, self.ratio_tag(ratio))
 
     def tables(self):
@@ -261,6 +271,7 @@ def seed_jobs(plan, seed, out_dir, key=""):
         for d in [d for d in defences if d.per_seed]:
             jobs.append(defence_job(d, "clean", d.id + plan.ratio_tag(ratio), clean, ratio,
                                     "" if ratio is None else f"fraction {ratio:g}"))
+    evaluated = set()
     for attack_id, task in plan.attack_tasks():
         attack, name = methods.get(attack_id), task.dataset
         bad = plan.encoder_folders(attack_id, task)["backdoored"]
@@ -275,10 +286,12 @@ def seed_jobs(plan, seed, out_dir, key=""):
             for d in [d for d in defences if not d.per_seed]:
                 jobs.append(defence_job(d, bad, folders[d.id], [bad], ratio, at))
             for row, folder in folders.items():
-                if row in BASELINES and ratio != plan.fractions()[0]:
-                    continue                # the clean and backdoored encoders are evaluated once
+                evaluation = plan.eval_folder(attack_id, task, row, ratio)
+                if (row in BASELINES and ratio != plan.fractions()[0]) or evaluation in evaluated:
+                    continue                # each encoder is evaluated once with a trigger (eval_folder)
+                evaluated.add(evaluation)
                 jobs.append(job(f"stage 3: {row} on {at if row not in BASELINES else what}",
-                                scripts["downstream"], plan.eval_folder(attack_id, task, row, ratio),
+                                scripts["downstream"], evaluation,
                                 lambda done, f=folder, a=attack, t=task: [
                                     "--dataset", t.dataset, "--reference_label", t.label, *a.trigger_flags(t),
                                     "--encoder", encoder(f)(done), *a.reference_flags(t), *p.downstream,

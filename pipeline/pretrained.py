@@ -83,7 +83,8 @@ def ship(checkpoint, path, command):
 def rebuild_command(data_dir, results_dir):
     """The stage-0 command of the demo preset that makes the shipped encoder."""
     from pipeline.presets import DEMO          # the preset names this module's file
-    return ["train_clean_encoder.py", "--pretraining_dataset", demo.PRETRAIN_NAME, *DEMO.clean,
+    from pipeline.plan import CLEAN_SCRIPT
+    return [CLEAN_SCRIPT, "--pretraining_dataset", demo.PRETRAIN_NAME, *DEMO.clean,
             "--batch_size", str(DEMO.global_batch["clean"]), "--seed", str(SEED), "--data_dir", str(data_dir),
             "--results_dir", str(results_dir)]
 

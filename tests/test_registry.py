@@ -13,7 +13,7 @@ import run_pipeline
 from methods import Attack, Defence
 from paper import TRIGGER
 from pipeline import presets
-from pipeline.plan import Plan
+from pipeline.plan import DOWNSTREAM_SCRIPT, Plan, seed_jobs, stage_scripts
 from test_pipeline_runner import FAKE_BACKDOORED, TASK, fake, flag, own_data_args, read  # noqa: F401 (fake: a fixture)
 from utils.errors import UserError
 
@@ -114,6 +114,27 @@ def test_the_folder_layout_of_both_kinds_of_attack():
     assert plan.eval_folder("ctrl", task, "backdoored", 0.01) == "eval/backdoored_ctrl_demo_downstream"
     assert plan.eval_folder("badencoder", task, "mimic", 0.01) == "eval/mimic_r0.01_demo_downstream"
     assert plan.layout()["eval"]["demo_downstream"]["mimic_r0.01"] == "eval/mimic_r0.01_demo_downstream"
+
+
+def test_an_encoder_in_two_attacks_tables_is_evaluated_once_per_trigger(monkeypatch):
+    """The clean encoder and the no-teacher control are in BadEncoder's and DRUPE's tables with the
+    same trigger: one stage-3 job each, which both tables read. With another trigger, DRUPE's
+    table evaluates them again."""
+    plan = Plan("demo", presets.DEMO, "demo_pretrain", list(presets.DEMO.tasks), ["mimic"], True,
+                {s: [] for s in stage_scripts()}, 1, "data", "cpu", "ours", True,
+                clean_encoder="pretrained/demo_clean.pth", attacks=["badencoder", "drupe"])
+    task = presets.DEMO.tasks[0]
+
+    def evaluations():
+        return [j.key for j in seed_jobs(plan, 1, Path("out")) if j.script == DOWNSTREAM_SCRIPT]
+    assert [plan.eval_folder("drupe", task, row) for row in ("clean", "no_teacher", "backdoored", "mimic")] == [
+        "eval/clean_demo_downstream", "eval/no_teacher_demo_downstream", "eval/backdoored_drupe_demo_downstream",
+        "eval/mimic_drupe_demo_downstream"]
+    assert plan.layout()["eval"]["drupe_demo_downstream"]["clean"] == "eval/clean_demo_downstream"
+    assert len(evaluations()) == len(set(evaluations())) == 2 * 5 - 2
+    monkeypatch.setattr(type(methods.get("drupe")), "trigger_flags", lambda self, task: ["--trigger_file", "other.npz"])
+    assert plan.eval_folder("drupe", task, "clean") == "eval/clean_drupe_demo_downstream"
+    assert len(evaluations()) == 2 * 5
 
 
 def test_no_attack_or_defence_is_named_outside_its_module():

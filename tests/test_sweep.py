@@ -15,7 +15,7 @@ import run_pipeline
 from datasets import save_split
 from models.distill import epoch_lr
 from pipeline import presets
-from pipeline.plan import STAGE_ARGS, NotRun, Plan, flag_value, seed_jobs
+from pipeline.plan import NotRun, Plan, flag_value, seed_jobs, stage_scripts
 from report.figures import ratio_sweep, sweep_lines
 from report.stats import markdown_sweep_table, summarize_seeds, sweep_data
 from test_pipeline_runner import FAKE_METRICS, TASK, fake, flag, own_data_args, read  # noqa: F401 (fake: a fixture)
@@ -27,7 +27,7 @@ DEMO_TASK = presets.DEMO.tasks[0]
 
 def demo_plan(ratios, methods=("mimic", "finetune", "fine_pruning", "nad"), budget="steps"):
     return Plan("demo", presets.DEMO, "demo_pretrain", [DEMO_TASK], list(methods), True,
-                {s: [] for s in STAGE_ARGS}, 1, "data", "cpu", "ours", True,
+                {s: [] for s in stage_scripts()}, 1, "data", "cpu", "ours", True,
                 clean_encoder="pretrained/demo_clean.pth", ratios=ratios, sweep_budget=budget, images=6000)
 
 
