@@ -95,20 +95,22 @@ def checklist(checks):
     return "\n".join(f"- [{'x' if c['passed'] else ' '}] {c['check']}" for c in checks) + "\n"
 
 
-def left_lines(left, results):
-    """One markdown line per task: which defences left the backdoor in place, or, where the
-    backdoored encoder of `results` is not above_clean, that the attack planted nothing to remove."""
+def left_lines(left, results, attacks):
+    """One markdown line per table (headed as table_title heads it): which defences left the
+    backdoor in place, or, where the backdoored encoder of `results` is not above_clean, that the
+    attack planted nothing to remove."""
     lines = []
-    for task, methods in left.items():
+    for task, verdicts in left.items():
         rows = results.get(task, {})
+        title = table_title(attacks or {}, task)
         if "clean" in rows and "backdoored" in rows and not above_clean(rows["backdoored"], rows["clean"]):
-            lines.append(f"- {task}: no backdoor to remove: the backdoored encoder's ASR "
+            lines.append(f"- {title}: no backdoor to remove: the backdoored encoder's ASR "
                          f"{rows['backdoored']['asr']:.1f} is within {BACKDOOR_LEFT:g} points of the clean "
                          f"encoder's {rows['clean']['asr']:.1f}")
             continue
-        kept = [label(m) for m, yes in methods.items() if yes]
-        gone = [label(m) for m, yes in methods.items() if not yes]
-        lines.append(f"- {task}: backdoor left in place (ASR > clean + {BACKDOOR_LEFT:g}) by "
+        kept = [label(m) for m, yes in verdicts.items() if yes]
+        gone = [label(m) for m, yes in verdicts.items() if not yes]
+        lines.append(f"- {title}: backdoor left in place (ASR > clean + {BACKDOOR_LEFT:g}) by "
                      f"{', '.join(kept) or 'none'}; removed by {', '.join(gone) or 'none'}")
     return "\n".join(lines) + "\n" if lines else ""
 
@@ -132,7 +134,7 @@ def seed_markdown(summary):
     text = "\n".join(lines) + "\n" + matrix_text(summary.asr_matrix, summary.attacks)
     text += markdown_detection_table(detection_stats({summary.seed: summary.detection}), summary.attacks)
     text += markdown_sweep_table(sweep_data(summarize_seeds({summary.seed: summary.results}), summary.attacks))
-    text += left_lines(summary.backdoor_left, summary.results)
+    text += left_lines(summary.backdoor_left, summary.results, summary.attacks)
     text += "\n| stage | wall time (s) |\n|---|---|\n" + "".join(
         f"| {name} | {t:.1f} |\n" for name, t in summary.stage_seconds.items())
     if summary.checks:
@@ -163,7 +165,8 @@ def seeds_summary(per_seed, wall_seconds=None):
     text += markdown_seed_table(stats, paired, attacks=attacks) + matrix_text(matrix, attacks)
     text += markdown_detection_table(summary.detection, attacks)
     text += markdown_sweep_table(sweep_data(stats, attacks))
-    text += "".join(f"\n### Seed {seed}\n\n" + left_lines(s.backdoor_left, s.results) for seed, s in per_seed.items())
+    text += "".join(f"\n### Seed {seed}\n\n" + left_lines(s.backdoor_left, s.results, s.attacks)
+                    for seed, s in per_seed.items())
     text += "".join(f"\n### Demo checks, seed {seed}\n\n" + checklist(c) for seed, c in checks.items())
     text += "\n" + markdown_mi_table(mi)
     text += "\n| seed | stage time (s) |\n|---|---|\n" + "".join(
