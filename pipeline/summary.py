@@ -139,7 +139,7 @@ def seed_markdown(summary):
         f"| {name} | {t:.1f} |\n" for name, t in summary.stage_seconds.items())
     if summary.checks:
         text += "\n" + checklist(summary.checks)
-    return text + "\n" + markdown_mi_table({summary.seed: summary.mi})
+    return text + "\n" + markdown_mi_table({summary.seed: summary.mi}, summary.attacks)
 
 
 def seeds_summary(per_seed, wall_seconds=None):
@@ -168,7 +168,7 @@ def seeds_summary(per_seed, wall_seconds=None):
     text += "".join(f"\n### Seed {seed}\n\n" + left_lines(s.backdoor_left, s.results, s.attacks)
                     for seed, s in per_seed.items())
     text += "".join(f"\n### Demo checks, seed {seed}\n\n" + checklist(c) for seed, c in checks.items())
-    text += "\n" + markdown_mi_table(mi)
+    text += "\n" + markdown_mi_table(mi, attacks)
     text += "\n| seed | stage time (s) |\n|---|---|\n" + "".join(
         f"| {seed} | {t:.1f} |\n" for seed, t in summary.seed_seconds.items())
     return summary, text

@@ -192,7 +192,8 @@ def markdown_seed_table(summary_stats, paired, reference=MIMIC, attacks=None):
     if paired:
         lines += [f"### Paired differences: {label(reference)} minus other encoder, same seed (percentage points)",
                   ""]
-        flat = {f"{task}: {label(other)}": cells for task, others in paired.items() for other, cells in others.items()}
+        flat = {f"{table_title(attacks or {}, task)}: {label(other)}": cells
+                for task, others in paired.items() for other, cells in others.items()}
         lines += _table("task: other encoder", flat, unit="pp") + [""]
     return "\n".join(lines)
 
@@ -206,10 +207,13 @@ def mi_not_converged(mi_by_seed):
             for block, b in blocks.items() if b["convergence"] not in (None, "converged")]
 
 
-def markdown_mi_table(mi_by_seed):
+def markdown_mi_table(mi_by_seed, attacks=None):
     """Markdown: MIMIC's MI and attention weight per block with the estimator's verdict, then one
-    line naming the blocks whose estimate did not converge; "" without MIMIC runs."""
-    rows = [f"| {seed} | {task} | {block} | {b['mi']:.4g} | {b['weight']:.4g} | {b['convergence'] or 'not recorded'} |"
+    line naming the blocks whose estimate did not converge; "" without MIMIC runs. Tables are
+    headed as table_title heads them."""
+    def title(task):
+        return table_title(attacks or {}, task)
+    rows = [f"| {seed} | {title(task)} | {block} | {b['mi']:.4g} | {b['weight']:.4g} | {b['convergence'] or 'not recorded'} |"
             for seed, tasks in mi_by_seed.items() for task, blocks in tasks.items() for block, b in blocks.items()]
     if not rows:
         return ""
@@ -217,7 +221,7 @@ def markdown_mi_table(mi_by_seed):
              "| seed | task | block | MI (nats) | weight | convergence |", "|---|---|---|---|---|---|", *rows, ""]
     failed = mi_not_converged(mi_by_seed)
     if failed:
-        where = "; ".join(f"seed {f['seed']}, {f['task']}, {f['block']} ({f['convergence']})" for f in failed)
+        where = "; ".join(f"seed {f['seed']}, {title(f['task'])}, {f['block']} ({f['convergence']})" for f in failed)
         lines += [f"**MI estimate not converged** in {len(failed)} block(s): {where}. MIMIC.py printed why; "
                   "e.g. raise --mi_epochs.", ""]
     return "\n".join(lines)
