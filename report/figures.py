@@ -473,7 +473,7 @@ def detection_figure(run_dir, path):
     trigger recovered from each encoder (blank where none was found), titled with score and verdict."""
     data = detection_data(run_dir)
     cols = max(len(images) for _, _, images in data)
-    fig, axes = plt.subplots(len(data), cols, figsize=(1.6 * cols + 1.2, 1.9 * len(data)), squeeze=False)
+    fig, axes = plt.subplots(len(data), cols, figsize=(1.6 * cols + 1.2, 2.3 * len(data) + 0.3), squeeze=False)
     for ax_row, (detector, table, images) in zip(axes, data):
         for j, ax in enumerate(ax_row):
             ax.set_xticks([])
