@@ -221,7 +221,11 @@ def markdown_mi_table(mi_by_seed, attacks=None):
              "| seed | task | block | MI (nats) | weight | convergence |", "|---|---|---|---|---|---|", *rows, ""]
     failed = mi_not_converged(mi_by_seed)
     if failed:
-        where = "; ".join(f"seed {f['seed']}, {title(f['task'])}, {f['block']} ({f['convergence']})" for f in failed)
+        groups = {}             # one entry per seed, table and verdict: its blocks
+        for f in failed:
+            groups.setdefault((f["seed"], f["task"], f["convergence"]), []).append(f["block"])
+        where = "; ".join(f"seed {seed}, {title(task)}: {', '.join(blocks)} ({verdict})"
+                          for (seed, task, verdict), blocks in groups.items())
         lines += [f"**MI estimate not converged** in {len(failed)} block(s): {where}. MIMIC.py printed why; "
                   "e.g. raise --mi_epochs.", ""]
     return "\n".join(lines)

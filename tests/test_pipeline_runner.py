@@ -310,7 +310,7 @@ def test_defences_get_a_row_each_beside_mimic(tiny, tmp_path, monkeypatch, capsy
     assert "| FT | 76.00 | 60.00 | 60.00 |" in text and "| NAD | 73.00 | 35.00 | 35.00 |" in text
     assert "| uniform-weights control | 72.00 | 30.00 | 30.00 |" in text
     assert "| 100 | gtsrb (target 1) | layer2 | 0.25 | 2 | rising |" in text
-    assert "**MI estimate not converged** in 1 block(s): seed 100, gtsrb (target 1), layer2 (rising)" in text
+    assert "**MI estimate not converged** in 1 block(s): seed 100, gtsrb (target 1): layer2 (rising)" in text
 
     suspect = str(out / "badencoder_gtsrb" / "model_1.pth")
     defences = {flag(a, "--defense"): a for s, a in fake.commands if s == "defenses.py"}

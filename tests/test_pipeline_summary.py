@@ -80,7 +80,7 @@ def test_summary_over_hand_made_seeds():
     assert f"| {TASK}: FT | -1.0 ± 5.7 | 1: -5.0, 2: 3.0 | -23.0 ± 24.0 | 1: -40.0, 2: -6.0 |" in text
     assert "### Demo checks, seed 1\n\n- [x] seed 1 check" in text and "- [ ] seed 2 check" in text
     assert f"| 2 | {TASK} | layer2 | 0.25 | 50 | noisy |" in text
-    assert f"**MI estimate not converged** in 1 block(s): seed 2, {TASK}, layer2 (noisy)" in text
+    assert f"**MI estimate not converged** in 1 block(s): seed 2, {TASK}: layer2 (noisy)" in text
 
 
 def test_an_attack_that_planted_nothing_is_not_reported_as_removed():

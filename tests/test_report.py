@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from report import figures
-from report.stats import markdown_seed_table, paired_differences, summarize_seeds
+from report.stats import markdown_mi_table, markdown_seed_table, paired_differences, summarize_seeds
 from utils.errors import UserError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -154,6 +154,18 @@ def run_dir(tmp_path_factory):
 
 def is_png(path):
     return Path(path).stat().st_size > 1000 and Path(path).read_bytes()[:8] == PNG
+
+
+def test_unconverged_blocks_are_named_once_per_seed_table_and_verdict():
+    block = {"mi": 1.0, "weight": 2000.0}
+    mi = {100: {"gtsrb": {"layer1": {**block, "convergence": "rising"}, "layer2": {**block, "convergence": "rising"},
+                          "layer3": {**block, "convergence": "noisy"}, "layer4": {**block, "convergence": "converged"}},
+                "DRUPE: gtsrb": {"layer1": {**block, "convergence": "rising"}}}}
+    attacks = {"gtsrb": {"attack": "badencoder", "task": "gtsrb"}, "DRUPE: gtsrb": {"attack": "drupe", "task": "gtsrb"}}
+    text = markdown_mi_table(mi, attacks)
+    assert ("**MI estimate not converged** in 4 block(s): seed 100, BadEncoder: gtsrb: layer1, layer2 (rising); "
+            "seed 100, BadEncoder: gtsrb: layer3 (noisy); seed 100, DRUPE: gtsrb: layer1 (rising).") in text
+    assert "| 100 | BadEncoder: gtsrb | layer4 | 1 | 2000 | converged |" in text
 
 
 def test_log_series_keeps_only_epochs_with_a_value(run_dir):
