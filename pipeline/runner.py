@@ -272,17 +272,28 @@ def stage_module(script):
     return module if hasattr(module, "input_files") and hasattr(module, "get_parser") else None
 
 
+def flag_edits(before, now):
+    """What differs between two commands (token lists), one readable item each: '--lr 1e-3 -> 5e-3'
+    where a flag's value changed, else 'before: <tokens>; now: <tokens>' ('-' for none)."""
+    found = []
+    for tag, a, b, c, d in difflib.SequenceMatcher(a=before, b=now, autojunk=False).get_opcodes():
+        if tag == "equal":
+            continue
+        if tag == "replace" and b - a == d - c == 1 and a and before[a - 1].startswith("--"):
+            found.append(f"{before[a - 1]} {before[a]} -> {now[c]}")
+        else:
+            found.append(f"before: {' '.join(before[a:b]) or '-'}; now: {' '.join(now[c:d]) or '-'}")
+    return found
+
+
 def changes(old, stored, new):
     """Why a stage folder does not hold the run of record `new`, in a few words ('' when nothing
     tells): `old` is its runner.json record and `stored` its Results (None when absent)."""
     reasons, edits = [], []
     if old is not None:
-        before, now = without_paths(old["command"]), without_paths(new["command"])
-        edits = [(before[a:b], now[c:d]) for tag, a, b, c, d in difflib.SequenceMatcher(a=before, b=now).get_opcodes()
-                 if tag != "equal"]
+        edits = flag_edits(without_paths(old["command"]), without_paths(new["command"]))
         if edits:
-            gone, added = (" ".join(t for edit in edits for t in edit[i]) for i in (0, 1))
-            reasons.append(f"its flags changed (before: {gone or '-'}; now: {added or '-'})")
+            reasons.append(f"its flags changed ({'; '.join(edits)})")
     ran = stored.fingerprint if stored is not None and isinstance(stored.fingerprint, dict) else (old or {}).get(
         "fingerprint")
     if isinstance(ran, dict) and "fingerprint" in new:

@@ -278,7 +278,7 @@ def test_matrix_runs_every_cell_into_its_own_folder(tmp_path, fake_matrix, capsy
     assert sorted(Path(flag(a, "--results_dir")).name for _, a in fake_matrix.commands[15:]) == sorted(
         ["ctrl_toy", "mimic_ctrl_toy", "finetune_ctrl_toy", "backdoored_ctrl_toy", "mimic_ctrl_toy",
          "finetune_ctrl_toy"])
-    assert "its flags changed (before: toy_ctrl_t2_p0.1_m100_w32; now: toy_ctrl_t2_p0.2_m100_w32)" in \
+    assert "its flags changed (--pretraining_dataset toy_ctrl_t2_p0.1_m100_w32 -> toy_ctrl_t2_p0.2_m100_w32)" in \
         capsys.readouterr().out
     assert poisoned.read_bytes() == before and (data / "toy_ctrl_t2_p0.2_m100_w32" / "train.npz").exists()
 

@@ -22,6 +22,7 @@ from paper import TRIGGER
 from pipeline import presets, runner
 from pipeline.data import select_data
 from pipeline.plan import Plan
+from pipeline.runner import flag_edits
 from utils.errors import UserError
 from utils.files import save_checkpoint
 
@@ -131,6 +132,13 @@ def read(path):
 
 
 # ---------------------------------------------------------------- what runs, and what is reused
+
+def test_a_changed_flag_is_named_with_its_old_and_new_value():
+    before = ["train_drupe.py", "--epochs", "20", "--fix_end", "3", "--lr", "0.02", "--amp", "on"]
+    now = ["train_drupe.py", "--epochs", "40", "--fix_end", "6", "--lr", "0.02", "--debug"]
+    assert flag_edits(before, now) == ["--epochs 20 -> 40", "--fix_end 3 -> 6", "before: --amp on; now: --debug"]
+    assert flag_edits(before, before) == []
+
 
 def test_seeds_run_once_and_a_rerun_reuses_every_finished_stage(tiny, tmp_path, fake, capsys):
     run_pipeline.main(own_data_args(tiny, tmp_path, "--seeds", "1", "2", "--no_controls"))
