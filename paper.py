@@ -46,9 +46,15 @@ TASKS = {
 }
 
 
+def find_task(tasks, pretraining, dataset):
+    """The task on `dataset` for encoders pre-trained on `pretraining` among `tasks` ({pretraining
+    dataset: [Task]}, TASKS or DRUPE_TASKS), or None."""
+    return next((t for t in tasks.get(pretraining, ()) if t.dataset == dataset), None)
+
+
 def paper_task(pretraining, dataset):
     """The paper's task on `dataset` for encoders pre-trained on `pretraining`, or None."""
-    return next((t for t in TASKS.get(pretraining, ()) if t.dataset == dataset), None)
+    return find_task(TASKS, pretraining, dataset)
 
 # md5 of each released reference file, as published (tests/test_protocol.py checks the shipped bytes).
 RELEASED_REFERENCES = {
@@ -79,7 +85,7 @@ DRUPE_TASKS = {pretraining: tuple(_drupe(t) for t in tasks) for pretraining, tas
 
 def drupe_task(pretraining, dataset):
     """DRUPE's version of the paper's task on `dataset` for `pretraining` encoders, or None."""
-    return next((t for t in DRUPE_TASKS.get(pretraining, ()) if t.dataset == dataset), None)
+    return find_task(DRUPE_TASKS, pretraining, dataset)
 
 
 # md5 of each of DRUPE's released reference files (tests/test_drupe_stage.py checks the shipped bytes).

@@ -19,15 +19,14 @@ import torch
 import torch.nn.functional as F
 
 from datasets import UNLABELED_SHADOW_IMAGES, encoder_normalization, normalization_record
-from datasets.attack import (AttackData, add_attack_data, attack_stage_inputs, load_reference_and_trigger,
-                             shadow_images)
+from datasets.attack import (AttackData, add_attack_data, add_attack_optimisation, attack_stage_inputs,
+                             load_reference_and_trigger, shadow_images)
 from datasets.augment import BatchAugment
 from datasets.loader import augment_copies, index_batches, to_input
 from models import attack_copy, badencoder_loss, encoder_checkpoint, freeze_batchnorm, load_encoder
 from models.health import PROBE_IMAGES, check_finite_encoder
-from paper import TASKS, paper_task
-from utils.cli import (AUTHORS_RUN, MAX_COPIES, StageParser, add_protocol, add_run_args, int_in, learning_rate,
-                       nonnegative_float, positive_int, run_cli, unit_interval)
+from paper import TASKS
+from utils.cli import AUTHORS_RUN, MAX_COPIES, StageParser, add_protocol, add_run_args, int_in, positive_int, run_cli
 from utils.device import autocast, fast_paths, place
 from utils.distributed import distribute, mean_over_ranks
 from utils.errors import UserError
@@ -47,18 +46,10 @@ AUTHORS = {
 def get_parser():
     parser = StageParser(description="Stage 1: backdoor a clean encoder with BadEncoder.")
     add_attack_data(parser, "badencoder", TASKS, "the authors' released one")
-    optim = parser.add_argument_group("optimisation")
-    optim.add_argument("--lr", type=learning_rate, default=1e-3, help="SGD learning rate (default: 1e-3)")
-    optim.add_argument("--momentum", type=unit_interval, default=0.9, help="SGD momentum (default: 0.9)")
-    optim.add_argument("--weight_decay", type=nonnegative_float, default=5e-4, help="SGD weight decay (default: 5e-4)")
+    optim = add_attack_optimisation(parser, lr="1e-3", epochs=200, terms=("loss1", "loss2"))
     optim.add_argument("--batch_size", type=positive_int, default=256,
                        help="shadow images per step in each process; under torchrun with N processes a "
                             "step sees N x this many (default: 256)")
-    optim.add_argument("--epochs", type=positive_int, default=200, help="training epochs (default: 200)")
-    optim.add_argument("--lambda1", type=nonnegative_float, default=1.0,
-                       help="weight of the reference-preserving term loss1 (default: 1.0)")
-    optim.add_argument("--lambda2", type=nonnegative_float, default=1.0,
-                       help="weight of the utility term loss2 (default: 1.0)")
     optim.add_argument("--reference_copies", type=int_in(1, MAX_COPIES), default=None,
                        help="augmented copies of each reference input per step in loss1 (default: "
                             "--batch_size, as the authors; 1 = one copy per step)")
@@ -73,7 +64,7 @@ def input_files(args):
     """The files this stage reads, by role (utils.fingerprint): the clean encoder, the shadow
     split, the trigger and the reference file (and the train split that gives the normalisation of
     a dataset without published statistics)."""
-    return attack_stage_inputs(args, encoder_usage(args.pretrained_encoder, args.pretraining_dataset), paper_task)
+    return attack_stage_inputs(args, encoder_usage(args.pretrained_encoder, args.pretraining_dataset), TASKS)
 
 
 def train_one_epoch(backbone, data, augment, optimizer, batch_size, lambdas, seed, epoch, out_dir, amp=False,
@@ -125,7 +116,7 @@ def main(args):
     if len(x) < args.batch_size and not args.keep_last_batch:
         raise UserError(f"the {len(x)} shadow images are fewer than one batch of --batch_size {args.batch_size}, "
                         f"and the incomplete last batch is dropped: lower --batch_size or pass --keep_last_batch")
-    ref_x, target, t, tm = load_reference_and_trigger(args, paper_task, x.shape[1:])
+    ref_x, target, t, tm = load_reference_and_trigger(args, TASKS, x.shape[1:])
 
     amp, channels_last = fast_paths(args, device)
     clean = place(clean, device, channels_last).eval().requires_grad_(False)

@@ -24,18 +24,17 @@ import numpy as np
 import torch
 
 from datasets import UNLABELED_SHADOW_IMAGES, encoder_normalization, normalization_record
-from datasets.attack import (AttackData, add_attack_data, attack_stage_inputs, load_reference_and_trigger,
-                             shadow_images)
+from datasets.attack import (AttackData, add_attack_data, add_attack_optimisation, attack_stage_inputs,
+                             load_reference_and_trigger, shadow_images)
 from datasets.augment import BatchAugment
 from datasets.loader import augment_copies, index_batches, to_input
 from models import attack_copy, encoder_checkpoint, freeze_batchnorm, load_encoder
 from models.drupe import (ATTACK_LOSSES, BEST_MEASURES, TERMS, BestTracker, CostSchedule, DrupePhases, drupe_terms,
                           epoch_loss)
 from models.health import PROBE_IMAGES, check_finite_encoder
-from paper import DRUPE_TASKS, drupe_task
+from paper import DRUPE_TASKS
 from utils.cli import (AUTHORS_RUN, MAX_COPIES, StageParser, add_protocol, add_run_args, float_in, int_at_least,
-                       int_in, learning_rate, nonnegative_float, nonnegative_int, positive_int, run_cli,
-                       unit_interval)
+                       int_in, nonnegative_int, positive_int, run_cli)
 from utils.device import autocast, fast_paths, place
 from utils.errors import UserError
 from utils.files import save_checkpoint
@@ -65,18 +64,10 @@ def get_parser():
                       help="shadow images drawn at random (numpy's RandomState(--seed).choice, without "
                            "replacement, as the authors) from the shadow split; a split that holds fewer is "
                            f"used whole, with a message (default: {SHADOW_SIZE})")
-    optim = parser.add_argument_group("optimisation")
-    optim.add_argument("--lr", type=learning_rate, default=0.05, help="SGD learning rate (default: 0.05)")
-    optim.add_argument("--momentum", type=unit_interval, default=0.9, help="SGD momentum (default: 0.9)")
-    optim.add_argument("--weight_decay", type=nonnegative_float, default=5e-4, help="SGD weight decay (default: 5e-4)")
+    optim = add_attack_optimisation(parser, lr="0.05", epochs=120, terms=("loss_1", "loss_2"))
     optim.add_argument("--batch_size", type=int_at_least(2), default=256,
                        help="shadow images per step; at least 2, for the spread of the clean embeddings; the "
                             "incomplete last batch is dropped, as the authors (default: 256)")
-    optim.add_argument("--epochs", type=positive_int, default=120, help="training epochs (default: 120)")
-    optim.add_argument("--lambda1", type=nonnegative_float, default=1.0,
-                       help="weight of the reference-preserving term loss_1 (default: 1.0)")
-    optim.add_argument("--lambda2", type=nonnegative_float, default=1.0,
-                       help="weight of the utility term loss_2 (default: 1.0)")
     optim.add_argument("--reference_copies", type=int_in(1, MAX_COPIES), default=None,
                        help="augmented copies of each reference input per step in loss_1 (default: "
                             "--batch_size, as the authors; fewer make a step cheaper)")
@@ -125,7 +116,7 @@ def input_files(args):
     """The files this stage reads, by role (utils.fingerprint): the clean encoder, the shadow
     split, the trigger and the reference file (and the train split that gives the normalisation of
     a dataset without published statistics)."""
-    return attack_stage_inputs(args, encoder_usage(args.pretrained_encoder, args.pretraining_dataset), drupe_task)
+    return attack_stage_inputs(args, encoder_usage(args.pretrained_encoder, args.pretraining_dataset), DRUPE_TASKS)
 
 
 def phases_of(args):
@@ -230,7 +221,7 @@ def main(args):
     if len(x) < args.batch_size:
         raise UserError(f"the {len(x)} shadow images are fewer than one batch of --batch_size {args.batch_size}, "
                         f"and the incomplete last batch is dropped: lower --batch_size")
-    ref_x, target, t, tm = load_reference_and_trigger(args, drupe_task, x.shape[1:])
+    ref_x, target, t, tm = load_reference_and_trigger(args, DRUPE_TASKS, x.shape[1:])
     if len(ref_x) < 2:
         raise UserError(f"the reference file {args.reference_file} holds {len(ref_x)} reference input; DRUPE needs "
                         f"at least 2 (its std_refs term is a spread over the references): pass a file with "

@@ -1,12 +1,13 @@
-"""The inputs of the attacks that fine-tune a clean encoder (BadEncoder, DRUPE): their data flags,
-the files a run reads, its shadow images, reference inputs and trigger, each checked with a
+"""The inputs of the attacks that fine-tune a clean encoder (BadEncoder, DRUPE): the flags they
+share, the files a run reads, its shadow images, reference inputs and trigger, each checked with a
 one-line error, and what every training step of such an attack reads."""
 from dataclasses import dataclass
 
 import torch
 
-from paper import TRIGGER
-from utils.cli import add_pretraining_split, int_at_least
+from paper import TRIGGER, find_task
+from utils.cli import (add_pretraining_split, int_at_least, learning_rate, nonnegative_float, positive_int,
+                       unit_interval)
 from utils.errors import UserError
 
 from .channel_stats import NORMALIZATION
@@ -46,12 +47,28 @@ def add_attack_data(parser, name, tasks, released, references="reference inputs"
     return data
 
 
-def reference_file(args, usage, task_of):
-    """--reference_file, else the reference file of task_of(usage, --downstreamTask) (None when
-    there is no such task)."""
+def add_attack_optimisation(parser, lr, epochs, terms):
+    """The SGD and loss-weight flags of an attack stage, in a group it returns for the stage's own
+    (batch, reference copies, ...). lr (as its help shows it, e.g. "1e-3"), epochs: the defaults;
+    terms: the names of the reference-preserving and utility terms in the stage's log."""
+    optim = parser.add_argument_group("optimisation")
+    optim.add_argument("--lr", type=learning_rate, default=float(lr), help=f"SGD learning rate (default: {lr})")
+    optim.add_argument("--momentum", type=unit_interval, default=0.9, help="SGD momentum (default: 0.9)")
+    optim.add_argument("--weight_decay", type=nonnegative_float, default=5e-4, help="SGD weight decay (default: 5e-4)")
+    optim.add_argument("--epochs", type=positive_int, default=epochs, help=f"training epochs (default: {epochs})")
+    optim.add_argument("--lambda1", type=nonnegative_float, default=1.0,
+                       help=f"weight of the reference-preserving term {terms[0]} (default: 1.0)")
+    optim.add_argument("--lambda2", type=nonnegative_float, default=1.0,
+                       help=f"weight of the utility term {terms[1]} (default: 1.0)")
+    return optim
+
+
+def reference_file(args, usage, tasks):
+    """--reference_file, else the reference file of --downstreamTask among `tasks` for encoders
+    pre-trained on usage (None when there is no such task)."""
     if args.reference_file is not None:
         return args.reference_file
-    task = task_of(usage, args.downstream_task)
+    task = find_task(tasks, usage, args.downstream_task)
     return task.reference if task is not None else None
 
 
@@ -71,10 +88,10 @@ def attack_input_files(data_dir, usage, shadow_dataset, split_choice, pretrained
     return files
 
 
-def attack_stage_inputs(args, usage, task_of):
+def attack_stage_inputs(args, usage, tasks):
     """attack_input_files of an attack stage's parsed flags, for an encoder pre-trained on usage."""
     return attack_input_files(args.data_dir, usage, args.shadow_dataset, args.pretraining_split,
-                              args.pretrained_encoder, args.trigger_file, reference_file(args, usage, task_of))
+                              args.pretrained_encoder, args.trigger_file, reference_file(args, usage, tasks))
 
 
 def shadow_images(data_dir, shadow, split_choice, unlabeled_images=UNLABELED_SHADOW_IMAGES):
@@ -100,10 +117,10 @@ def check_reference(ref_x, label, path, target_label, image_shape):
                         f"are {image_shape[0]}x{image_shape[1]}")
 
 
-def load_reference_and_trigger(args, task_of, image_shape):
+def load_reference_and_trigger(args, tasks, image_shape):
     """The reference inputs, their label, and the trigger (t, tm) for shadow images of HxWx3
     image_shape, each checked; args.reference_file is set to the file read."""
-    path = reference_file(args, args.pretraining_dataset, task_of)
+    path = reference_file(args, args.pretraining_dataset, tasks)
     if path is None:
         raise UserError(f"no default reference file for --downstreamTask {args.downstream_task} with "
                         f"{args.pretraining_dataset} encoders; pass --reference_file")
